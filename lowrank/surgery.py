@@ -1,0 +1,211 @@
+"""Model surgery: find target linears, swap modules by name, and account for size in one place.
+
+Size convention (the ACIP paper's): a layer of rank r with m inputs and n outputs counts
+min(r·(m+n), m·n) parameters, since a factorization that saves nothing is kept dense.
+`size_report` is the only function that counts; every method and the CLI call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowrank.linear import LowRankLinear
+
+__all__ = [
+    "SizeReport",
+    "aligned_rank",
+    "decoder_layers",
+    "factorize_",
+    "get_module",
+    "layer_param_count",
+    "replace_module_",
+    "size_report",
+    "target_linears",
+]
+
+# Default rank alignment. Tensor-core GEMMs tile K and N in multiples of 64/128 and a
+# rank that is not a multiple of 16 forces cuBLAS onto slow, unaligned kernels (issue #6:
+# r=1492 ran at 0.5x dense). Our H100 sweep (bench/results/lowrank_*.json) is the evidence
+# for the value; see docs/ranks.md.
+DEFAULT_RANK_MULTIPLE = 32
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise ValueError(f"model has no module named {name!r}") from exc
+
+
+def replace_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule `name` (dotted path) by `new` in place; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if old is None:
+        raise ValueError(f"model has no module named {name!r}")
+    setattr(parent, child, new)
+    return old
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder blocks: the largest nn.ModuleList (`model.layers` in Llama)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError("could not find the decoder blocks (no nn.ModuleList in the model)")
+    return best
+
+
+def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """Linears (dense or already factorized) inside the decoder blocks, by full name.
+
+    Embeddings and lm_head are never targeted: they sit outside the blocks. `include`, if
+    given, keeps only names that end with one of its suffixes (e.g. ["mlp.down_proj"]).
+    """
+    prefix, _ = decoder_layers(model)
+    suffixes = tuple(include) if include is not None else None
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(prefix + ".") or not isinstance(module, (nn.Linear, LowRankLinear)):
+            continue
+        if suffixes is not None and not name.endswith(suffixes):
+            continue
+        found[name] = module
+    if not found:
+        raise ValueError("no target linear layers found inside the decoder blocks")
+    return found
+
+
+def layer_param_count(module: nn.Module) -> int:
+    """Weights a linear layer holds, under the min(r·(m+n), m·n) convention (bias excluded)."""
+    if isinstance(module, LowRankLinear):
+        return min(module.weight_parameters, module.in_features * module.out_features)
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    raise ValueError(f"not a linear layer: {type(module).__name__}")
+
+
+def aligned_rank(rank: int, multiple: int, limit: int) -> int:
+    """Round `rank` to the nearest multiple of `multiple` (at least one multiple), capped at `limit`."""
+    if multiple <= 1:
+        return max(1, min(rank, limit))
+    rounded = max(multiple, int(round(rank / multiple)) * multiple)
+    return min(rounded, limit)
+
+
+@dataclass
+class SizeReport:
+    """Parameter accounting of a (possibly compressed) model against its dense original."""
+
+    target_params: int
+    target_dense_params: int
+    model_params: int
+    model_dense_params: int
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def target_fraction(self) -> float:
+        return self.target_params / self.target_dense_params
+
+    @property
+    def model_fraction(self) -> float:
+        return self.model_params / self.model_dense_params
+
+    def summary(self) -> str:
+        return (
+            f"targeted linears: {self.target_params:,} / {self.target_dense_params:,} params "
+            f"({100 * self.target_fraction:.2f}%); whole model: {self.model_params:,} / "
+            f"{self.model_dense_params:,} ({100 * self.model_fraction:.2f}%)"
+        )
+
+
+def _unique_param_count(model: nn.Module) -> int:
+    # Tied embeddings are one tensor: count each storage once.
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        key = id(p)
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+def size_report(model: nn.Module, dense_shapes: Mapping[str, tuple[int, int]] | None = None) -> SizeReport:
+    """Count targeted-linear and whole-model parameters.
+
+    `dense_shapes` maps target names to their original (out, in) shapes; without it the
+    current in/out features are taken as the dense reference (correct for factorization,
+    which keeps shapes; width-pruning methods pass the original shapes).
+    """
+    targets = target_linears(model)
+    names = set(targets) | set(dense_shapes or {})
+    target_params = 0
+    dense_params = 0
+    ranks: dict[str, int] = {}
+    for name in names:
+        module = targets.get(name)
+        if dense_shapes is not None and name in dense_shapes:
+            out_f, in_f = dense_shapes[name]
+        else:
+            out_f, in_f = module.out_features, module.in_features
+        dense_params += out_f * in_f
+        if module is not None:
+            target_params += layer_param_count(module)
+            if isinstance(module, LowRankLinear):
+                ranks[name] = module.rank
+    model_params = _unique_param_count(model)
+    # The dense model differs from this one only in the targeted linears' weights.
+    current_weights = sum(m.U.numel() + m.V.numel() if isinstance(m, LowRankLinear) else m.weight.numel()
+                          for m in targets.values())
+    model_dense = model_params - current_weights + dense_params
+    return SizeReport(target_params, dense_params, model_params, model_dense, ranks)
+
+
+RankSpec = Mapping[str, int] | Callable[[str, nn.Linear], int | None]
+
+
+@torch.no_grad()
+def factorize_(
+    model: nn.Module,
+    ranks: RankSpec,
+    *,
+    include: Iterable[str] | None = None,
+    rank_multiple: int = 1,
+    progress: bool = False,
+) -> SizeReport:
+    """Replace target `nn.Linear`s by `LowRankLinear` (truncated SVD of W), in place.
+
+    `ranks` maps module names to ranks, or is a callable (name, linear) -> rank or None
+    (None leaves the layer dense). Layers absent from a mapping stay dense, and so does a
+    layer whose factorization would not save parameters (r·(m+n) ≥ m·n). Ranks are rounded
+    to `rank_multiple` (1 = exact). Returns the size report.
+    """
+    targets = {n: m for n, m in target_linears(model, include).items() if isinstance(m, nn.Linear)}
+    if isinstance(ranks, Mapping):
+        unknown = set(ranks) - set(targets)
+        if unknown:
+            raise ValueError(f"ranks name modules that are not target linears: {sorted(unknown)[:5]}")
+    items = targets.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(list(items), desc="factorize", unit="layer")
+    for name, linear in items:
+        rank = ranks.get(name) if isinstance(ranks, Mapping) else ranks(name, linear)
+        if rank is None:
+            continue
+        limit = min(linear.in_features, linear.out_features)
+        rank = aligned_rank(int(rank), rank_multiple, limit)
+        if rank * (linear.in_features + linear.out_features) >= linear.in_features * linear.out_features:
+            continue
+        replace_module_(model, name, LowRankLinear.from_linear(linear, rank))
+    return size_report(model)
