@@ -181,7 +181,7 @@ class LowRankLinear(nn.Module):
         if x.dtype != self.U.dtype:
             raise ValueError(f"input dtype {x.dtype} differs from the weights' dtype {self.U.dtype}; cast explicitly")
         if x.device != self.U.device:
-            raise ValueError(f"input is on {x.device} but the weights are on {self.U.device}")
+            raise ValueError(f"input is on device {x.device} but the weights are on device {self.U.device}")
         return lowrank_matmul(x, self.U, self.V, self.bias)
 
     @property
