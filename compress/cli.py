@@ -90,18 +90,80 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round every rank to a multiple of this (1 = exact; see docs/ranks.md)")
     p.add_argument("--seed", type=int, default=0, help="random seed for calibration sampling (default 0)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    _scoremap_args(p)
+    p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a method config field, e.g. --method-opt stop_ratio=0.3 "
+                        "(repeatable; see docs/acip.md)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="ACIP: training checkpoints go here (default: <--save-plan>/checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="ACIP: continue from the checkpoint in --checkpoint-dir")
     _eval_args(p)
     return p
 
 
+def _scoremap_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reset", action="store_true",
+                   help="score maps (acip, svd-magnitude): layers where factorizing saves nothing get their "
+                        "original weights back, without LoRA (the ACIP paper's reset rule)")
+
+
+def _method_opts(pairs: list[str]) -> dict[str, Any]:
+    """Parse KEY=VALUE pairs; values are read as bool, int, float or null where they look like one."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--method-opt expects KEY=VALUE, got {pair!r}")
+        text = raw.strip()
+        lowered = text.lower()
+        value: Any
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif lowered in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
 def _materialize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress materialize",
-                                description="Materialize a model of any size from a saved plan / score map.")
+                                description="Materialize a model of any size from a saved plan / score map, "
+                                            "without calibration data.")
     _common_model_args(p)
-    p.add_argument("--scores", required=True, help="plan directory written by --save-plan (or an ACIP run)")
+    p.add_argument("--scores", required=True, help="score map / plan directory written by --save-plan")
     p.add_argument("--size", type=float, required=True, help="fraction of targeted linear parameters to keep")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks to a multiple of this")
+    _scoremap_args(p)
+    return p
+
+
+def _curve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress curve",
+                                description="Perplexity at many sizes from one score map / plan; "
+                                            "writes CSV and PNG.")
+    _common_model_args(p)
+    p.add_argument("--scores", required=True, help="score map / plan directory written by --save-plan")
+    p.add_argument("--sizes", default="0.4:1.0:0.05",
+                   help="START:STOP:STEP (inclusive) or a comma list, e.g. 0.4,0.6,0.8 "
+                        "(default 0.4:1.0:0.05)")
+    p.add_argument("--data", default=None, help="evaluation text file (default: held-out offline text)")
+    p.add_argument("--seq-len", type=int, default=1024, help="perplexity chunk length (default 1024)")
+    p.add_argument("--out", default=None, help="directory for curve.csv and curve.png (default: --scores)")
+    p.add_argument("--rank-multiple", type=int, default=1, help="round ranks to a multiple of this")
+    _scoremap_args(p)
+    p.add_argument("--eval-chunks", type=int, default=None,
+                   help="score only the first N chunks (default: all on GPU, 16 on CPU)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="chunks per forward pass in evaluation")
     return p
 
 
@@ -160,13 +222,19 @@ def run_compress(args: argparse.Namespace) -> int:
         result["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
         print(f"dense perplexity: {result['dense_perplexity']:.3f}")
     t0 = time.perf_counter()
+    opts = _method_opts(args.method_opt)
+    checkpoint_dir = args.checkpoint_dir
+    if checkpoint_dir is None and args.save_plan:
+        checkpoint_dir = str(Path(args.save_plan) / "checkpoint")
     plan = score(model, tokenizer, args.method, data=args.data, seq_len=args.seq_len,
-                 num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size)
+                 num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size,
+                 checkpoint_dir=checkpoint_dir, resume=args.resume or None, **opts)
     result["calibration_seconds"] = round(time.perf_counter() - t0, 2)
     if args.save_plan:
         plan.save(_writable_dir(args.save_plan))
     t0 = time.perf_counter()
-    plan.materialize_(model, size, rank_multiple=args.rank_multiple)
+    reset = {"reset": True} if args.reset else {}
+    plan.materialize_(model, size, rank_multiple=args.rank_multiple, **reset)
     result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
     result.update({
@@ -176,6 +244,12 @@ def run_compress(args: argparse.Namespace) -> int:
         "model_fraction": round(report.model_fraction, 5),
     })
     print(report.summary())
+    describe = getattr(plan, "describe", None)
+    if callable(describe):  # optional method-specific accounting (e.g. minify's MLP fraction)
+        extra = dict(describe(model))
+        if extra.get("summary"):
+            print(extra.pop("summary"))
+        result.update(extra)
     if not args.no_eval:
         result["compressed_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
         print(f"compressed perplexity: {result['compressed_perplexity']:.3f}")
@@ -187,24 +261,132 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_materialize(argv: list[str]) -> int:
+    from compress.acip.scoremap import ScoreMap, load_any_plan
     from compress.api import check_size
     from compress.model import load_model
-    from compress.plan import FactorPlan
     from lowrank import save_pretrained, size_report
 
     args = _materialize_parser().parse_args(argv)
     size = check_size(args.size)
     out = _writable_dir(args.out)
-    plan = FactorPlan.load(args.scores)
+    plan = load_any_plan(args.scores)
+    kwargs = _materialize_kwargs(plan, args)
+    if isinstance(plan, ScoreMap):
+        # Refuse an uncovered size before spending time on loading the model.
+        plan.select(size, rank_multiple=args.rank_multiple)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device))
     t0 = time.perf_counter()
-    plan.materialize_(model, size, rank_multiple=args.rank_multiple)
+    plan.materialize_(model, size, **kwargs)
     seconds = time.perf_counter() - t0
     report = size_report(model)
     print(report.summary())
-    print(f"materialized in {seconds:.3f} s")
-    save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size})
+    print(f"selected and materialized in {seconds:.3f} s")
+    save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size,
+                                                          "reset": bool(args.reset)})
+    print(f"saved {out}")
     return 0
+
+
+def _materialize_kwargs(plan: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from compress.acip.scoremap import ScoreMap
+
+    kwargs: dict[str, Any] = {"rank_multiple": args.rank_multiple}
+    if args.reset:
+        if not isinstance(plan, ScoreMap):
+            raise UserError("--reset applies to score maps (acip, svd-magnitude), not to this plan")
+        kwargs["reset"] = True
+    return kwargs
+
+
+def _parse_sizes(spec: str) -> list[float]:
+    try:
+        if ":" in spec:
+            start, stop, step = (float(v) for v in spec.split(":"))
+            if step <= 0:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            sizes = [round(start + i * step, 6) for i in range(count)]
+        else:
+            sizes = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"--sizes must be START:STOP:STEP or a comma list of fractions, "
+                        f"got {spec!r}") from exc
+    if not sizes or any(not 0.0 < v <= 1.0 for v in sizes):
+        raise UserError(f"--sizes must be fractions in (0, 1], got {spec!r}")
+    return sorted(set(sizes))
+
+
+def run_curve(argv: list[str]) -> int:
+    from compress.acip.scoremap import ScoreMap, load_any_plan, temporarily_materialized
+    from compress.data import load_text, pack_tokens, tokenize_text
+    from compress.eval import perplexity_of_ids
+    from compress.model import load_model
+    from lowrank import size_report
+
+    args = _curve_parser().parse_args(argv)
+    sizes = _parse_sizes(args.sizes)
+    plan = load_any_plan(args.scores)
+    kwargs = _materialize_kwargs(plan, args)
+    if isinstance(plan, ScoreMap):
+        low = plan.min_size()
+        uncovered = [v for v in sizes if v < low - 0.005]
+        if uncovered:
+            raise UserError(f"sizes {uncovered} are below what this score map covers ({low:.3f}); "
+                            "drop them or rerun the scoring with a lower stop ratio")
+    out = _writable_dir(args.out or args.scores)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    chunks = pack_tokens(tokenize_text(tokenizer, load_text(args.data, "eval")), args.seq_len)
+    limit = args.eval_chunks if args.eval_chunks is not None else (None if device.startswith("cuda") else 16)
+    if limit is not None:
+        chunks = chunks[:limit]
+    rows = [{"requested_size": 1.0, "size": 1.0, "rank_multiple": "", "perplexity": None, "params": None,
+             "seconds": 0.0, "label": "dense"}]
+    rows[0]["perplexity"] = perplexity_of_ids(model, chunks, batch_size=args.eval_batch_size, progress=False)
+    rows[0]["params"] = size_report(model).target_params
+    print(f"dense: perplexity {rows[0]['perplexity']:.3f}")
+    for size in sizes:
+        t0 = time.perf_counter()
+        with temporarily_materialized(model, plan, size, **kwargs):
+            seconds = time.perf_counter() - t0
+            report = size_report(model)
+            ppl = perplexity_of_ids(model, chunks, batch_size=args.eval_batch_size, progress=False)
+        rows.append({"requested_size": size, "size": round(report.target_fraction, 6),
+                     "rank_multiple": args.rank_multiple, "perplexity": ppl, "params": report.target_params,
+                     "seconds": round(seconds, 4), "label": plan.method})
+        print(f"size {size:.3f} (actual {report.target_fraction:.4f}): perplexity {ppl:.3f}")
+    csv_path = out / "curve.csv"
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+    csv_path.write_text("\n".join(lines) + "\n")
+    png_path = _plot_curve(rows, out / "curve.png", title=f"{plan.method}: perplexity vs size")
+    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else " (matplotlib missing: no PNG)"))
+    return 0
+
+
+def _plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [(r["size"], r["perplexity"]) for r in rows if r["label"] != "dense"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=rows[-1]["label"])
+    ax.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("size (fraction of targeted linear weights)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def run_eval(argv: list[str]) -> int:
@@ -230,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_materialize(argv[1:])
         if argv and argv[0] == "eval":
             return run_eval(argv[1:])
+        if argv and argv[0] == "curve":
+            return run_curve(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             raise UserError(f"`{argv[0]}` is not available in this version yet")
         return run_compress(build_parser().parse_args(argv))

@@ -26,6 +26,7 @@ from kernels.lowrank_matmul import (
     lowrank_matmul,
     lowrank_matmul_launch,
     lowrank_matmul_ref,
+    pad_rank,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -122,6 +123,10 @@ FUSED_VARIANTS = {
     "barrier_ksplit3": {"ksplit": 3, "block_k1": 16, "block_r2": 16},
     "local": {"sync": "local", "max_programs": 2, "block_m2": 16},
     "early_u": {"early_u": True, "block_r2": 16},
+    "fma_rows4": {"use_dot": False, "block_t_fma": 4, "block_r1": 8, "block_k1": 32, "block_m2": 16,
+                  "block_r2": 16},
+    "fma_rows4_two_launch": {"use_dot": False, "block_t_fma": 4, "sync": "two_launch", "max_programs": 3,
+                             "block_r1": 4, "block_k1": 16, "block_m2": 8, "block_r2": 16},
     "dot_two_launch": {"use_dot": True, "sync": "two_launch", "max_programs": 2, "block_t": 16,
                        "block_r1": 16, "block_k1": 16, "block_m2": 16, "block_r2": 16, "ksplit": 2},
 }
@@ -196,6 +201,25 @@ def test_auto_on_cpu_is_torch_path(dtype):
     y = lowrank_matmul(x, U, V, b)
     assert y.dtype == dtype and y.shape == (2, 7, 21)
     torch.testing.assert_close(y, F.linear(F.linear(x, V), U, b))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_u_two_gemm_path(bias):
+    """The misaligned-rank path that pads U per call (cuBLAS on CUDA, torch.mm on CPU)."""
+    x, U, V, b = _inputs((2, 5), 33, 20, 13, torch.float32, "cpu", bias=bias)
+    y = _run("two_gemm", x, U, V, b, {"gemm1": "cublas", "gemm2": "cublas", "pad_u": True})
+    _assert_close(y, x, U, V, b)
+
+
+def test_pad_rank_is_exact_and_aligned():
+    x, U, V, b = _inputs((4,), 30, 20, 13, torch.float64, "cpu")
+    U2, V2 = pad_rank(U, V)
+    assert U2.shape == (20, 16) and V2.shape == (16, 30) and U2.stride(0) % 8 == 0
+    torch.testing.assert_close(lowrank_matmul(x, U2, V2, b), lowrank_matmul_ref(x, U, V, b))
+    U3, V3 = pad_rank(U2, V2)
+    assert U3 is U2 and V3 is V2
+    with pytest.raises(ValueError, match="rank mismatch"):
+        pad_rank(U, V[:5])
 
 
 def test_ref_is_unfused_torch():

@@ -193,9 +193,11 @@ def select_for_size(
 ) -> Selection:
     """Binary-search the number of globally best entries to keep so the size is nearest `size`.
 
-    The size is monotone in that number (alignment rounds monotonically too), so bisection
-    finds the smallest count reaching `size`; the count just below it is taken instead when
-    it lands closer.
+    The size is monotone in that number (alignment rounds monotonically too). It is flat
+    where the next entries belong to layers already at their dense size (a layer that keeps
+    r ≥ m·n/(m+n) directions costs m·n whatever r is): such entries are free, so among counts
+    of equal size the largest is taken. Of the best count at or below the target and the best
+    one above it, the one nearer the target wins.
     """
     num_layers = len(segments.lengths)
     total = layer_of_ranked.numel()
@@ -206,17 +208,24 @@ def select_for_size(
                                          min_count=min_count)
         return Selection(count, counts, ranks, size_for_counts(counts, segments, extra_rank=extra_rank))
 
-    lo, hi = 0, total
-    if evaluate(total).size < size:
+    def largest_count_not_above(limit: float) -> int:
+        lo, hi = 0, total  # invariant: the answer lies in [lo, hi]; -1 if even count 0 exceeds it
+        if evaluate(0).size > limit:
+            return -1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if evaluate(mid).size <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    below = largest_count_not_above(size)
+    if below == total:
         return evaluate(total)
-    while lo < hi:  # smallest count whose size is ≥ the target
-        mid = (lo + hi) // 2
-        if evaluate(mid).size >= size:
-            hi = mid
-        else:
-            lo = mid + 1
-    above = evaluate(lo)
-    if lo == 0:
+    above_first = evaluate(below + 1)
+    above = evaluate(largest_count_not_above(above_first.size))
+    if below < 0:
         return above
-    below = evaluate(lo - 1)
-    return below if abs(below.size - size) < abs(above.size - size) else above
+    low = evaluate(below)
+    return low if abs(low.size - size) <= abs(above.size - size) else above

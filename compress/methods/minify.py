@@ -10,12 +10,13 @@ defaults and measurements: docs/minify.md.
    calibration sequence s and δ = ∂L_s/∂h, the first-order change of L_s when channel j is
    removed is −e_sj with
 
-   - activation form ("taylor"):     e_sj = Σ_{t∈s} h_tj·δ_tj
-   - weight form ("taylor-weight"):  e_sj = Σ_{θ ∈ channel j} θ·∂L_s/∂θ
-                                           = Σ_{t∈s} (g_tj·∂L/∂g_tj + u_tj·∂L/∂u_tj + h_tj·δ_tj),
+   - weight form ("taylor", default): e_sj = Σ_{θ ∈ channel j} θ·∂L_s/∂θ
+                                            = Σ_{t∈s} (g_tj·∂L/∂g_tj + u_tj·∂L/∂u_tj + h_tj·δ_tj),
+   - activation form ("taylor-act"):  e_sj = Σ_{t∈s} h_tj·δ_tj (the down_proj column's share alone),
 
    g = W_g·x (+b), u = W_u·x (+b). The per-sequence values are kept in the plan and aggregated
-   at materialization: |Σ_s e_sj| ("abs-sum"), Σ_s |e_sj| ("sum-abs") or Σ_s e_sj² ("sq-sum").
+   at materialization: Σ_s e_sj² ("sq-sum", default), Σ_s |e_sj| ("sum-abs") or |Σ_s e_sj|
+   ("abs-sum").
    The baseline "activation" score is ‖h_j‖₂ over the calibration tokens (√G_jj).
 2. Selection: one global ranking over all layers' channels, with a per-layer floor, widths
    aligned to a multiple (`select_channels`).
@@ -69,8 +70,8 @@ __all__ = [
     "select_channels",
 ]
 
-SCORES = ("taylor", "taylor-weight", "activation")
-AGGREGATIONS = ("abs-sum", "sum-abs", "sq-sum")
+SCORES = ("taylor", "taylor-act", "activation")
+AGGREGATIONS = ("sq-sum", "sum-abs", "abs-sum")
 TARGETS = ("local", "sequential")
 # Widths are rounded to this multiple by default: bf16 tensor-core GEMMs want the reduction
 # and output dimensions in multiples of 8 (16-byte rows) and our kernels tile by 32 or more
@@ -92,7 +93,8 @@ def aggregate_taylor(per_sequence: Tensor, how: str) -> Tensor:
     Molchanov et al. 2019 form, an expected second-order loss change). Computed in float64.
     """
     if per_sequence.dim() != 2:
-        raise ValueError(f"per-sequence contributions must be [n_seq, channels], got {tuple(per_sequence.shape)}")
+        raise ValueError(f"per-sequence contributions must be [n_seq, channels], "
+                         f"got {tuple(per_sequence.shape)}")
     e = per_sequence.to(torch.float64)
     if how == "abs-sum":
         return e.sum(0).abs()
@@ -136,12 +138,13 @@ def select_channels(
     widths = {n: int(scores[n].numel()) for n in names}
     for n in names:
         if scores[n].dim() != 1 or widths[n] == 0:
-            raise ValueError(f"{n}: scores must be a non-empty 1-D tensor, got shape {tuple(scores[n].shape)}")
+            raise ValueError(f"{n}: scores must be a non-empty 1-D tensor, got {tuple(scores[n].shape)}")
         if not torch.isfinite(scores[n]).all():
             raise ValueError(f"{n}: channel scores contain NaN/Inf")
     total = sum(widths.values())
-    floors = {n: int(floor[n] if isinstance(floor, Mapping) else floor) for n in names}
-    floors = {n: min(widths[n], max(multiple, math.ceil(max(f, 1) / multiple) * multiple)) for n, f in floors.items()}
+    asked = {n: int(floor[n] if isinstance(floor, Mapping) else floor) for n in names}
+    floors = {n: min(widths[n], max(multiple, math.ceil(max(f, 1) / multiple) * multiple))
+              for n, f in asked.items()}
     keep = int(round(keep / multiple)) * multiple if multiple > 1 else int(keep)
     keep = min(keep, total)
     minimum = sum(floors.values())
@@ -158,9 +161,16 @@ def select_channels(
         # Stable sort on −s: equal scores keep their channel order.
         idx = torch.sort(-s, stable=True).indices
         order[n] = idx
-        for bi, start in enumerate(range(floors[n], widths[n], multiple)):
-            block = idx[start : start + multiple]
-            candidates.append((-float(s[block].mean()), li, bi, n, block.numel()))
+        rest = s[idx[floors[n]:]]  # channels beyond the floor, best first
+        if rest.numel() == 0:
+            continue
+        # Block means in one pass (a short last block averages over its own length).
+        starts = torch.arange(0, rest.numel(), multiple)
+        sizes = (rest.numel() - starts).clamp(max=multiple)
+        means = torch.zeros(starts.numel(), dtype=torch.float64).index_add_(
+            0, torch.arange(rest.numel()) // multiple, rest) / sizes
+        blocks = zip(means.tolist(), sizes.tolist(), strict=True)
+        candidates.extend((-m, li, bi, n, size) for bi, (m, size) in enumerate(blocks))
     candidates.sort()
     counts = dict(floors)
     closed: set[str] = set()  # a layer that skipped a block takes no later one (keeps a prefix)
@@ -194,9 +204,11 @@ def ridge_solve(gram: Tensor, cross: Tensor, alpha: float, *, name: str = "layer
     g = gram.to(torch.float64)
     c = cross.to(torch.float64)
     if g.dim() != 2 or g.shape[0] != g.shape[1] or c.dim() != 2 or c.shape[0] != g.shape[0]:
-        raise ValueError(f"{name}: ridge needs G [k, k] and C [k, out], got {tuple(g.shape)} and {tuple(c.shape)}")
+        raise ValueError(f"{name}: ridge needs G [k, k] and C [k, out], "
+                         f"got {tuple(g.shape)}, {tuple(c.shape)}")
     if not torch.isfinite(g).all():
-        raise UserError(f"{name}: the calibration Gram has NaN/Inf entries (overflowing activations? try float32)")
+        raise UserError(f"{name}: the calibration Gram has NaN/Inf entries (overflowing activations? "
+                        "try float32)")
     if not torch.isfinite(c).all():
         raise UserError(f"{name}: the ridge right-hand side has NaN/Inf entries (overflowing activations?)")
     g = 0.5 * (g + g.T)
@@ -216,7 +228,8 @@ def ridge_solve(gram: Tensor, cross: Tensor, alpha: float, *, name: str = "layer
                 if torch.isfinite(w).all():
                     return w.T, a
         a = 1e-8 if a == 0.0 else a * 10.0
-    raise UserError(f"{name}: the ridge system stays singular or ill-conditioned even with λ = {max_alpha}·mean diag")
+    raise UserError(f"{name}: the ridge system stays singular or ill-conditioned even with "
+                    f"λ = {max_alpha}·mean diag")
 
 
 def local_cross(gram: Tensor, down_weight: Tensor, keep: Tensor) -> Tensor:
@@ -231,9 +244,9 @@ class MinifyOptions:
     """How a plan is materialized; every field can be changed without recalibrating."""
 
     score: str = "taylor"  # channel sensitivity: one of SCORES
-    aggregation: str = "abs-sum"  # per-sequence Taylor contributions → channel score: one of AGGREGATIONS
+    aggregation: str = "sq-sum"  # per-sequence Taylor contributions → channel score: one of AGGREGATIONS
     heal: bool = True  # ridge-refit down_proj (False: just slice its columns)
-    ridge: float = 1e-3  # λ / mean(diag G_KK)
+    ridge: float = 1e-4  # λ / mean(diag G_KK)
     target: str = "local"  # "local": match each dense MLP on dense inputs; "sequential": see docs
     min_keep: float = 0.1  # per-layer floor, as a fraction of the layer's channels
     width_multiple: int = DEFAULT_WIDTH_MULTIPLE
@@ -294,7 +307,8 @@ def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
     mlps = {p: MlpNames(d["gate_proj"], d["up_proj"], d["down_proj"])
             for p, d in parts.items() if len(d) == 3}
     if not mlps:
-        raise UserError("minify needs gated MLPs (gate_proj, up_proj, down_proj linears); this model has none")
+        raise UserError("minify needs gated MLPs (gate_proj, up_proj, down_proj linears); "
+                        "this model has none")
     for p, names in mlps.items():
         mods = [linears[n] for n in (names.gate, names.up, names.down)]
         if any(isinstance(m, LowRankLinear) for m in mods):
@@ -343,7 +357,7 @@ def _record_dense_shapes(model: nn.Module) -> None:
 # ============================================================================ plan
 @dataclass
 class MinifyLayer:
-    """Calibration statistics of one MLP (all float32, on the scoring device)."""
+    """Calibration statistics of one MLP (float32, float64 for an fp64 model; on the scoring device)."""
 
     names: MlpNames
     gram: Tensor  # [d_ff, d_ff] Σ_t h_t·h_tᵀ over calibration tokens (dense model)
@@ -376,7 +390,7 @@ class MinifyPlan:
         layer = self.layers[name]
         if self.options.score == "activation":
             return layer.gram.diagonal().to(torch.float64).clamp_min(0).sqrt()
-        per_seq = layer.act_seq if self.options.score == "taylor" else layer.weight_seq
+        per_seq = layer.weight_seq if self.options.score == "taylor" else layer.act_seq
         return aggregate_taylor(per_seq, self.options.aggregation)
 
     def selection(self, size: float, multiple: int | None = None) -> dict[str, Tensor]:
@@ -386,7 +400,8 @@ class MinifyPlan:
         multiple = multiple or self.options.width_multiple
         scores = {n: self.channel_scores(n) for n in self.layers}
         total = sum(layer.width for layer in self.layers.values())
-        floors = {n: layer_floor(layer.width, self.options.min_keep, multiple) for n, layer in self.layers.items()}
+        floors = {n: layer_floor(layer.width, self.options.min_keep, multiple)
+                  for n, layer in self.layers.items()}
         return select_channels(scores, int(round(size * total)), floor=floors, multiple=multiple)
 
     # ------------------------------------------------------------------ materialization
@@ -394,12 +409,13 @@ class MinifyPlan:
         mlps = find_mlps(model)
         missing = [n for n in self.layers if n not in mlps]
         if missing:
-            raise UserError(f"this plan names MLPs the model lacks: {missing[:3]} (a plan for another model?)")
+            raise UserError(f"this plan names MLPs the model lacks: {missing[:3]} "
+                            "(a plan for another model?)")
         for n, layer in self.layers.items():
             width = model.get_submodule(mlps[n].down).in_features
             if width != layer.width:
-                raise UserError(f"{n}: plan was scored at width {layer.width} but the model's MLP has {width} "
-                                "channels (already minified? materialize onto the dense model)")
+                raise UserError(f"{n}: plan was scored at width {layer.width} but the model's MLP has "
+                                f"{width} channels (already minified? materialize onto the dense model)")
         return mlps
 
     @torch.no_grad()
@@ -411,22 +427,25 @@ class MinifyPlan:
         multiple = rank_multiple if rank_multiple > 1 else self.options.width_multiple
         self._check_model(model)
         keep = self.selection(size, multiple)
-        _record_dense_shapes(model)
         t0 = time.perf_counter()
         damped: dict[str, float] = {}
         if self.options.heal and self.options.target == "sequential":
+            _record_dense_shapes(model)
             self._heal_sequential_(model, keep, damped)
         else:
+            # Every solve first, so that an error (named layer) leaves the model untouched.
+            downs = {n: model.get_submodule(layer.names.down).weight for n, layer in self.layers.items()}
+            weights = {n: self._local_down_weight(n, w, keep[n], damped) for n, w in downs.items()}
+            _record_dense_shapes(model)
             for n, layer in self.layers.items():
-                down = model.get_submodule(layer.names.down)
-                weight = self._local_down_weight(n, down.weight, keep[n], damped)
-                _narrow_mlp_(model, layer.names, keep[n], weight)
+                _narrow_mlp_(model, layer.names, keep[n], weights.pop(n))
         _sync(model)
         self.last_stats = {"heal_seconds": round(time.perf_counter() - t0, 4), "damped_layers": damped,
                            "multiple": multiple}
         return {n: int(k.numel()) for n, k in keep.items()}
 
-    def _local_down_weight(self, name: str, down_weight: Tensor, keep: Tensor, damped: dict[str, float]) -> Tensor:
+    def _local_down_weight(self, name: str, down_weight: Tensor, keep: Tensor,
+                           damped: dict[str, float]) -> Tensor:
         layer = self.layers[name]
         idx = keep.to(down_weight.device)
         if not self.options.heal or keep.numel() == layer.width:
@@ -506,7 +525,8 @@ class MinifyPlan:
     def load(cls, directory: str | os.PathLike) -> MinifyPlan:
         directory = Path(directory)
         if not cls.is_plan_dir(directory) or not (directory / "plan.safetensors").is_file():
-            raise UserError(f"{directory} is not a minify plan directory (needs plan.json and plan.safetensors)")
+            raise UserError(f"{directory} is not a minify plan directory "
+                            "(needs plan.json and plan.safetensors)")
         meta = json.loads((directory / "plan.json").read_text())
         tensors = load_file(str(directory / "plan.safetensors"))
         try:
@@ -581,8 +601,9 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
     pending: dict[str, Tensor] = {}
 
     def per_sequence(out: Tensor, grad: Tensor) -> Tensor:
-        # Σ over the token axis of output·gradient, per sequence, in fp32: [B, d_ff].
-        prod = out.detach().float() * grad.float()
+        # Σ over the token axis of output·gradient, per sequence, in fp32 (or fp64): [B, d_ff].
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        prod = out.detach().to(dtype) * grad.to(dtype)
         return prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1)
 
     def add_weight_term(name: str, out: Tensor) -> Callable[[Tensor], None]:
@@ -630,13 +651,15 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
             p.requires_grad_(False)
         model.eval()
         with torch.enable_grad():
-            for batch in iterate_batches(chunks, batch_size, device, progress=progress, desc="minify: taylor"):
+            batches = iterate_batches(chunks, batch_size, device, progress=progress, desc="minify: taylor")
+            for batch in batches:
                 with timer.phase("forward"):
                     logits = model(input_ids=batch, use_cache=False).logits
                     # Sum over sequences of each sequence's mean NLL: per-sequence terms do not
                     # depend on how sequences are batched.
                     nll = nn.functional.cross_entropy(
-                        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                        logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
+                        batch[:, 1:].flatten(),
                         reduction="none",
                     )
                     loss = nll.view(batch.shape[0], -1).mean(1).sum()
@@ -647,7 +670,8 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
                         if n not in grams:
                             d = pending[n].shape[-1]
                             grams[n] = torch.zeros(d, d, dtype=torch.float32, device=pending[n].device)
-                    gram_accumulate_batched([grams[n] for n in names], [_gram_input(pending[n]) for n in names])
+                    gram_accumulate_batched([grams[n] for n in names],
+                                            [_gram_input(pending[n]) for n in names])
                     pending.clear()
                 with timer.phase("backward"):
                     loss.backward()
@@ -678,8 +702,8 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
 
 
 @register_method("minify", MinifyConfig,
-                 "Taylor-Ridge minification: drop MLP channels by global Taylor sensitivity, ridge-heal down_proj "
-                 "(--size = kept fraction of MLP parameters)")
+                 "Taylor-Ridge minification: drop MLP channels by global Taylor sensitivity, ridge-heal "
+                 "down_proj (--size = kept fraction of MLP parameters)")
 def score_minify(model: nn.Module, chunks: Tensor, config: MinifyConfig) -> MinifyPlan:
     """Calibrate once (forward + backward per batch); the plan materializes any MLP retention."""
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
@@ -734,7 +758,8 @@ class _MlpTap:
         self.y: Tensor | None = None
         self.h: Tensor | None = None
         self.delta: Tensor | None = None
-        self._handles = [mlp.register_forward_hook(self._on_mlp), down.register_forward_pre_hook(self._on_down)]
+        self._handles = [mlp.register_forward_hook(self._on_mlp),
+                         down.register_forward_pre_hook(self._on_down)]
 
     def _on_mlp(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
         self.y = out
@@ -784,53 +809,48 @@ def _sequential_heal_(model: nn.Module, plan: MinifyPlan, keep: Mapping[str, Ten
         else:
             raise UserError(f"{n}: MLP is not inside a decoder block; target='sequential' cannot run")
     dense_x: list[Tensor] = []
-    comp_x: list[Tensor] = []
     kwargs: list[dict] = []
     for x, kw in _first_block_inputs(model, plan.calibration_ids, plan.options.batch_size):
         dense_x.append(x)
-        comp_x.append(x)
         kwargs.append(kw)
+    comp_x = list(dense_x)
+
+    def through(block: nn.Module, xs: list[Tensor]) -> list[Tensor]:
+        return [_block_output(block(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
+
     checked = False
     for i, block in enumerate(blocks):
         name = by_block.get(i)
-        if name is None:  # a block with nothing to minify: both streams pass through it
-            dense_x = [_block_output(block(x, **kw)) for x, kw in zip(dense_x, kwargs)]
-            comp_x = [_block_output(block(x, **kw)) for x, kw in zip(comp_x, kwargs)]
+        if name is None:  # a block with nothing to minify: both streams just pass through it
+            dense_x, comp_x = through(block, dense_x), through(block, comp_x)
             continue
         names = plan.layers[name].names
         idx = keep[name]
-        mlp = model.get_submodule(name)
         down = model.get_submodule(names.down)
         width, hidden = down.in_features, down.out_features
-        if idx.numel() == width or not plan.options.heal:
-            weight = down.weight.index_select(1, idx.to(down.weight.device))
-        else:
-            tap = _MlpTap(mlp, down)
-            try:
-                if not checked:
-                    _check_additive_mlp(block, tap, comp_x[0], kwargs[0], name)
-                    checked = True
-                aug = torch.zeros(width + hidden, width + hidden, dtype=torch.float32, device=down.weight.device)
-                for b, kw in enumerate(kwargs):
-                    o_d = _block_output(block(dense_x[b], **kw))
-                    o_c = _block_output(block(comp_x[b], **kw))
-                    r_c = o_c.float() - tap.y.float()
-                    target = o_d.float() - r_c
-                    gram_accumulate(aug, torch.cat([_gram_input(tap.h).float(), _gram_input(target)], dim=-1))
-                    dense_x[b] = o_d
-            finally:
-                tap.remove()
-            k_dev = idx.to(aug.device)
-            gram = aug[:width, :width]
-            cross = aug[:width, width:]
-            weight, alpha = ridge_solve(gram[k_dev][:, k_dev], cross[k_dev], plan.options.ridge, name=name)
-            if alpha != plan.options.ridge:
-                damped[name] = alpha
-            del aug
-            _narrow_mlp_(model, names, idx, weight)
-            comp_x = [_block_output(block(x, **kw)) for x, kw in zip(comp_x, kwargs)]
+        if idx.numel() == width:  # kept whole: exact as it is
+            dense_x, comp_x = through(block, dense_x), through(block, comp_x)
             continue
-        dense_x = [_block_output(block(x, **kw)) for x, kw in zip(dense_x, kwargs)]
+        tap = _MlpTap(model.get_submodule(name), down)
+        try:
+            if not checked:
+                _check_additive_mlp(block, tap, comp_x[0], kwargs[0], name)
+                checked = True
+            # One Gram of [h_c, T] holds both H·Hᵀ (top-left) and H·Tᵀ (top-right).
+            aug = torch.zeros(width + hidden, width + hidden, dtype=torch.float32, device=down.weight.device)
+            for b, kw in enumerate(kwargs):
+                o_d = _block_output(block(dense_x[b], **kw))
+                o_c = _block_output(block(comp_x[b], **kw))  # leaves this stream's h and y in the tap
+                target = o_d.float() - (o_c.float() - tap.y.float())  # o_d − r_c
+                gram_accumulate(aug, torch.cat([_gram_input(tap.h).float(), _gram_input(target)], dim=-1))
+                dense_x[b] = o_d
+        finally:
+            tap.remove()
+        k_dev = idx.to(aug.device)
+        rows = aug[k_dev]
+        weight, alpha = ridge_solve(rows[:, k_dev], rows[:, width:], plan.options.ridge, name=name)
+        if alpha != plan.options.ridge:
+            damped[name] = alpha
+        del aug
         _narrow_mlp_(model, names, idx, weight)
-        comp_x = [_block_output(block(x, **kw)) for x, kw in zip(comp_x, kwargs)]
-
+        comp_x = through(block, comp_x)

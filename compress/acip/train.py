@@ -1,0 +1,569 @@
+"""ACIP's scoring run: the training loop around the pure functions in `compress.acip.functional`.
+
+1. Every targeted linear is replaced by `MaskedSVDLinear` (its SVD, a mask per singular value,
+   a LoRA branch); the original `nn.Linear`s are kept aside and put back at the end.
+2. Masks and LoRA train with AdamW on next-token NLL + λ·Σ relu(p), λ growing geometrically,
+   until the targeted layers' size ratio reaches the stop ratio; the score map is updated after
+   every step. LoRA alone is then post-tuned with the masks frozen.
+3. The result is a `ScoreMap` (the SVD factors, the scores and the LoRA branches).
+
+Checkpoints (`checkpoint_dir`, every `checkpoint_every` steps, on Ctrl-C and at the end) hold
+everything the next step depends on: masks, scores, LoRA, optimizer state, step counters,
+RNG states and the data position; the SVD factors are written once. `resume=True` continues
+from one and ends exactly where an uninterrupted run with the same seed ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from compress.acip.functional import (
+    Segments,
+    alive_counts,
+    l1_penalty,
+    reg_weight,
+    size_for_counts,
+    update_scores,
+)
+from compress.acip.layer import MaskBank, MaskedSVDLinear
+from compress.acip.scoremap import ScoreMap, ScoreMapLayer, check_identity, model_identity
+from compress.errors import UserError
+from lowrank.surgery import replace_module_, target_linears
+
+__all__ = ["ACIPConfig", "compute_svd_factors", "install_masked_layers", "run_acip", "training_step"]
+
+STATE_NAME = "state.pt"
+FACTORS_NAME = "factors.safetensors"
+META_NAME = "meta.json"
+STATE_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+@dataclass
+class ACIPConfig:
+    """ACIP hyper-parameters; defaults are the paper's / reference implementation's."""
+
+    stop_ratio: float = 0.4  # stop pruning once the targeted layers hold this fraction of their weights
+    lr: float = 5e-5  # AdamW, masks and LoRA alike, no weight decay
+    reg_start: float = 1e-3  # λ_0
+    reg_update_every: int = 4  # λ ← λ·factor every this many steps
+    reg_update_factor: float = 1.01
+    mask_scale: float = 2e-2  # initial mask parameter value (and its forward value when unpruned)
+    lora_rank: int = 32
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    post_tune_steps: int = 1000  # LoRA-only steps after the stop ratio is reached
+    batch_size: int = 4
+    max_steps: int = 20_000  # safety cap on the pruning phase
+    size_includes_lora: bool = True  # count the folded LoRA rank in the size (what is really stored)
+    svd_dtype: str = "float32"  # precision of the SVDs (float64 for exactness, slower)
+    factor_dtype: str = "float32"  # precision U, s, Vh are stored in (bfloat16 halves the score map)
+    activation_checkpointing: str = "none"  # none | full | selective (keeps the SVD matmul outputs)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 200
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 < self.stop_ratio < 1.0:
+            raise UserError(f"stop_ratio must be in (0, 1), got {self.stop_ratio}")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise UserError("activation_checkpointing must be none, full or selective, "
+                            f"got {self.activation_checkpointing!r}")
+        for key in ("svd_dtype", "factor_dtype"):
+            if getattr(self, key) not in _DTYPES:
+                raise UserError(f"{key} must be one of {sorted(_DTYPES)}, got {getattr(self, key)!r}")
+        if self.batch_size < 1 or self.lora_rank < 0 or self.mask_scale <= 0 or self.lr <= 0:
+            raise UserError("batch_size ≥ 1, lora_rank ≥ 0, mask_scale > 0 and lr > 0 are required")
+
+
+# Config fields that change the result: a checkpoint written under other values cannot be resumed.
+_RESULT_KEYS = ("stop_ratio", "lr", "reg_start", "reg_update_every", "reg_update_factor", "mask_scale",
+                "lora_rank", "lora_alpha", "lora_dropout", "post_tune_steps", "batch_size",
+                "size_includes_lora", "svd_dtype", "factor_dtype", "seed")
+
+
+# ---------------------------------------------------------------------------- setup
+@torch.no_grad()
+def compute_svd_factors(
+    model: nn.Module, names: list[str], *, svd_dtype: str = "float32", factor_dtype: str = "float32",
+    progress: bool = False,
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """{name: (U [m,k], s [k], Vh [k,n])} of each named linear's weight, on the CPU in `factor_dtype`.
+
+    The SVD runs on the weight's device in `svd_dtype`; s is always kept in float32.
+    """
+    targets = target_linears(model)
+    items = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(names, desc="SVD", unit="layer", leave=False)
+    store = _DTYPES[factor_dtype]
+    out = {}
+    for name in items:
+        weight = targets[name].weight.detach()
+        u, s, vh = torch.linalg.svd(weight.to(_DTYPES[svd_dtype]), full_matrices=False)
+        out[name] = (u.to(store).cpu(), s.float().cpu(), vh.to(store).cpu())
+    return out
+
+
+def install_masked_layers(
+    model: nn.Module,
+    factors: dict[str, tuple[Tensor, Tensor, Tensor]],
+    config: ACIPConfig,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    biases: dict[str, Tensor | None] | None = None,
+) -> tuple[MaskBank, dict[str, MaskedSVDLinear]]:
+    """Swap every factorized linear of `model` for a `MaskedSVDLinear`; returns the mask bank and layers.
+
+    The caller keeps the replaced modules if it wants them back. LoRA A is drawn from the
+    global RNG, so seed it first for reproducible runs.
+    """
+    names = list(factors)
+    segments = Segments.from_shapes([(f[0].shape[0], f[2].shape[1]) for f in factors.values()])
+    bank = MaskBank(segments, config.mask_scale, device=device)
+    targets = target_linears(model) if biases is None else None
+    layers = {}
+    for i, name in enumerate(names):
+        U, s, Vh = factors[name]
+        bias = biases[name] if biases is not None else targets[name].bias
+        u_dev = U.to(device=device, dtype=dtype)
+        # diag(s)·Vh is formed in float32 and rounded once to the compute dtype.
+        vs_dev = s.to(device, torch.float32)[:, None] * Vh.to(device, torch.float32)
+        layer = MaskedSVDLinear(u_dev, vs_dev.to(dtype), bias, bank, i, lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+        replace_module_(model, name, layer)
+        layers[name] = layer
+    return bank, layers
+
+
+def _checkpoint_policy():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = {torch.ops.acip.masked_lowrank.default}
+    # Attention outputs are cheap to keep (T × hidden) and save re-running the attention kernel.
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            save.add(op.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def enable_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Checkpoint every decoder block ("full"), or recompute only its element-wise ops ("selective")."""
+    if mode == "none":
+        return
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = _checkpoint_policy()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
+def disable_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    if mode != "none":
+        model.activation_checkpointing_disable()
+
+
+# ---------------------------------------------------------------------------- data
+def _chunks_hash(chunks: Tensor) -> str:
+    return hashlib.sha256(chunks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class _Batches:
+    """Reproducible epochs over the calibration chunks; the position is two integers (epoch, cursor)."""
+
+    def __init__(self, chunks: Tensor, batch_size: int, seed: int) -> None:
+        self.chunks = chunks
+        self.batch_size = min(batch_size, chunks.shape[0])
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.chunks.shape[0], generator=gen)
+
+    def set_position(self, epoch: int, cursor: int) -> None:
+        self.epoch, self.cursor = epoch, cursor
+        self._order = self._perm(epoch)
+
+    def next(self) -> Tensor:
+        # A short tail is skipped so every batch has the same shape.
+        if self.cursor + self.batch_size > self._order.numel():
+            self.set_position(self.epoch + 1, 0)
+        idx = self._order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return self.chunks[idx]
+
+
+# ---------------------------------------------------------------------------- interrupt handling
+class _DeferredInterrupt:
+    """Turn the first Ctrl-C into a flag checked between steps, so the checkpoint is consistent.
+
+    A second Ctrl-C interrupts at once. Only installed from the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+                print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
+                      flush=True)
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ---------------------------------------------------------------------------- checkpoint I/O
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_factors(directory: Path, factors: dict[str, tuple[Tensor, Tensor, Tensor]], meta: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STATE_NAME).unlink(missing_ok=True)  # a stale state must never meet new factors
+    (directory / META_NAME).unlink(missing_ok=True)
+    tensors = {}
+    for name, (U, s, Vh) in factors.items():
+        tensors[f"{name}.U"], tensors[f"{name}.s"], tensors[f"{name}.Vh"] = U, s, Vh
+    tmp = directory / (FACTORS_NAME + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, directory / FACTORS_NAME)
+    tmp_meta = directory / (META_NAME + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp_meta, directory / META_NAME)
+
+
+def _read_factors(directory: Path, names: list[str]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    tensors = load_file(str(directory / FACTORS_NAME))
+    return {n: (tensors[f"{n}.U"], tensors[f"{n}.s"], tensors[f"{n}.Vh"]) for n in names}
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class _State:
+    step: int = 0  # optimizer steps done, both phases
+    acip_steps: int = 0
+    post_steps: int = 0
+    phase: str = "acip"  # acip -> post_tune -> done
+    ratio: float = 1.0
+    lam: float = 0.0  # λ of the last step (recomputable from acip_steps; stored for inspection)
+    stop_reached: bool = False
+    scores: Tensor | None = None
+    history: list = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def run_acip(
+    model: nn.Module,
+    chunks: Tensor,
+    config: ACIPConfig,
+    *,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> ScoreMap:
+    """Score `model` with ACIP on calibration `chunks` [n, seq_len]; returns the score map.
+
+    The model is modified only while this runs: its original linears are back in place when
+    it returns (or raises). `callback(info)` is called after every step; returning True ends
+    the run early (the score map then covers only down to the size reached).
+    """
+    config.validate()
+    if chunks is None or chunks.dim() != 2 or chunks.shape[1] < 2:
+        raise UserError("ACIP needs calibration chunks of shape [n, seq_len ≥ 2]")
+    targets = {n: m for n, m in target_linears(model).items() if isinstance(m, nn.Linear)}
+    if not targets:
+        raise UserError("ACIP found no dense target linears (is the model already compressed?)")
+    names = list(targets)
+    param = next(iter(targets.values())).weight
+    device, dtype = param.device, param.dtype
+    identity = model_identity(model, names)
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    chunk_hash = _chunks_hash(chunks)
+
+    resume_state = None
+    if config.resume and ckpt is not None and (ckpt / STATE_NAME).is_file():
+        meta = json.loads((ckpt / META_NAME).read_text())
+        check_identity(meta["identity"], model)
+        stored = meta.get("config", {})
+        changed = [k for k in _RESULT_KEYS if k in stored and stored[k] != getattr(config, k)]
+        if changed:
+            raise UserError(f"cannot resume from {ckpt}: it was run with other settings "
+                            f"({', '.join(changed)}); use the same settings or start afresh without --resume")
+        if meta.get("chunks_hash") != chunk_hash:
+            raise UserError(f"cannot resume from {ckpt}: the calibration data differ from the "
+                            "interrupted run's")
+        factors = _read_factors(ckpt, names)
+        resume_state = torch.load(ckpt / STATE_NAME, weights_only=True, map_location="cpu")
+        if resume_state.get("version") != STATE_VERSION:
+            raise UserError(f"{ckpt / STATE_NAME} has an unknown format")
+    else:
+        if config.resume:
+            print(f"note: no checkpoint to resume in {ckpt}; starting afresh")
+        factors = compute_svd_factors(model, names, svd_dtype=config.svd_dtype,
+                                      factor_dtype=config.factor_dtype, progress=config.progress)
+        if ckpt is not None:
+            _write_factors(ckpt, factors, {"identity": identity, "config": dataclasses.asdict(config),
+                                           "chunks_hash": chunk_hash, "layers": names})
+
+    torch.manual_seed(config.seed)  # LoRA init and dropout draw from the global generators
+    was_training = model.training
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    originals = dict(targets)
+    offload = device.type == "cuda"
+    try:
+        biases = {n: (None if m.bias is None else m.bias.detach().clone()) for n, m in originals.items()}
+        if offload:  # the dense weights are idle while scoring: park them in host memory
+            for module in originals.values():
+                module.to("cpu")
+        bank, layers = install_masked_layers(model, factors, config, device=device, dtype=dtype,
+                                             biases=biases)
+        model.requires_grad_(False)
+        bank.p.requires_grad_(True)
+        lora_params = []
+        for layer in layers.values():
+            if layer.lora_A is not None:
+                layer.lora_A.requires_grad_(True)
+                layer.lora_B.requires_grad_(True)
+                lora_params += [layer.lora_A, layer.lora_B]
+        opt_kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": 0.0}
+        if device.type == "cuda":
+            opt_kwargs["fused"] = True
+        optimizer = torch.optim.AdamW([bank.p] + lora_params, **opt_kwargs)
+        batches = _Batches(chunks, config.batch_size, config.seed)
+        state = _State()
+        if resume_state is not None:
+            _restore(resume_state, state, bank, layers, optimizer, batches, device)
+            print(f"resumed ACIP from {ckpt} at step {state.step} ({state.phase})")
+        model.train()
+        enable_activation_checkpointing(model, config.activation_checkpointing)
+        try:
+            _train(model, bank, layers, optimizer, batches, state, config, ckpt, callback, device)
+        finally:
+            disable_activation_checkpointing(model, config.activation_checkpointing)
+        result = _score_map(factors, state, bank, layers, config, identity, names)
+    finally:
+        for name, module in originals.items():
+            if offload:
+                module.to(device)
+            replace_module_(model, name, module)
+        model.train(was_training)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    return result
+
+
+def _snapshot_rng(device: torch.device) -> dict[str, Any]:
+    snap = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        snap["cuda"] = torch.cuda.get_rng_state(device)
+    return snap
+
+
+def _save_state(ckpt: Path, state: _State, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
+                optimizer: torch.optim.Optimizer, position: tuple[int, int], rng: dict[str, Any]) -> None:
+    payload = {
+        "version": STATE_VERSION,
+        "step": state.step, "acip_steps": state.acip_steps, "post_steps": state.post_steps,
+        "phase": state.phase, "ratio": state.ratio, "stop_reached": state.stop_reached, "lambda": state.lam,
+        "train_seconds": state.train_seconds,
+        "history": json.dumps(state.history),
+        "p": bank.p.detach().cpu(),
+        "scores": None if state.scores is None else state.scores.cpu(),
+        "lora_A": {n: m.lora_A.detach().cpu() for n, m in layers.items() if m.lora_A is not None},
+        "lora_B": {n: m.lora_B.detach().cpu() for n, m in layers.items() if m.lora_B is not None},
+        "optimizer": optimizer.state_dict(),
+        "epoch": position[0], "cursor": position[1],
+        "rng": rng,
+    }
+    _atomic_torch_save(payload, ckpt / STATE_NAME)
+
+
+def _restore(payload: dict, state: _State, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
+             optimizer: torch.optim.Optimizer, batches: _Batches, device: torch.device) -> None:
+    with torch.no_grad():
+        bank.p.copy_(payload["p"])
+        for n, m in layers.items():
+            if m.lora_A is not None:
+                m.lora_A.copy_(payload["lora_A"][n])
+                m.lora_B.copy_(payload["lora_B"][n])
+    optimizer.load_state_dict(payload["optimizer"])
+    for key in ("step", "acip_steps", "post_steps", "phase", "ratio", "stop_reached"):
+        setattr(state, key, payload[key])
+    state.train_seconds = payload.get("train_seconds", 0.0)
+    state.lam = payload.get("lambda", 0.0)
+    state.history = json.loads(payload.get("history", "[]"))
+    state.scores = None if payload["scores"] is None else payload["scores"].to(device)
+    if state.phase != "acip":
+        bank.p.requires_grad_(False)
+    batches.set_position(payload["epoch"], payload["cursor"])
+    torch.set_rng_state(payload["rng"]["cpu"])
+    if "cuda" in payload["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(payload["rng"]["cuda"], device)
+
+
+def training_step(model: nn.Module, bank: MaskBank, optimizer: torch.optim.Optimizer, batch: Tensor,
+                  reg: float | None) -> Tensor:
+    """One optimizer step on next-token NLL (+ reg·Σ relu(p) when `reg` is given); returns the NLL."""
+    bank.refresh()
+    nll = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss = nll + reg * l1_penalty(bank.p) if reg is not None else nll
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return nll.detach()
+
+
+def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
+           optimizer: torch.optim.Optimizer, batches: _Batches, state: _State, config: ACIPConfig,
+           ckpt: Path | None,
+           callback: Callable[[dict[str, Any]], bool | None] | None, device: torch.device) -> None:
+    segments = bank.segments
+    extra = config.lora_rank if config.size_includes_lora else 0
+    num_layers = len(segments.lengths)
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="ACIP", unit="step", initial=state.step, dynamic_ncols=True)
+    # The position and RNG state at the start of the current step: what a checkpoint taken when
+    # the step is cut short must hold.
+    position = (batches.epoch, batches.cursor)
+    rng = _snapshot_rng(device)
+    t_start = time.perf_counter() - state.train_seconds
+    try:
+        with _DeferredInterrupt() as interrupt:
+            while state.phase != "done":
+                position = (batches.epoch, batches.cursor)
+                rng = _snapshot_rng(device)
+                batch = batches.next().to(device)
+                lam = reg_weight(state.acip_steps, config.reg_start, config.reg_update_every,
+                                 config.reg_update_factor)
+                nll = training_step(model, bank, optimizer, batch, lam if state.phase == "acip" else None)
+                state.lam = lam
+                state.step += 1
+                if state.phase == "acip":
+                    state.scores = update_scores(state.scores, bank.p)
+                    state.acip_steps += 1
+                    counts = alive_counts(bank.p.detach(), bank.layer_index, num_layers).cpu()
+                    state.ratio = size_for_counts(counts, segments, extra_rank=extra)
+                    if state.ratio <= config.stop_ratio or state.acip_steps >= config.max_steps:
+                        state.stop_reached = state.ratio <= config.stop_ratio
+                        if not state.stop_reached:
+                            warnings.warn(f"ACIP hit max_steps={config.max_steps} at size {state.ratio:.3f} "
+                                          f"before the stop ratio {config.stop_ratio}; the score map covers "
+                                          f"sizes ≥ {state.ratio:.3f}", stacklevel=2)
+                        state.phase = "post_tune" if config.post_tune_steps > 0 else "done"
+                        bank.p.requires_grad_(False)
+                else:
+                    state.post_steps += 1
+                    if state.post_steps >= config.post_tune_steps:
+                        state.phase = "done"
+                loss_value = float(nll.detach())
+                state.train_seconds = time.perf_counter() - t_start
+                info = {"step": state.step, "phase": state.phase, "size": state.ratio, "lambda": lam,
+                        "loss": loss_value, "seconds": state.train_seconds}
+                if state.step % 10 == 0 or state.phase == "done":
+                    rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
+                    state.history.append(rounded)
+                if bar is not None:
+                    bar.update(1)
+                    postfix = f"{state.phase} size={state.ratio:.3f} λ={lam:.2e} loss={loss_value:.3f}"
+                    bar.set_postfix_str(postfix,
+                                        refresh=False)
+                stop = bool(callback(info)) if callback is not None else False
+                if stop and state.phase != "done":
+                    state.phase = "done"
+                position = (batches.epoch, batches.cursor)
+                rng = _snapshot_rng(device)
+                if ckpt is not None and (state.step % config.checkpoint_every == 0 or state.phase == "done"):
+                    _save_state(ckpt, state, bank, layers, optimizer, position, rng)
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # Steps apply atomically (optimizer.step either ran or not), so the state as of the last
+        # completed step is consistent; `position`/`rng` were taken right after it.
+        if ckpt is not None:
+            _save_state(ckpt, state, bank, layers, optimizer, position, rng)
+            print(f"\nACIP interrupted at step {state.step}; resumable checkpoint in {ckpt} "
+                  "(rerun with --resume)",
+                  flush=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _score_map(factors: dict[str, tuple[Tensor, Tensor, Tensor]], state: _State, bank: MaskBank,
+               layers: dict[str, MaskedSVDLinear], config: ACIPConfig, identity: dict,
+               names: list[str]) -> ScoreMap:
+    scores = state.scores if state.scores is not None else bank.p.detach().float()
+    per_layer = bank.segments.split(scores.cpu())
+    out = {}
+    for i, name in enumerate(names):
+        U, s, Vh = factors[name]
+        layer = layers[name]
+        lora_a = None if layer.lora_A is None else layer.lora_A.detach().cpu().clone()
+        lora_b = None if layer.lora_B is None else layer.lora_B.detach().cpu().clone()
+        out[name] = ScoreMapLayer(U, s, Vh, per_layer[i].clone(), lora_a, lora_b)
+    scaling = config.lora_alpha / config.lora_rank if config.lora_rank > 0 else 0.0
+    seconds = max(state.train_seconds, 1e-9)
+    meta = {
+        "config": dataclasses.asdict(config),
+        "stop_ratio": config.stop_ratio,
+        "stop_reached": state.stop_reached,
+        "final_ratio": round(state.ratio, 6),
+        "steps": state.step,
+        "acip_steps": state.acip_steps,
+        "post_tune_steps": state.post_steps,
+        "final_lambda": reg_weight(state.acip_steps, config.reg_start, config.reg_update_every,
+                                   config.reg_update_factor),
+        "train_seconds": round(state.train_seconds, 3),
+        "steps_per_second": round(state.step / seconds, 4),
+        "history": state.history,
+    }
+    return ScoreMap("acip", out, identity, scaling, "scores", meta)

@@ -1,0 +1,1012 @@
+"""Factorized (low-rank) linear layer: ``y = x @ V.T @ U.T + bias``.
+
+``x`` is ``[..., in_features]``, ``V`` is ``[r, in_features]``, ``U`` is ``[out_features, r]``.
+
+Three GPU paths, picked per call by the number of rows ``T`` of ``x`` (see ``_select``):
+
+* ``triton_fused`` (decode, small T): one persistent Triton launch in two phases.  Phase 1
+  streams ``V`` once (each program owns a slice of its rows, optionally split over K) and
+  writes the fp32 ``T x r`` intermediate to a small workspace that stays in L2; a grid-wide
+  barrier (an int64 generation counter) separates it from phase 2, which streams ``U`` once
+  (each program owns a slice of output rows) and adds the bias.  Both weights are read
+  exactly once and both phases keep every SM busy, which a one-CTA-per-output-tile design
+  cannot do at T=1 without re-reading ``V`` per tile.  The first ``U`` tile of each program
+  is requested before the barrier so the wait overlaps with HBM traffic.
+* ``two_gemm`` (prefill, large T): two tensor-core GEMMs, either cuBLAS (``mm`` + ``addmm``
+  with the bias in the epilogue) or the Triton NT-GEMM below (used where ``r`` breaks
+  cuBLAS' 16-byte alignment, and with split-K for the skinny first GEMM).
+* ``torch``: ``F.linear(F.linear(x, V), U, bias)``; the CPU path and the reference.
+
+Tuned choices for H100 ship in ``configs/h100_lowrank_matmul.json`` so that a server
+never autotunes; shapes missing there use the heuristics in ``_default_choice``.  On H100
+(bf16) the table picks the fused kernel at T=1 (1.04-1.66x faster than torch's two GEMMs,
+still ~2x off the HBM floor) and cuBLAS' two GEMMs from T=4 on; ranks that break 16-byte
+row alignment are slow in every GEMM library, so pad them once with ``pad_rank``.
+
+Importing this module never initialises CUDA and works without Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton is optional: the package must import (and fall back to torch) without it.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = [
+    "lowrank_matmul",
+    "lowrank_matmul_launch",
+    "lowrank_matmul_ref",
+    "BACKENDS",
+    "pad_rank",
+    "set_default_backend",
+]
+
+BACKENDS = ("auto", "triton_fused", "two_gemm", "cublas", "triton_gemm", "torch", "ext_gemv")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+if _HAS_TRITON:
+
+    @triton.jit
+    def _lowrank_matmul_load_x(x_ptr, tb, offs_k, k_hi, T, stride_xt,
+                               BLOCK_T: tl.constexpr, ONE_ROW: tl.constexpr):
+        # One row of x ([BLOCK_K1]) for the GEMV variant, else a [BLOCK_T, BLOCK_K1] tile.
+        if ONE_ROW:
+            return tl.load(x_ptr + tb * stride_xt + offs_k, mask=offs_k < k_hi, other=0.0)
+        else:
+            offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+            return tl.load(
+                x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+                mask=(offs_t[:, None] < T) & (offs_k[None, :] < k_hi),
+                other=0.0,
+            )
+
+    @triton.jit(do_not_specialize=["T"])
+    def _lowrank_matmul_fused_kernel(
+        x_ptr, v_ptr, u_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        T, N, R, M,
+        stride_xt, stride_vr, stride_um, stride_yt,
+        HAS_BIAS: tl.constexpr,
+        PHASE: tl.constexpr,  # 0: both + grid barrier, 1: shrink only, 2: expand only, 3: local
+        USE_DOT: tl.constexpr,  # True: tl.dot tiles (BLOCK_T >= 16); False: FMAs + reductions
+        KSPLIT: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R1: tl.constexpr,
+        BLOCK_K1: tl.constexpr,
+        BLOCK_M2: tl.constexpr,
+        BLOCK_R2: tl.constexpr,
+        V_ALIGN: tl.constexpr,
+        U_ALIGN: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        EARLY_U: tl.constexpr,  # request the first U tile before phase 1 instead of before the barrier
+    ):
+        # ONE_ROW: the pure GEMV form (T handled one row per work item).  Otherwise the
+        # accumulators are [BLOCK_T, ...] tiles, built by tl.dot or by 3-D broadcast-and-sum
+        # (small T > 1, where padding T to 16 for tl.dot would waste the register tiles).
+        ONE_ROW: tl.constexpr = (not USE_DOT) and BLOCK_T == 1
+        # Row strides arrive divided by their largest power-of-two factor (<= 8); multiplying
+        # back by the constexpr lets Triton prove 8/16-byte alignment of every row and emit
+        # vector loads even when r is not a multiple of 8 (e.g. r=1492 -> 8-byte loads).
+        v_row = stride_vr * V_ALIGN
+        u_row = stride_um * U_ALIGN
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        n_tb = tl.cdiv(T, BLOCK_T)
+        TR = T * R
+        ar_r1 = tl.arange(0, BLOCK_R1)
+        ar_k1 = tl.arange(0, BLOCK_K1)
+        ar_m2 = tl.arange(0, BLOCK_M2)
+        ar_r2 = tl.arange(0, BLOCK_R2)
+        ar_t = tl.arange(0, BLOCK_T)
+        if PHASE == 3:
+            # Local mode (tiny layers): every program computes the whole shrink into its own
+            # workspace slice and needs no inter-program sync; V is re-read from L2 per
+            # program, which is cheaper than a grid barrier when V is a few hundred KB.
+            p1_pid = 0
+            p1_nprog = 1
+            ws_ptr = ws_ptr + pid * (KSPLIT * TR)
+        else:
+            p1_pid = pid
+            p1_nprog = nprog
+
+        n_mb = tl.cdiv(M, BLOCK_M2)
+        n_rs = tl.cdiv(R, BLOCK_R2)
+        n_items2 = n_tb * n_mb
+        steps2 = tl.cdiv(tl.maximum(n_items2 - pid, 0), nprog) * n_rs
+        if EARLY_U and PHASE != 1 and not USE_DOT:
+            # U does not depend on phase 1: when this program's first U tile fits in registers
+            # next to phase 1's, its HBM fetch overlaps the whole shrink.
+            um0 = (pid % n_mb) * BLOCK_M2 + ar_m2
+            u_nxt = tl.load(
+                u_ptr + um0[:, None] * u_row + ar_r2[None, :],
+                mask=(um0[:, None] < tl.where(steps2 > 0, M, 0)) & (ar_r2[None, :] < R),
+                other=0.0,
+            )
+
+        # ---------------- phase 1: ws[ks, t, r] = x[t, K_ks] . V[r, K_ks] -----------------
+        if PHASE != 2:
+            n_rb = tl.cdiv(R, BLOCK_R1)
+            k_span = tl.cdiv(tl.cdiv(N, KSPLIT), BLOCK_K1) * BLOCK_K1
+            n_ks = k_span // BLOCK_K1
+            n_items = n_tb * n_rb * KSPLIT
+            steps = tl.cdiv(tl.maximum(n_items - p1_pid, 0), p1_nprog) * n_ks
+            # Software prefetch: the tiles of step s+1 are requested before step s is reduced
+            # (the GEMV loop has no tl.dot, so Triton's pipeliner would not do it).  Liveness
+            # is folded into the scalar K bound (0 when dead) because scalar terms inside a
+            # mask expression trip the interpreter.
+            # The tl.dot variant instead leaves its loads in the loop for Triton's pipeliner
+            # (cp.async into shared memory): register double-buffers of dot operands spill.
+            if not USE_DOT:
+                ks0 = p1_pid % KSPLIT
+                rb0 = (p1_pid // KSPLIT) % n_rb
+                khi0 = tl.where(steps > 0, tl.minimum(N, (ks0 + 1) * k_span), 0)
+                vk0 = ks0 * k_span + ar_k1
+                vr0 = rb0 * BLOCK_R1 + ar_r1
+                v_nxt = tl.load(
+                    v_ptr + vr0[:, None] * v_row + vk0[None, :],
+                    mask=(vr0[:, None] < R) & (vk0[None, :] < khi0),
+                    other=0.0,
+                )
+                x_nxt = _lowrank_matmul_load_x(x_ptr, p1_pid // (KSPLIT * n_rb), vk0, khi0, T, stride_xt,
+                                               BLOCK_T, ONE_ROW)
+            if ONE_ROW:
+                acc = tl.zeros([BLOCK_R1], dtype=tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
+            for s in range(0, steps):
+                item = p1_pid + (s // n_ks) * p1_nprog
+                kstep = s % n_ks
+                ks = item % KSPLIT
+                rb = (item // KSPLIT) % n_rb
+                tb = item // (KSPLIT * n_rb)
+                if USE_DOT:
+                    khi = tl.minimum(N, (ks + 1) * k_span)
+                    vk = ks * k_span + kstep * BLOCK_K1 + ar_k1
+                    vr = rb * BLOCK_R1 + ar_r1
+                    v_cur = tl.load(v_ptr + vr[:, None] * v_row + vk[None, :],
+                                    mask=(vr[:, None] < R) & (vk[None, :] < khi), other=0.0)
+                    x_cur = _lowrank_matmul_load_x(x_ptr, tb, vk, khi, T, stride_xt, BLOCK_T, ONE_ROW)
+                else:
+                    v_cur = v_nxt
+                    x_cur = x_nxt
+                    s1 = s + 1
+                    item1 = p1_pid + (s1 // n_ks) * p1_nprog
+                    ks1 = item1 % KSPLIT
+                    khi1 = tl.where(s1 < steps, tl.minimum(N, (ks1 + 1) * k_span), 0)
+                    vk1 = ks1 * k_span + (s1 % n_ks) * BLOCK_K1 + ar_k1
+                    vr1 = ((item1 // KSPLIT) % n_rb) * BLOCK_R1 + ar_r1
+                    v_nxt = tl.load(
+                        v_ptr + vr1[:, None] * v_row + vk1[None, :],
+                        mask=(vr1[:, None] < R) & (vk1[None, :] < khi1),
+                        other=0.0,
+                    )
+                    x_nxt = _lowrank_matmul_load_x(x_ptr, item1 // (KSPLIT * n_rb), vk1, khi1, T, stride_xt,
+                                                   BLOCK_T, ONE_ROW)
+                if USE_DOT:
+                    acc = tl.dot(x_cur, tl.trans(v_cur), acc, input_precision=INPUT_PRECISION)
+                elif ONE_ROW:
+                    acc += tl.sum(v_cur.to(tl.float32) * x_cur.to(tl.float32)[None, :], axis=1)
+                else:
+                    prod = x_cur.to(tl.float32)[:, None, :] * v_cur.to(tl.float32)[None, :, :]
+                    acc += tl.sum(prod, axis=2)
+                if kstep == n_ks - 1:
+                    wr = rb * BLOCK_R1 + ar_r1
+                    if ONE_ROW:
+                        tl.store(ws_ptr + ks * TR + tb * R + wr, acc, mask=wr < R)
+                        acc = tl.zeros([BLOCK_R1], dtype=tl.float32)
+                    else:
+                        wt = tb * BLOCK_T + ar_t
+                        tl.store(
+                            ws_ptr + ks * TR + wt[:, None] * R + wr[None, :],
+                            acc,
+                            mask=(wt[:, None] < T) & (wr[None, :] < R),
+                        )
+                        acc = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
+
+        # ---------------- phase 2: y[t, m] = sum_ks ws[ks, t, :] . U[m, :] + b[m] ----------
+        if PHASE != 1:
+            if not EARLY_U and not USE_DOT:
+                # Otherwise request the first U tile at least before the barrier, so its HBM
+                # latency overlaps the wait.
+                um0 = (pid % n_mb) * BLOCK_M2 + ar_m2
+                u_nxt = tl.load(
+                    u_ptr + um0[:, None] * u_row + ar_r2[None, :],
+                    mask=(um0[:, None] < tl.where(steps2 > 0, M, 0)) & (ar_r2[None, :] < R),
+                    other=0.0,
+                )
+            if PHASE == 3:
+                tl.debug_barrier()  # this program's own ws stores are visible to all its threads
+            if PHASE == 0:
+                # Grid-wide sense-reversing barrier: cnt_ptr[0] counts arrivals, cnt_ptr[1] is
+                # the generation.  The last arriver resets the count and bumps the generation;
+                # the others spin until it changes.  Launches of any grid size can share the
+                # pair because it is back to {0, g+1} when a launch ends.  All programs are
+                # co-resident (the launcher starts at most one per SM), so spinning cannot
+                # deadlock.
+                gen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()  # every thread's ws stores happen-before the release below
+                old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+                if old == nprog - 1:
+                    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+                    tl.atomic_add(cnt_ptr + 1, 1, sem="release", scope="gpu")
+                else:
+                    cur = gen
+                    while cur == gen:
+                        cur = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()
+            if ONE_ROW:
+                acc2 = tl.zeros([BLOCK_M2], dtype=tl.float32)
+            else:
+                acc2 = tl.zeros([BLOCK_T, BLOCK_M2], dtype=tl.float32)
+            for s2 in range(0, steps2):
+                item2 = pid + (s2 // n_rs) * nprog
+                rstep = s2 % n_rs
+                mb = item2 % n_mb
+                tb2 = item2 // n_mb
+                tr = rstep * BLOCK_R2 + ar_r2
+                if USE_DOT:
+                    um = mb * BLOCK_M2 + ar_m2
+                    u_cur = tl.load(u_ptr + um[:, None] * u_row + tr[None, :],
+                                    mask=(um[:, None] < M) & (tr[None, :] < R), other=0.0)
+                else:
+                    u_cur = u_nxt
+                    s21 = s2 + 1
+                    um1 = ((pid + (s21 // n_rs) * nprog) % n_mb) * BLOCK_M2 + ar_m2
+                    ur1 = (s21 % n_rs) * BLOCK_R2 + ar_r2
+                    u_nxt = tl.load(
+                        u_ptr + um1[:, None] * u_row + ur1[None, :],
+                        mask=(um1[:, None] < tl.where(s21 < steps2, M, 0)) & (ur1[None, :] < R),
+                        other=0.0,
+                    )
+                # ws was written by other programs in this launch: bypass L1 (.cg) so no stale
+                # line can be read even if the acquire did not invalidate it.
+                if ONE_ROW:
+                    t_ptrs = ws_ptr + tb2 * R + tr
+                    tt = tl.load(t_ptrs, mask=tr < R, other=0.0, cache_modifier=".cg")
+                    for kk in tl.static_range(1, KSPLIT):
+                        tt += tl.load(t_ptrs + kk * TR, mask=tr < R, other=0.0, cache_modifier=".cg")
+                    acc2 += tl.sum(u_cur.to(tl.float32) * tt[None, :], axis=1)
+                else:
+                    tt_rows = tb2 * BLOCK_T + ar_t
+                    t_ptrs = ws_ptr + tt_rows[:, None] * R + tr[None, :]
+                    t_mask = (tt_rows[:, None] < T) & (tr[None, :] < R)
+                    tt = tl.load(t_ptrs, mask=t_mask, other=0.0, cache_modifier=".cg")
+                    for kk in tl.static_range(1, KSPLIT):
+                        tt += tl.load(t_ptrs + kk * TR, mask=t_mask, other=0.0, cache_modifier=".cg")
+                    if USE_DOT:
+                        acc2 = tl.dot(tt.to(u_cur.dtype), tl.trans(u_cur), acc2,
+                                      input_precision=INPUT_PRECISION)
+                    else:
+                        acc2 += tl.sum(tt[:, None, :] * u_cur.to(tl.float32)[None, :, :], axis=2)
+                if rstep == n_rs - 1:
+                    ym = mb * BLOCK_M2 + ar_m2
+                    if HAS_BIAS:
+                        bias = tl.load(b_ptr + ym, mask=ym < M, other=0.0).to(tl.float32)
+                    if ONE_ROW:
+                        if HAS_BIAS:
+                            acc2 += bias
+                        tl.store(y_ptr + tb2 * stride_yt + ym, acc2.to(y_ptr.dtype.element_ty), mask=ym < M)
+                        acc2 = tl.zeros([BLOCK_M2], dtype=tl.float32)
+                    else:
+                        if HAS_BIAS:
+                            acc2 += bias[None, :]
+                        yt = tb2 * BLOCK_T + ar_t
+                        tl.store(
+                            y_ptr + yt[:, None] * stride_yt + ym[None, :],
+                            acc2.to(y_ptr.dtype.element_ty),
+                            mask=(yt[:, None] < T) & (ym[None, :] < M),
+                        )
+                        acc2 = tl.zeros([BLOCK_T, BLOCK_M2], dtype=tl.float32)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _lowrank_matmul_gemm_kernel(
+        a_ptr, b_ptr, bias_ptr, c_ptr,
+        M, N, K,
+        stride_am, stride_bn, stride_cm,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        A_ALIGN: tl.constexpr,
+        B_ALIGN: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        # C[M, N] (+)= A[M, K] . B[N, K]^T (+ bias[N]).  Both low-rank GEMMs have this "NT"
+        # form: t = x . V^T and y = t . U^T, with K contiguous in both operands.
+        # With SPLIT_K > 1 the fp32 C must be zeroed by the caller and is accumulated atomically.
+        a_row = stride_am * A_ALIGN
+        b_row = stride_bn * B_ALIGN
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped launch order: GROUP_M row blocks share each B column block while it is in L2.
+        width = GROUP_M * num_pid_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_span
+        k_hi = tl.minimum(K, k_lo + k_span)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * a_row + (k_lo + offs_k)[None, :]
+        b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * b_row + (k_lo + offs_k)[None, :]
+        m_mask = offs_m[:, None] < M
+        n_mask = offs_n[:, None] < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            k_mask = (k + offs_k)[None, :] < k_hi
+            a = tl.load(a_ptrs, mask=m_mask & k_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask & k_mask, other=0.0)
+            # A may be the fp32 split-K intermediate: round it to the weight dtype here, the
+            # same rounding point as torch's two-GEMM path.
+            acc = tl.dot(a.to(b.dtype), tl.trans(b), acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        else:
+            tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2_align(stride: int, cap: int = 16) -> int:
+    """Largest power of two (<= cap) dividing ``stride``; the kernels use it to prove alignment."""
+    if stride == 0:
+        return cap
+    a = 1
+    while a < cap and stride % (2 * a) == 0:
+        a *= 2
+    return a
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+_SM_COUNT: dict[int, int] = {}
+_COUNTERS: dict[tuple, Tensor] = {}
+_LOCK = threading.Lock()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = torch.cuda.get_device_properties(idx).multi_processor_count
+        _SM_COUNT[idx] = n
+    return n
+
+
+def _barrier_counter(device: torch.device) -> Tensor:
+    """Per (device, stream) {arrivals, generation} pair for the fused kernel's grid barrier.
+
+    Keyed by stream so that launches running concurrently on different streams never share
+    one barrier.  The pair is self-resetting (see the kernel), so it is zeroed only once.
+    """
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        key = (idx, torch.cuda.current_stream(idx).cuda_stream)
+    else:
+        key = (device.type, 0)
+    cnt = _COUNTERS.get(key)
+    if cnt is None:
+        with _LOCK:
+            cnt = _COUNTERS.get(key)
+            if cnt is None:
+                cnt = torch.zeros(2, dtype=torch.int32, device=device)
+                _COUNTERS[key] = cnt
+    return cnt
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must stay fp32 (tests compare against fp32 torch); 16-bit inputs ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+FUSED_DEFAULTS: dict[str, Any] = {
+    "use_dot": None,  # None: False at T == 1, True otherwise
+    "block_t": 16,
+    "block_t_fma": 1,  # rows per work item on the FMA path (1 = GEMV)
+    "block_r1": 4,
+    "block_k1": 2048,
+    "ksplit": None,  # None: enough K splits that phase 1 has ~one item per SM
+    "block_m2": 16,
+    "block_r2": 512,
+    "num_warps": 8,
+    "num_stages": 1,
+    "sync": "barrier",  # "two_launch": phases as two launches; "local": shrink per program
+    "early_u": False,
+    "max_programs": None,  # cap on the grid (tests use it to give programs several items)
+}
+
+
+def _fused_params(T: int, N: int, M: int, R: int, cfg: dict[str, Any], nsm: int) -> dict[str, Any]:
+    """Resolve a (possibly partial) fused config against the problem size."""
+    c = dict(FUSED_DEFAULTS)
+    c.update(cfg or {})
+    use_dot = c["use_dot"] if c["use_dot"] is not None else T > 1
+    lo = 16 if use_dot else 1  # tl.dot needs every tile dim >= 16
+    if use_dot:
+        bt = max(16, min(_next_pow2(c["block_t"]), _next_pow2(T)))
+    else:
+        # FMA path: 1 = pure GEMV (one row per work item); 2..8 rows share each weight tile.
+        bt = max(1, min(_next_pow2(c.get("block_t_fma", 1)), _next_pow2(T), 8))
+    br1 = max(lo, min(_next_pow2(c["block_r1"]), _next_pow2(R)))
+    bk1 = max(16, min(_next_pow2(c["block_k1"]), _next_pow2(N)))
+    bm2 = max(lo, min(_next_pow2(c["block_m2"]), _next_pow2(M)))
+    br2 = max(16, min(_next_pow2(c["block_r2"]), _next_pow2(R)))
+    n_items1 = math.ceil(T / bt) * math.ceil(R / br1)
+    ksplit = c["ksplit"]
+    if ksplit is None:
+        ksplit = 1
+        while ksplit < 8 and n_items1 * ksplit * 2 <= nsm and math.ceil(N / (ksplit * 2)) >= bk1:
+            ksplit *= 2
+    ksplit = max(1, min(int(ksplit), math.ceil(N / bk1)))
+    return {
+        "use_dot": bool(use_dot), "block_t": bt, "block_r1": br1, "block_k1": bk1, "ksplit": ksplit,
+        "block_m2": bm2, "block_r2": br2, "num_warps": int(c["num_warps"]),
+        "num_stages": int(c["num_stages"]), "sync": c["sync"], "early_u": bool(c["early_u"]),
+        "max_programs": c["max_programs"],
+    }
+
+
+def _launch_fused(
+    x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None, y2: Tensor, cfg: dict | None
+) -> None:
+    T, N = x2.shape
+    M, R = U.shape
+    interp = _interpreting() or x2.device.type != "cuda"
+    nsm = 1 if interp else _num_sms(x2.device)
+    p = _fused_params(T, N, M, R, cfg or {}, 132 if interp else nsm)
+    ks = p["ksplit"]
+    ws = torch.empty(ks * T * R, dtype=torch.float32, device=x2.device)
+    n_tb = math.ceil(T / p["block_t"])
+    items1 = n_tb * math.ceil(R / p["block_r1"]) * ks
+    items2 = n_tb * math.ceil(M / p["block_m2"])
+    va, ua = _pow2_align(V.stride(0), 8), _pow2_align(U.stride(0), 8)
+    meta = dict(
+        HAS_BIAS=bias is not None, USE_DOT=p["use_dot"], KSPLIT=ks, BLOCK_T=p["block_t"],
+        BLOCK_R1=p["block_r1"], BLOCK_K1=p["block_k1"], BLOCK_M2=p["block_m2"], BLOCK_R2=p["block_r2"],
+        V_ALIGN=va, U_ALIGN=ua, INPUT_PRECISION=_input_precision(x2.dtype), EARLY_U=p["early_u"],
+        num_warps=p["num_warps"], num_stages=p["num_stages"],
+    )
+    cap = p["max_programs"] or (1 << 30)
+    b = bias if bias is not None else y2  # never read when HAS_BIAS is False
+    args = (x2, V, U, b, y2, ws)
+    tail = (T, N, R, M, x2.stride(0), V.stride(0) // va, U.stride(0) // ua, y2.stride(0))
+    if p["sync"] == "barrier":
+        # Persistent grid: at most one program per SM so every program is resident and the
+        # grid barrier cannot deadlock.  The interpreter runs programs one after another, so
+        # it gets exactly one program.
+        nprog = 1 if interp else max(1, min(nsm, cap, max(items1, items2)))
+        cnt = _barrier_counter(x2.device)
+        _lowrank_matmul_fused_kernel[(nprog,)](*args, cnt, *tail, PHASE=0, **meta)
+    elif p["sync"] == "two_launch":
+        cnt = ws  # unused by PHASE 1/2
+        _lowrank_matmul_fused_kernel[(max(1, min(cap, items1)),)](*args, cnt, *tail, PHASE=1, **meta)
+        _lowrank_matmul_fused_kernel[(max(1, min(cap, items2)),)](*args, cnt, *tail, PHASE=2, **meta)
+    elif p["sync"] == "local":
+        nprog = max(1, min(cap, items2))
+        ws = torch.empty(nprog * ks * T * R, dtype=torch.float32, device=x2.device)
+        _lowrank_matmul_fused_kernel[(nprog,)](x2, V, U, b, y2, ws, ws, *tail, PHASE=3, **meta)
+    else:
+        raise ValueError(f"unknown fused sync mode {p['sync']!r}")
+
+
+GEMM_DEFAULTS: dict[str, Any] = {
+    "block_m": 128, "block_n": 128, "block_k": 64, "group_m": 8, "split_k": 1,
+    "num_warps": 8, "num_stages": 3,
+}
+
+
+def _launch_gemm(a: Tensor, b: Tensor, bias: Tensor | None, c: Tensor, cfg: dict | None) -> None:
+    """c = a @ b.T (+ bias) with the Triton NT kernel; split_k > 1 needs a zeroed fp32 ``c``."""
+    M, K = a.shape
+    N = b.shape[0]
+    p = dict(GEMM_DEFAULTS)
+    p.update(cfg or {})
+    bm = max(16, min(_next_pow2(p["block_m"]), _next_pow2(M)))
+    bn = max(16, min(_next_pow2(p["block_n"]), _next_pow2(N)))
+    bk = max(16, min(_next_pow2(p["block_k"]), _next_pow2(K)))
+    split_k = max(1, min(int(p["split_k"]), math.ceil(K / bk)))
+    if split_k > 1 and (c.dtype != torch.float32 or bias is not None):
+        raise ValueError("split_k > 1 accumulates atomically into a zeroed fp32 output without bias")
+    aa, ba = _pow2_align(a.stride(0), 8), _pow2_align(b.stride(0), 8)
+    grid = (math.ceil(M / bm) * math.ceil(N / bn), split_k)
+    _lowrank_matmul_gemm_kernel[grid](
+        a, b, bias if bias is not None else c, c, M, N, K,
+        a.stride(0) // aa, b.stride(0) // ba, c.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=int(p["group_m"]), A_ALIGN=aa, B_ALIGN=ba, INPUT_PRECISION=_input_precision(b.dtype),
+        num_warps=int(p["num_warps"]), num_stages=int(p["num_stages"]),
+    )
+
+
+def _run_two_gemm(
+    x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None, y2: Tensor, cfg: dict | None
+) -> None:
+    """t = x V^T, then y = t U^T + b.  Each GEMM is cuBLAS ("cublas") or Triton (a config dict)."""
+    cfg = cfg or {}
+    g1 = cfg.get("gemm1", "cublas")
+    g2 = cfg.get("gemm2", "cublas")
+    T = x2.shape[0]
+    R = V.shape[0]
+    if cfg.get("pad_u") and U.stride(0) % 8 != 0:
+        # Ranks like 1492 give U rows that are not 16-byte aligned, which sends cuBLAS to slow
+        # kernels (measured 2-3x).  For large T it pays to copy U once per call into a
+        # zero-padded, aligned buffer and let cuBLAS write t with the same padded stride;
+        # the zero pad columns of t and U contribute nothing.  Better: pad the rank once at
+        # load time (``pad_rank``) and no copy is needed at all.
+        r_pad = -(-R // 8) * 8
+        u_pad = U.new_zeros((U.shape[0], r_pad))
+        u_pad[:, :R].copy_(U)
+        t_pad = x2.new_empty((T, r_pad))
+        t_pad[:, R:].zero_()
+        torch.mm(x2, V.t(), out=t_pad[:, :R])
+        if bias is not None:
+            torch.addmm(bias, t_pad, u_pad.t(), out=y2)
+        else:
+            torch.mm(t_pad, u_pad.t(), out=y2)
+        return
+    if g1 == "cublas":
+        t = torch.mm(x2, V.t())
+    else:
+        split_k = int(g1.get("split_k", 1))
+        # Pad t's row stride to 16 elements so the second GEMM's A rows stay 16-byte aligned
+        # even for ranks like 1492; the pad columns are never read.
+        r_pad = -(-R // 16) * 16
+        if split_k > 1:
+            t = torch.zeros((T, r_pad), dtype=torch.float32, device=x2.device)[:, :R]
+        else:
+            t = torch.empty((T, r_pad), dtype=x2.dtype, device=x2.device)[:, :R]
+        _launch_gemm(x2, V, None, t, g1)
+    if g2 == "cublas":
+        if t.dtype != x2.dtype:
+            t = t.to(x2.dtype)
+        if bias is not None:
+            torch.addmm(bias, t, U.t(), out=y2)
+        else:
+            torch.mm(t, U.t(), out=y2)
+    else:
+        _launch_gemm(t, U, bias, y2, g2)
+
+
+def pad_rank(U: Tensor, V: Tensor, multiple: int = 8) -> tuple[Tensor, Tensor]:
+    """Zero-pad the rank of a factor pair to a multiple of ``multiple`` (same function).
+
+    ``U [out, r] -> [out, r']`` with zero columns and ``V [r, in] -> [r', in]`` with zero rows,
+    ``r' = roundup(r, multiple)``; ``U' V' == U V`` exactly.  Do this once at load time for
+    ranks such as 1492: every GEMM (t = x V'^T and y = t U'^T) then has 16-byte aligned rows
+    and cuBLAS takes its fast kernels.  H100 bf16, 4096->11008, T=1024: r=1492 took 256 us
+    through torch's two GEMMs vs 72 us at r=1472 (see bench/results/lowrank_h100.json).
+    """
+    r = U.shape[1]
+    if U.shape[1] != V.shape[0]:
+        raise ValueError(f"rank mismatch: U is {tuple(U.shape)} but V is {tuple(V.shape)}")
+    rp = -(-r // multiple) * multiple
+    if rp == r and U.stride(0) % multiple == 0:
+        return U, V
+    U2 = U.new_zeros((U.shape[0], rp))
+    U2[:, :r].copy_(U)
+    V2 = V.new_zeros((rp, V.shape[1]))
+    V2[:r].copy_(V)
+    return U2, V2
+
+
+def _ext_gemv():
+    """The optional CUDA batch-1 GEMV from csrc/ (kernels._ext.lowrank_gemv), or None."""
+    try:
+        from kernels import _ext  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - any import failure just means "not available"
+        return None
+    return getattr(_ext, "lowrank_gemv", None)
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatch: tuned table (JSON) -> in-process autotune (opt-in) -> heuristics
+# ----------------------------------------------------------------------------------------
+CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "h100_lowrank_matmul.json"
+T_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+_TABLE: dict | None = None
+_CHOICE_CACHE: dict[tuple, tuple[str, dict]] = {}
+_DEFAULT_BACKEND = os.environ.get("LOWRANK_MATMUL_BACKEND", "auto")
+
+
+def set_default_backend(backend: str) -> None:
+    """Process-wide backend for ``lowrank_matmul`` calls that do not pass ``backend=``."""
+    global _DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _DEFAULT_BACKEND = backend
+
+
+def config_key(n: int, m: int, r: int) -> str:
+    """Key of a layer shape in the tuned table: in_features x out_features, rank."""
+    return f"{n}x{m}r{r}"
+
+
+def _load_table() -> dict:
+    global _TABLE
+    if _TABLE is None:
+        try:
+            _TABLE = json.loads(CONFIG_PATH.read_text())
+        except (OSError, ValueError):
+            _TABLE = {}
+    return _TABLE
+
+
+def _bucket(T: int, available: list[int]) -> int:
+    # Nearest tuned T in log space: latency regimes change by factors, not by offsets.
+    lt = math.log2(max(T, 1))
+    return min(available, key=lambda b: (abs(math.log2(b) - lt), b))
+
+
+def _gemv_cfg(br1: int, bk1: int, bm2: int, br2: int, warps: int) -> dict[str, Any]:
+    return {"use_dot": False, "block_r1": br1, "block_k1": bk1, "block_m2": bm2, "block_r2": br2,
+            "num_warps": warps}
+
+
+def fused_candidates(T: int) -> list[dict[str, Any]]:
+    """Small per-regime list of fused configs (used by the tuner and by opt-in autotuning).
+
+    Chosen from ptxas reports (no spills at these tile sizes) and the first H100 sweep: the
+    FMA (GEMV) variants keep one ~16-32 KB weight tile per program in flight; the tl.dot
+    variants rely on Triton's cp.async pipeline instead of register double-buffers.
+    """
+    if T == 1:
+        return [
+            _gemv_cfg(4, 2048, 16, 512, 8),
+            dict(_gemv_cfg(8, 2048, 16, 1024, 16), early_u=True),
+            _gemv_cfg(8, 2048, 16, 1024, 8),
+            dict(_gemv_cfg(2, 4096, 8, 1024, 4), sync="two_launch"),
+            dict(_gemv_cfg(4, 2048, 16, 512, 8), sync="two_launch"),
+        ]
+    if T <= 8:
+        return [
+            dict(_gemv_cfg(8, 1024, 16, 512, 8), block_t_fma=_next_pow2(T)),
+            dict(_gemv_cfg(8, 1024, 16, 512, 8), block_t_fma=_next_pow2(T), sync="two_launch"),
+        ]
+    bt = 16 if T <= 16 else 64
+    return [
+        {"use_dot": True, "block_t": bt, "block_r1": 32 if bt == 16 else 16, "block_k1": 256, "block_m2": 64,
+         "block_r2": 128, "num_warps": 4, "num_stages": 3},
+        {"use_dot": True, "block_t": bt, "block_r1": 32 if bt == 16 else 16, "block_k1": 256, "block_m2": 64,
+         "block_r2": 128, "num_warps": 4, "num_stages": 3, "sync": "two_launch"},
+    ]
+
+
+def gemm_candidates(T: int, which: int) -> list[dict[str, Any]]:
+    """Triton NT-GEMM configs for the first (which=1: t = x V^T) or second GEMM."""
+    if T <= 64:
+        base = [
+            {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4},
+            {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3},
+        ]
+        if which == 1:
+            base += [dict(c, split_k=4) for c in base]
+        return base
+    if T <= 512:
+        base = [
+            {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 4},
+            {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 4},
+        ]
+        if which == 1:
+            base += [dict(base[0], split_k=4)]
+        return base
+    return [
+        {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},
+        {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    ]
+
+
+def _default_choice(T: int, N: int, M: int, R: int) -> tuple[str, dict]:
+    aligned = R % 8 == 0 and N % 8 == 0 and M % 8 == 0
+    # H100 sweeps: the fused GEMV wins at T=1; for 2 <= T <= 256 cuBLAS' two GEMMs were as fast
+    # as any fused or Triton variant; for misaligned ranks and T >= 256 padding U per call
+    # (one copy of U) beats running cuBLAS or Triton on 2/4/8-byte aligned rows.
+    if T == 1:
+        return "triton_fused", fused_candidates(T)[0]
+    if aligned or T < 256:
+        return "two_gemm", {"gemm1": "cublas", "gemm2": "cublas"}
+    return "two_gemm", {"gemm1": "cublas", "gemm2": "cublas", "pad_u": True}
+
+
+def _autotune(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str, dict]:
+    """Opt-in (LOWRANK_MATMUL_AUTOTUNE=1) first-call timing of the candidate lists."""
+    T = x2.shape[0]
+    cands: list[tuple[str, dict]] = []
+    if T <= 64:
+        cands += [("triton_fused", c) for c in fused_candidates(T)]
+    cands.append(("two_gemm", {"gemm1": "cublas", "gemm2": "cublas"}))
+    cands += [("two_gemm", {"gemm1": c1, "gemm2": c2})
+              for c1 in gemm_candidates(T, 1)[:2] for c2 in gemm_candidates(T, 2)[:1]]
+    y2 = torch.empty((T, U.shape[0]), dtype=x2.dtype, device=x2.device)
+    best, best_ms = cands[0], float("inf")
+    for backend, cfg in cands:
+        try:
+            fn = lambda: _run(backend, cfg, x2, U, V, bias, y2)  # noqa: B023 - used immediately
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / 10
+        except Exception:  # noqa: BLE001 - a config that fails to compile is just skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = (backend, cfg), ms
+    return best
+
+
+def _select(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str, dict]:
+    T, N = x2.shape
+    M, R = U.shape
+    key = (N, M, R, T if T <= 16 else _bucket(T, list(T_BUCKETS)), x2.device.index)
+    hit = _CHOICE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    choice = None
+    table = _load_table()
+    entries = table.get("entries", {})
+    entry = entries.get(config_key(N, M, R))
+    if entry is None and R % 8 == 0 and U.stride(0) % 8 == 0:
+        # Untuned aligned rank of a tuned layer shape: borrow the nearest tuned aligned rank.
+        # Misaligned ranks never borrow: their speed depends on the exact alignment (8-, 4- or
+        # 2-byte rows), so they get the measured-safe defaults instead.
+        same = [int(k.split("r")[1]) for k in entries if k.startswith(f"{N}x{M}r")]
+        same = [r for r in same if r % 8 == 0]
+        if same:
+            entry = entries[config_key(N, M, min(same, key=lambda r: (abs(r - R), r)))]
+    match = table.get("gpu_match", "H100")
+    if entry and match.lower() in torch.cuda.get_device_name(x2.device).lower():
+        b = _bucket(T, [int(k) for k in entry])
+        choice = (entry[str(b)]["backend"], entry[str(b)].get("config", {}))
+    if choice is None and os.environ.get("LOWRANK_MATMUL_AUTOTUNE", "0") == "1" \
+            and not torch.cuda.is_current_stream_capturing():
+        choice = _autotune(x2, U, V, bias)
+    if choice is None:
+        choice = _default_choice(T, N, M, R)
+    if choice[0] == "ext_gemv" and _ext_gemv() is None:
+        choice = _default_choice(T, N, M, R)
+    _CHOICE_CACHE[key] = choice
+    return choice
+
+
+def _run(backend: str, cfg: dict | None, x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None,
+         y2: Tensor) -> None:
+    if backend == "triton_fused":
+        _launch_fused(x2, U, V, bias, y2, cfg)
+    elif backend == "two_gemm":
+        _run_two_gemm(x2, U, V, bias, y2, cfg)
+    elif backend == "cublas":
+        _run_two_gemm(x2, U, V, bias, y2, {"gemm1": "cublas", "gemm2": "cublas"})
+    elif backend == "triton_gemm":
+        T = x2.shape[0]
+        cfg = cfg or {}
+        _run_two_gemm(x2, U, V, bias, y2, {"gemm1": cfg.get("gemm1", gemm_candidates(T, 1)[0]),
+                                           "gemm2": cfg.get("gemm2", gemm_candidates(T, 2)[0])})
+    elif backend == "ext_gemv":
+        y2.copy_(_ext_gemv()(x2, U, V, bias))
+    elif backend == "torch":
+        y2.copy_(F.linear(F.linear(x2, V), U, bias))
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_inputs(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> None:
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features]")
+    if U.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"U and V must be 2-D, got U.dim()={U.dim()}, V.dim()={V.dim()}")
+    if x.shape[-1] != V.shape[1]:
+        raise ValueError(f"last dim of x ({x.shape[-1]}) != in_features of V ({V.shape[1]})")
+    if U.shape[1] != V.shape[0]:
+        raise ValueError(f"rank mismatch: U is {tuple(U.shape)} but V is {tuple(V.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != U.shape[0]):
+        raise ValueError(f"bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}")
+    dtypes = {x.dtype, U.dtype, V.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"dtype mismatch (no implicit upcast): x={x.dtype}, U={U.dtype}, V={V.dtype}"
+            + (f", bias={bias.dtype}" if bias is not None else "")
+        )
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"floating-point inputs required, got {x.dtype}")
+    devices = {x.device, U.device, V.device} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"device mismatch: x={x.device}, U={U.device}, V={V.device}"
+                         + (f", bias={bias.device}" if bias is not None else ""))
+
+
+def lowrank_matmul_launch(
+    x: Tensor,
+    U: Tensor,
+    V: Tensor,
+    bias: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    config: dict | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Forward only, no autograd: ``x @ V.T @ U.T + bias`` written into ``out`` (or a new tensor).
+
+    ``backend``: "auto" (tuned dispatch on CUDA, torch on CPU), "triton_fused", "two_gemm"
+    (``config={"gemm1": "cublas" | {triton cfg}, "gemm2": ...}``), "cublas", "triton_gemm",
+    "torch", "ext_gemv".  Triton backends on CPU tensors need ``TRITON_INTERPRET=1``.
+    ``config`` overrides the tuned block configuration of the chosen backend.
+    """
+    _check_inputs(x, U, V, bias)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    N = x.shape[-1]
+    M = U.shape[0]
+    lead = x.shape[:-1]
+    if out is not None:
+        if out.shape != (*lead, M) or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(f"out must be {(*lead, M)} {x.dtype} on {x.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        y = out
+    else:
+        y = torch.empty((*lead, M), dtype=x.dtype, device=x.device)
+    T = math.prod(lead)
+    if T == 0:
+        return y
+    x2 = x.reshape(T, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    # Kernels assume unit stride along the reduction dim; weights are contiguous in practice.
+    U = U if U.stride(-1) == 1 else U.contiguous()
+    V = V if V.stride(-1) == 1 else V.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    y2 = y.view(T, M)
+    triton_ok = _HAS_TRITON and x.dtype in _TRITON_DTYPES and (x.is_cuda or _interpreting())
+    if backend == "auto":
+        if not (x.is_cuda and triton_ok):
+            backend, config = ("cublas" if x.is_cuda else "torch"), None
+        else:
+            backend, tuned = _select(x2, U, V, bias)
+            config = config if config is not None else tuned
+    elif backend in ("triton_fused", "triton_gemm") or (
+        backend == "two_gemm" and isinstance(config, dict)
+        and any(isinstance(config.get(k), dict) for k in ("gemm1", "gemm2"))
+    ):
+        if not triton_ok:
+            raise RuntimeError(
+                f"backend {backend!r} needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU) "
+                f"with dtype in {_TRITON_DTYPES}; got {x.dtype} on {x.device}"
+            )
+    elif backend == "ext_gemv" and _ext_gemv() is None:
+        raise RuntimeError("kernels._ext.lowrank_gemv is not available")
+    _run(backend, config, x2, U, V, bias, y2)
+    return y
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library custom op: autograd, torch.compile(fullgraph=True), CUDA graphs
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("lowrank::lowrank_matmul", mutates_args=())
+def _lowrank_matmul_op(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    return lowrank_matmul_launch(x, U, V, bias, backend=backend)
+
+
+@_lowrank_matmul_op.register_fake
+def _lowrank_matmul_fake(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    _check_inputs(x, U, V, bias)
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+def _lowrank_matmul_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, U, V, bias, _ = inputs
+    ctx.save_for_backward(x, U, V)
+    ctx.has_bias = bias is not None
+
+
+def _lowrank_matmul_backward(ctx: Any, grad: Tensor) -> tuple:
+    x, U, V = ctx.saved_tensors
+    need_x, need_u, need_v, need_b = ctx.needs_input_grad[:4]
+    M, R = U.shape
+    N = V.shape[1]
+    g2 = grad.reshape(-1, M)
+    x2 = x.reshape(-1, N)
+    gx = gU = gV = gb = None
+    # Matmuls in the input dtype accumulate in fp32 inside cuBLAS/oneDNN; the bias sum is
+    # done in fp32 explicitly because it reduces over all T rows.
+    if need_x or need_v:
+        gt = g2 @ U  # [T, r]: dL/dt
+        if need_x:
+            gx = (gt @ V).reshape(x.shape)
+        if need_v:
+            gV = gt.t() @ x2
+    if need_u:
+        gU = g2.t() @ (x2 @ V.t())
+    if need_b and ctx.has_bias:
+        gb = g2.sum(0, dtype=torch.float32).to(grad.dtype)
+    return gx, gU, gV, gb, None
+
+
+_lowrank_matmul_op.register_autograd(_lowrank_matmul_backward, setup_context=_lowrank_matmul_setup_context)
+
+
+def lowrank_matmul(
+    x: Tensor,
+    U: Tensor,
+    V: Tensor,
+    bias: Tensor | None = None,
+    *,
+    backend: str | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``y = x @ V.T @ U.T + bias`` for ``x [..., in]``, ``V [r, in]``, ``U [out, r]``, ``bias [out]``.
+
+    Differentiable (grads for x, U, V, bias) and traceable by ``torch.compile(fullgraph=True)``
+    through the ``lowrank::lowrank_matmul`` custom op.  ``out=`` (inference only) writes into
+    a preallocated contiguous buffer.  Raises ``ValueError`` on shape/dtype/device mismatch.
+    """
+    backend = backend or _DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_inputs(x, U, V, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or U.requires_grad or V.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if out is not None:
+        if needs_grad:
+            raise ValueError("out= is inference-only; it does not support autograd")
+        return lowrank_matmul_launch(x, U, V, bias, backend=backend, out=out)
+    if needs_grad or torch.compiler.is_compiling():
+        return torch.ops.lowrank.lowrank_matmul(x, U, V, bias, backend)
+    # Plain inference: skip the dispatcher round trip (tens of microseconds at decode).
+    return lowrank_matmul_launch(x, U, V, bias, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------
+def lowrank_matmul_ref(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Unfused torch reference: ``F.linear(F.linear(x, V), U, bias)``."""
+    return F.linear(F.linear(x, V), U, bias)
