@@ -278,7 +278,7 @@ def run_materialize(argv: list[str]) -> int:
     t0 = time.perf_counter()
     plan.materialize_(model, size, **kwargs)
     seconds = time.perf_counter() - t0
-    report = size_report(model)
+    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
     print(report.summary())
     print(f"selected and materialized in {seconds:.3f} s")
     save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size,
@@ -350,7 +350,7 @@ def run_curve(argv: list[str]) -> int:
         t0 = time.perf_counter()
         with temporarily_materialized(model, plan, size, **kwargs):
             seconds = time.perf_counter() - t0
-            report = size_report(model)
+            report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
             ppl = perplexity_of_ids(model, chunks, batch_size=args.eval_batch_size, progress=False)
         rows.append({"requested_size": size, "size": round(report.target_fraction, 6),
                      "rank_multiple": args.rank_multiple, "perplexity": ppl, "params": report.target_params,

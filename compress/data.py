@@ -44,7 +44,8 @@ def _hub_text(spec: str, part: str) -> str:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # offline, unknown name...: one line for the user
-        raise UserError(f"could not load hub dataset {name!r} ({type(exc).__name__}); pass a local --data file") from exc
+        reason = type(exc).__name__
+        raise UserError(f"could not load hub dataset {name!r} ({reason}); pass a local --data file") from exc
     if "text" not in ds.column_names:
         raise UserError(f"hub dataset {name!r} has no 'text' column (columns: {ds.column_names})")
     return "\n\n".join(ds["text"])

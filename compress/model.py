@@ -131,8 +131,9 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode. `source`: HF directory, hub id, .gguf file, or None for the default."""
-    import lowrank  # noqa: F401  (registers the compressed-checkpoint format with transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lowrank  # noqa: F401  (registers the compressed-checkpoint format with transformers)
 
     name, extra = _resolve_source(source)
     torch_dtype = resolve_dtype(dtype, device)

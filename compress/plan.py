@@ -60,8 +60,13 @@ def ranks_for_size(
         ranks = {}
         for name, lf in layers.items():
             out_f, in_f = lf.shape
+            limit = min(out_f, in_f, lf.U.shape[1])
+            if size >= 1.0:
+                # The whole budget of the layer: keep it exact (materialize_ stores it dense).
+                ranks[name] = limit
+                continue
             raw = int(size * out_f * in_f / (out_f + in_f))
-            ranks[name] = aligned_rank(max(raw, 1), rank_multiple, min(out_f, in_f, lf.U.shape[1]))
+            ranks[name] = aligned_rank(max(raw, 1), rank_multiple, limit)
         return ranks
     if allocation != "global":
         raise ValueError(f"unknown allocation {allocation!r}")

@@ -96,7 +96,6 @@ def _register_with_transformers() -> type | None:
         from transformers.quantizers import HfQuantizer
         from transformers.quantizers.auto import (
             AUTO_QUANTIZATION_CONFIG_MAPPING,
-            AUTO_QUANTIZER_MAPPING,
             register_quantization_config,
             register_quantizer,
         )

@@ -101,16 +101,22 @@ class GraphedDecoder:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         import time
 
-        t0 = time.perf_counter()
         positions = torch.arange(prompt_len, device=self.device)
+        if self.use_cuda_graph and max_new_tokens > 1 and batch_size not in self._graphs:
+            # Capture needs an initialised cache (a prefill), and its warm-up steps advance the
+            # cache's own write counters (newer transformers track the fill level on the
+            # device). So: prefill, capture, then reset and prefill again for real. The reset
+            # works in place, so the graph keeps pointing at the same buffers.
+            self._forward(input_ids, positions, cache)
+            self._graphs[batch_size] = self._capture(batch_size, cache)
+            cache.reset()
+        t0 = time.perf_counter()
         token = self._forward(input_ids, positions, cache).argmax(dim=-1, keepdim=True)
         sync()
         t1 = time.perf_counter()
         out = torch.empty(batch_size, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0:1] = token
         if self.use_cuda_graph and max_new_tokens > 1:
-            if batch_size not in self._graphs:
-                self._graphs[batch_size] = self._capture(batch_size, cache)
             graph, token_buf, pos_buf, next_buf, _ = self._graphs[batch_size]
             t1_graph = time.perf_counter()
             for step in range(1, max_new_tokens):

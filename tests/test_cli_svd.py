@@ -176,3 +176,16 @@ def test_cli_help_documents_options():
     assert result.returncode == 0
     for option in ("--model", "--method", "--size", "--out", "--data", "--rank-multiple", "svd-plain"):
         assert option in result.stdout
+
+
+def test_uniform_plan_at_full_size_is_the_dense_model(random_tokens):
+    from compress.methods.svd import SVDConfig, score_svd
+
+    model = make_tiny_llama()
+    x = random_tokens(batch=2, seq=16)
+    with torch.no_grad():
+        before = model(x).logits
+    plan = score_svd(model, random_tokens(batch=4, seq=32), SVDConfig(progress=False))
+    plan.materialize_(model, 1.0)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
