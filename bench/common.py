@@ -158,3 +158,17 @@ def cuda_graph_median(fn: Callable[[], Any], iters: int = 20, reps: int = 15) ->
         times.append(start.elapsed_time(end) / iters)
     times.sort()
     return times[len(times) // 2]
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> int:
+    """Peak allocator memory (bytes) that one call of ``fn`` adds beyond what is already allocated."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return int(peak)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS_DIR, do_bench_median, env_info, gpu_slug, write_result
+from bench.common import RESULTS_DIR, do_bench_median, env_info, gpu_slug, peak_extra_bytes, write_result
 from kernels.gram import GramConfig, default_config, gram_accumulate, gram_accumulate_batched
 
 D_VALUES = (576, 1536, 4096, 11008)
@@ -58,15 +58,6 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
-def _peak_extra_bytes(fn) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return int(peak)
 
 
 def tune_candidates(d: int) -> list[GramConfig]:
@@ -130,7 +121,7 @@ def bench_d(d: int, n: int, peak_tflops: float, copy_tbps: float, tune: bool) ->
             sym = bool(torch.equal(out, out.T))
             del out
             ms = do_bench_median(fn)
-            mem = _peak_extra_bytes(fn)
+            mem = peak_extra_bytes(fn)
         except Exception as exc:  # a config that fails to compile must not end the sweep
             err = f"{type(exc).__name__}: {str(exc)[:300]}"
             return {"name": name, "error": err, "config": cfg and asdict(cfg)}

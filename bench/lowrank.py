@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import RESULTS_DIR, env_info, gpu_slug, write_result
+from bench.common import RESULTS_DIR, env_info, gpu_slug, peak_extra_bytes, write_result
 
 # (name, in_features n, out_features m)
 SHAPES: list[tuple[str, int, int]] = [
@@ -131,14 +131,7 @@ def time_rotating(calls: list[Callable[[], Any]], min_burst_ms: float = 1.0, rep
 
 def peak_mem_mb(fn: Callable[[], Any]) -> float:
     """Peak extra allocator memory (MB) of one call beyond what is already allocated."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 1e6
+    return peak_extra_bytes(fn) / 1e6
 
 
 class WeightSet:
