@@ -60,7 +60,7 @@ def collect_input_grams(
     grams.shared = {}
     last_input: list[Tensor | None] = [None]
     last_owner: list[str | None] = [None]
-    token_count = [0]
+    tokens = 0
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -81,7 +81,7 @@ def collect_input_grams(
     try:
         for batch in iterate_batches(chunks, batch_size, device, progress=progress, desc="calibrate"):
             model(input_ids=batch)
-            token_count[0] += batch.numel()
+            tokens += batch.numel()
             last_input[0] = None
     finally:
         for handle in handles:
@@ -92,5 +92,5 @@ def collect_input_grams(
     missing = [n for n in names if n not in grams]
     if missing:
         raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
-    grams.tokens = token_count[0]
+    grams.tokens = tokens
     return grams

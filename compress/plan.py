@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from compress.errors import UserError
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import aligned_rank, replace_module_, size_report, target_linears
+from lowrank.surgery import aligned_rank, replace_module_, target_linears
 
 __all__ = ["FactorPlan", "LayerFactors", "ranks_for_size"]
 
@@ -142,13 +142,6 @@ class FactorPlan:
                                                    bias)
                 replace_module_(model, name, layer)
         return ranks
-
-    def size_at(self, model: nn.Module, size: float, rank_multiple: int = 1):
-        """Size report of what materialize_ would produce, without touching the model."""
-        ranks = self.ranks(size, rank_multiple)
-        kept = sum(self.layers[n].params_at_rank(r) for n, r in ranks.items())
-        report = size_report(model)
-        return kept / report.target_dense_params, ranks
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> Path:
