@@ -126,7 +126,11 @@ def main() -> int:
     t_script = time.perf_counter()
     from bench.common import env_info
     from compress.acip.scoremap import ScoreMap, ScoreMapLayer
-    from compress.acip.train import enable_activation_checkpointing, training_step
+    from compress.acip.train import (
+        disable_activation_checkpointing,
+        enable_activation_checkpointing,
+        training_step,
+    )
     from lowrank import size_report
     from lowrank.surgery import replace_module_
 
@@ -189,8 +193,7 @@ def main() -> int:
             print(f"{mode}: out of memory", flush=True)
             continue
         finally:
-            if mode != "none":
-                model.activation_checkpointing_disable()
+            disable_activation_checkpointing(model, mode)
         steps_per_s = len(times) / sum(times)
         median_ms = sorted(times)[len(times) // 2] * 1e3
         run: dict[str, Any] = {"steps_measured": len(times), "steps_per_second": round(steps_per_s, 4),

@@ -1,26 +1,33 @@
-"""ACIP quality on SmolLM2-135M: one scoring run, then perplexity at many sizes vs two baselines.
+"""ACIP quality on SmolLM2-135M: scoring runs (plain and whitened basis), then perplexity at many sizes.
 
-    python -m bench.acip_quality --out $OUT            # GPU: SMOLLM2_GGUF and WIKITEXT2 set
-    python -m bench.acip_quality --out /tmp/q --tiny   # CPU smoke test, random tiny Llama
+    python -m bench.acip_quality --out $OUT --work-dir /tmp/acipq   # GPU: SMOLLM2_GGUF and WIKITEXT2 set
+    python -m bench.acip_quality --out /tmp/q --tiny                 # CPU smoke test, random tiny Llama
 
 Model: `compress.model.load_model` (env SMOLLM2_GGUF), bf16 on CUDA. Data: $WIKITEXT2/valid.txt
 for calibration (1024-token windows at stride 512), $WIKITEXT2/test.txt for evaluation
 (non-overlapping 1024-token chunks, all of them).
 
-It runs ONE ACIP scoring run and evaluates, at sizes 1.0 … 0.4:
+For each basis in `--basis` (default ``plain,whitened``) it runs one ACIP scoring run and
+evaluates, at sizes 1.0 … 0.4, the variants in `--variants`:
 
 - acip            (paper's materialization: kept triplets + folded LoRA, no reset)
 - acip+reset      (paper's reset rule, appendix D.3)
 - acip+rm32       (ranks rounded to multiples of 32)
-- svd-magnitude   (the same SVD factors ranked by singular value, no LoRA)
-- svd             (the toolkit's whitened SVD, uniform ranks)
+- svd-magnitude   (the same factors ranked by singular value, no LoRA: in the whitened basis this
+                   is SVD-LLM's truncation with a global rank allocation)
 
-Budget: the whole script must end within `--budget-s` (default 385 s, under 7 minutes). The
-paper's schedule (lr 5e-5, λ·1.01 every 4 steps, 1000 post-tune steps) takes thousands of
-steps; `--time-scale S` (default 4) runs it S times faster: lr·S, λ·1.01 every max(1, 4/S)
-steps (λ grows (4/S')× faster per step) and 1000/S post-tune steps. Training stops early at
-a deadline computed from the measured cost of evaluation, so the script always finishes;
-sizes below what the score map then covers are reported as null.
+plus once, as the baseline, `svd` (the toolkit's whitened SVD, uniform ranks). Each basis
+writes ``acip_quality_<basis>.json`` under --out (the svd baseline and dense perplexity included).
+
+Schedule: the paper's (lr 5e-5, λ from 1e-3 ×1.01 every 4 steps, 1000 post-tune steps, batch
+4 × 1024) by default; `--time-scale S` runs it S times faster (lr·S, λ·1.01 every max(1, 4/S)
+steps, 1000/S post-tune steps). Training steps replay CUDA graphs (`--eager` to turn that off).
+
+Time limit: the script keeps to `--budget-s`. With `--work-dir` every finished piece (svd
+baseline, each basis's results) and the running ACIP checkpoint live there: when the budget runs
+out during training the run is checkpointed and the script exits with status 3; running the same
+command again (same work dir, e.g. on a still-warm machine) resumes where it stopped. Without a
+work dir, training is cut short instead and sizes below what the score map then covers are null.
 """
 
 from __future__ import annotations
@@ -35,26 +42,37 @@ from typing import Any
 import torch
 
 SIZES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+VARIANTS = ("acip", "acip+reset", "acip+rm32", "svd-magnitude")
+PAUSED_EXIT = 3
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.acip_quality", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="directory for acip_quality.json (and the score map)")
+    p.add_argument("--out", required=True, help="directory for acip_quality_<basis>.json")
+    p.add_argument("--work-dir", default=None,
+                   help="directory for checkpoints and finished pieces; makes the run resumable across calls")
     p.add_argument("--tiny", action="store_true", help="random tiny Llama on random tokens (CPU smoke test)")
-    p.add_argument("--budget-s", type=float, default=385.0,
-                   help="wall-clock budget of the whole script, imports aside (default 385 s: 7 min, margin)")
-    p.add_argument("--time-scale", type=float, default=4.0, help="run the paper's schedule this much faster")
+    p.add_argument("--budget-s", type=float, default=560.0,
+                   help="wall-clock budget of this invocation, imports aside (default 560 s)")
+    p.add_argument("--basis", default="plain,whitened", help="comma list of ACIP bases to score (plain, whitened)")
+    p.add_argument("--variants", default="acip,acip+reset,svd-magnitude",
+                   help=f"comma list of score-map variants to evaluate, from {','.join(VARIANTS)}")
+    p.add_argument("--no-svd-baseline", action="store_true", help="skip the whitened-svd baseline")
+    p.add_argument("--time-scale", type=float, default=1.0, help="run the paper's schedule this much faster")
     p.add_argument("--stop-ratio", type=float, default=0.4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--whiten-samples", type=int, default=128,
+                   help="calibration windows (evenly spaced) for the whitened basis' Grams")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512, help="stride of the calibration windows")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-chunks", type=int, default=None, help="cap on evaluation chunks (default: all)")
-    p.add_argument("--svd-calib-samples", type=int, default=64,
-                   help="calibration windows for the svd baseline")
+    p.add_argument("--svd-calib-samples", type=int, default=64, help="calibration windows for the svd baseline")
     p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
-    p.add_argument("--save-score-map", action="store_true", help="also write the score map under --out")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for the training steps")
+    p.add_argument("--graph-check", action="store_true",
+                   help="first compare a few eager and CUDA-graph steps (dropout off) and report the difference")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -101,20 +119,80 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _acip_config(args: argparse.Namespace, basis: str, device: str, **overrides: Any):
+    from compress.acip import ACIPConfig
+
+    scale = max(args.time_scale, 1e-6)
+    base = dict(
+        stop_ratio=args.stop_ratio,
+        lr=5e-5 * scale,
+        reg_update_every=max(1, round(4 / scale)),
+        # Where S > 4 the per-step growth is raised too, so λ keeps pace with the faster masks.
+        reg_update_factor=1.01 ** max(1.0, scale / 4),
+        post_tune_steps=max(1, round(1000 / scale)),
+        batch_size=args.batch_size,
+        lora_rank=args.lora_rank,
+        basis=basis,
+        whiten_samples=args.whiten_samples,
+        activation_checkpointing=args.activation_checkpointing,
+        cuda_graphs=device == "cuda" and not args.eager,
+        seed=args.seed,
+        progress=False,  # one line per 100 steps instead (below): the log stays readable
+    )
+    base.update(overrides)
+    return ACIPConfig(**base)
+
+
+def _graph_check(model, calib: torch.Tensor, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """A few steps eagerly and with CUDA graphs (dropout off, so only rounding may differ)."""
+    from compress.acip import run_acip
+
+    if device != "cuda":
+        return {"skipped": "no CUDA"}
+    out: dict[str, Any] = {}
+    for mode in ("eager", "cuda_graph"):
+        losses: list[float] = []
+        config = _acip_config(args, "plain", device, lr=1e-3, reg_start=1e-2, reg_update_every=1,
+                              reg_update_factor=1.2, lora_dropout=0.0, post_tune_steps=4, max_steps=16,
+                              cuda_graphs=mode == "cuda_graph")
+        t0 = time.perf_counter()
+        sm = run_acip(model, calib[:64], config, callback=lambda info: losses.append(info["loss"]))  # noqa: B023
+        _sync(device)
+        out[mode] = {"losses": [round(v, 5) for v in losses], "seconds": round(time.perf_counter() - t0, 2),
+                     "step_mode": sm.metadata["step_mode"], "note": sm.metadata.get("step_mode_note"),
+                     "scores": torch.cat([lf.scores for lf in sm.layers.values()])}
+    a, b = out["eager"].pop("scores"), out["cuda_graph"].pop("scores")
+    la, lb = out["eager"]["losses"], out["cuda_graph"]["losses"]
+    out["max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(la, lb, strict=False)) if la and lb else None
+    out["same_pruned_fraction"] = round(float(((a > 0) == (b > 0)).float().mean()), 5)
+    print(f"graph check: eager {out['eager']['seconds']} s vs graph {out['cuda_graph']['seconds']} s "
+          f"({out['cuda_graph']['step_mode']}); max |Δloss| {out['max_abs_loss_diff']}; same masks "
+          f"{out['same_pruned_fraction']:.4f}", flush=True)
+    return out
+
+
 def main() -> int:
     args = _parse()
     if args.tiny:  # the tiny model's context is 512 tokens
         args.seq_len, args.stride = min(args.seq_len, 64), min(args.stride, 32)
     t_script = time.perf_counter()
     from bench.common import env_info
-    from compress.acip import ACIPConfig, run_acip, temporarily_materialized
+    from compress.acip import ACIPPaused, run_acip, temporarily_materialized
     from compress.eval import perplexity_of_ids
     from compress.methods.svd import SVDConfig, score_svd
     from lowrank import size_report
 
+    bases = [b.strip() for b in args.basis.split(",") if b.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS] + [b for b in bases if b not in ("plain", "whitened")]
+    if unknown:
+        raise SystemExit(f"unknown basis/variant: {unknown}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir) if args.work_dir else None
+    if work is not None:
+        _check_work_dir(work, args)
     model, calib, evals, model_name = _load(args, device)
     if args.eval_chunks is not None:
         evals = evals[: args.eval_chunks]
@@ -130,77 +208,12 @@ def main() -> int:
     eval_seconds = time.perf_counter() - t0
     print(f"loaded {model_name} in {load_seconds:.1f} s; dense perplexity {dense_ppl:.3f} "
           f"({evals.shape[0]} chunks, {eval_seconds:.2f} s)", flush=True)
+    graph_check = _graph_check(model, calib, args, device) if args.graph_check else None
 
-    # The svd baseline first: its cost is then known, not a risk to the deadline.
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    pick = torch.randperm(calib.shape[0])[: args.svd_calib_samples].sort().values
-    svd_plan = score_svd(model, calib[pick], SVDConfig(batch_size=args.batch_size, progress=False))
-    svd_seconds = time.perf_counter() - t0
-    print(f"svd baseline scored in {svd_seconds:.1f} s", flush=True)
-
-    variants = ["acip", "acip+reset", "acip+rm32", "svd-magnitude", "svd"]
-    # Time still needed after training: every evaluation (+ materialization), the svd baseline's
-    # calibration pass, and a safety margin for the unexpected.
-    reserve = len(variants) * len(SIZES) * (eval_seconds * 1.15 + 0.5) + 25.0
-    train_deadline = t_script + args.budget_s - reserve
-    scale = max(args.time_scale, 1e-6)
-    config = ACIPConfig(
-        stop_ratio=args.stop_ratio,
-        lr=5e-5 * scale,
-        reg_update_every=max(1, round(4 / scale)),
-        # Where S > 4 the per-step growth is raised too, so λ keeps pace with the faster masks.
-        reg_update_factor=1.01 ** max(1.0, scale / 4),
-        post_tune_steps=max(1, round(1000 / scale)),
-        batch_size=args.batch_size,
-        lora_rank=args.lora_rank,
-        activation_checkpointing=args.activation_checkpointing,
-        seed=args.seed,
-        progress=False,  # one line per 100 steps instead (below): the log stays readable
-    )
-    deadline_hit = {"phase": None}
-
-    def stop_at_deadline(info: dict[str, Any]) -> bool:
-        if info["step"] % 100 == 0 or info["phase"] == "done":
-            print(f"  step {info['step']:5d} {info['phase']:9s} size {info['size']:.3f} "
-                  f"λ {info['lambda']:.2e} loss {info['loss']:.3f} ({info['seconds']:.0f} s)", flush=True)
-        if time.perf_counter() > train_deadline:
-            deadline_hit["phase"] = info["phase"]
-            return True
-        return False
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
-    score_map = run_acip(model, calib, config, callback=stop_at_deadline)
-    _sync(device)
-    scoring_seconds = time.perf_counter() - t0
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    meta = score_map.metadata
-    print(f"ACIP: {meta['steps']} steps ({meta['acip_steps']} pruning, {meta['post_tune_steps']} post-tune) "
-          f"in {meta['train_seconds']:.1f} s = {meta['steps_per_second']:.2f} steps/s; reached size "
-          f"{meta['final_ratio']:.3f} (stop ratio {args.stop_ratio}); deadline hit in: "
-          f"{deadline_hit['phase']}", flush=True)
-    if args.save_score_map:
-        score_map.save(out / "score_map")
-
-    score_map.to(device)  # materialize on the GPU; the svd-magnitude map shares these tensors
-    svd_mag = score_map.singular_value_map()
-
-    plans = {
-        "acip": (score_map, {}),
-        "acip+reset": (score_map, {"reset": True}),
-        "acip+rm32": (score_map, {"rank_multiple": 32}),
-        "svd-magnitude": (svd_mag, {}),
-        "svd": (svd_plan, {}),
-    }
-    results: dict[str, list[dict[str, Any]]] = {}
-    covered_from = score_map.min_size()
-    for name, (plan, kwargs) in plans.items():
+    def evaluate(plan, kwargs: dict[str, Any], covered_from: float = 0.0) -> list[dict[str, Any]]:
         rows = []
         for size in SIZES:
-            if name.startswith("acip") and size < covered_from - 0.005:
+            if size < covered_from - 0.005:
                 rows.append({"size": size, "actual_size": None, "perplexity": None,
                              "note": f"not covered (score map reaches {covered_from:.3f})"})
                 continue
@@ -213,57 +226,177 @@ def main() -> int:
                 value = ppl()
             rows.append({"size": size, "actual_size": round(actual, 5), "perplexity": round(value, 4),
                          "materialize_seconds": round(materialize_s, 4)})
-        results[name] = rows
-        print(f"evaluated {name}", flush=True)
+        return rows
 
-    total = time.perf_counter() - t_script
-    payload = {
-        "bench": "acip_quality",
-        "model": model_name,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "dtype": str(next(model.parameters()).dtype),
-        "calibration": {"windows": int(calib.shape[0]), "seq_len": args.seq_len, "stride": args.stride},
-        "eval": {"chunks": int(evals.shape[0]), "seq_len": int(evals.shape[1]), "dense_perplexity": dense_ppl,
-                 "seconds_per_eval": round(eval_seconds, 3)},
-        "acip": {
-            "time_scale": args.time_scale,
-            "note": "paper schedule run time_scale× faster (lr, λ growth, post-tune steps); see docstring",
-            "config": meta["config"],
-            "steps": meta["steps"], "acip_steps": meta["acip_steps"],
-            "post_tune_steps": meta["post_tune_steps"],
-            "stop_reached": meta["stop_reached"], "final_ratio": meta["final_ratio"],
-            "covered_from": round(covered_from, 5), "deadline_hit_in": deadline_hit["phase"],
-            "train_seconds": meta["train_seconds"], "steps_per_second": meta["steps_per_second"],
-            "scoring_seconds_incl_svd": round(scoring_seconds, 2), "peak_memory_gib": peak_gib,
-            "history": meta["history"],
-        },
-        "svd_baseline_seconds": round(svd_seconds, 2),
-        "results": results,
-        "wall_seconds": round(total, 1),
-        "env": env_info(),
-    }
-    path = out / "acip_quality.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    # The svd baseline first: its cost is then known, not a risk to the deadline.
+    svd_piece = None if args.no_svd_baseline else _cached(work, "svd.json")
+    if not args.no_svd_baseline and svd_piece is None:
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        pick = torch.randperm(calib.shape[0])[: args.svd_calib_samples].sort().values
+        svd_plan = score_svd(model, calib[pick], SVDConfig(batch_size=args.batch_size, progress=False))
+        svd_seconds = time.perf_counter() - t0
+        svd_piece = {"scoring_seconds": round(svd_seconds, 2), "calib_windows": int(pick.numel()),
+                     "results": evaluate(svd_plan, {})}
+        del svd_plan
+        _store(work, "svd.json", svd_piece)
+        print(f"svd baseline scored in {svd_seconds:.1f} s and evaluated", flush=True)
 
-    print(f"\nwrote {path}; wall time {total:.1f} s; ACIP {meta['steps_per_second']:.2f} steps/s"
-          + (f", peak {peak_gib:.2f} GiB" if peak_gib is not None else ""))
-    header = f"{'size':>6} | " + " | ".join(f"{n:>13}" for n in plans)
-    print(f"perplexity (dense {dense_ppl:.3f}); actual size in parentheses where it differs by > 0.005")
+    plans_per_size = len(variants) * len(SIZES)
+    pieces: dict[str, dict[str, Any]] = {}
+    for basis in bases:
+        piece = _cached(work, f"acip_{basis}.json")
+        if piece is None:
+            reserve = plans_per_size * (eval_seconds * 1.15 + 0.5) + 25.0
+            train_deadline = t_script + args.budget_s - reserve
+            ckpt = str(work / f"ckpt_{basis}") if work is not None else None
+            config = _acip_config(args, basis, device, checkpoint_dir=ckpt, resume=work is not None)
+            cut = {"phase": None}
+
+            def at_deadline(info: dict[str, Any], deadline: float = train_deadline, cut: dict = cut,
+                            basis: str = basis) -> Any:
+                if info["step"] % 100 == 0 or info["phase"] == "done":
+                    print(f"  [{basis}] step {info['step']:5d} {info['phase']:9s} size {info['size']:.3f} "
+                          f"λ {info['lambda']:.2e} loss {info['loss']:.3f} ({info['seconds']:.0f} s)", flush=True)
+                if time.perf_counter() > deadline:
+                    cut["phase"] = info["phase"]
+                    return "pause" if work is not None else True
+                return None
+
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                score_map = run_acip(model, calib, config, callback=at_deadline)
+            except ACIPPaused as exc:
+                status = {"status": "paused", "basis": basis, "message": str(exc),
+                          "wall_seconds": round(time.perf_counter() - t_script, 1), "env": env_info()}
+                (out / "acip_quality_status.json").write_text(json.dumps(status, indent=2) + "\n")
+                print(f"PAUSED ({exc}); rerun the same command with --work-dir {work} to resume", flush=True)
+                return PAUSED_EXIT
+            _sync(device)
+            scoring_seconds = time.perf_counter() - t0
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            meta = score_map.metadata
+            print(f"ACIP[{basis}]: {meta['steps']} steps ({meta['acip_steps']} pruning, {meta['post_tune_steps']} "
+                  f"post-tune) in {meta['train_seconds']:.1f} s = {meta['steps_per_second']:.2f} steps/s "
+                  f"({meta['step_mode']}); reached size {meta['final_ratio']:.3f}; cut short in: {cut['phase']}",
+                  flush=True)
+            score_map.to(device)  # materialize on the GPU; the svd-magnitude map shares these tensors
+            covered_from = score_map.min_size()
+            plans = {"acip": (score_map, {}), "acip+reset": (score_map, {"reset": True}),
+                     "acip+rm32": (score_map, {"rank_multiple": 32}),
+                     "svd-magnitude": (score_map.singular_value_map(), {})}
+            results = {}
+            for name in variants:
+                plan, kwargs = plans[name]
+                results[name] = evaluate(plan, kwargs, covered_from if name.startswith("acip") else 0.0)
+                print(f"evaluated {basis}/{name}", flush=True)
+            piece = {
+                "time_scale": args.time_scale,
+                "config": meta["config"],
+                "steps": meta["steps"], "acip_steps": meta["acip_steps"],
+                "post_tune_steps": meta["post_tune_steps"],
+                "stop_reached": meta["stop_reached"], "final_ratio": meta["final_ratio"],
+                "covered_from": round(covered_from, 5), "cut_short_in": cut["phase"],
+                "step_mode": meta["step_mode"], "step_mode_note": meta.get("step_mode_note"),
+                "whitening": meta.get("whitening"),
+                "train_seconds": meta["train_seconds"], "steps_per_second": meta["steps_per_second"],
+                "scoring_seconds_this_call_incl_setup": round(scoring_seconds, 2),
+                "peak_memory_gib_this_call": peak_gib,
+                "history": meta["history"],
+                "results": results,
+            }
+            del score_map, plans
+            _store(work, f"acip_{basis}.json", piece)
+        pieces[basis] = piece
+        payload = {
+            "bench": "acip_quality",
+            "basis": basis,
+            "model": model_name,
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "dtype": str(next(model.parameters()).dtype),
+            "calibration": {"windows": int(calib.shape[0]), "seq_len": args.seq_len, "stride": args.stride},
+            "eval": {"chunks": int(evals.shape[0]), "seq_len": int(evals.shape[1]), "dense_perplexity": dense_ppl,
+                     "seconds_per_eval": round(eval_seconds, 3)},
+            "schedule_note": "paper schedule run time_scale× faster (lr, λ growth, post-tune steps); "
+                             "time_scale 1 is the paper's",
+            "acip": {k: v for k, v in piece.items() if k != "results"},
+            "results": dict(piece["results"]),
+            "graph_check": graph_check,
+            "wall_seconds_this_call": round(time.perf_counter() - t_script, 1),
+            "env": env_info(),
+        }
+        if svd_piece is not None:
+            payload["results"]["svd"] = svd_piece["results"]
+            payload["svd_baseline"] = {k: v for k, v in svd_piece.items() if k != "results"}
+        path = out / f"acip_quality_{basis}.json"
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"wrote {path}", flush=True)
+
+    _print_table(dense_ppl, pieces, svd_piece)
+    print(f"wall time {time.perf_counter() - t_script:.1f} s")
+    return 0
+
+
+def _check_work_dir(work: Path, args: argparse.Namespace) -> None:
+    """A work dir serves one set of settings: refuse to mix pieces computed under others."""
+    volatile = {"out", "work_dir", "budget_s", "graph_check", "basis", "variants", "no_svd_baseline"}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in volatile}
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "settings.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(f"{work} holds a run with other settings ({', '.join(changed)}); "
+                             "use another --work-dir or the same settings")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _cached(work: Path | None, name: str) -> dict[str, Any] | None:
+    if work is None or not (work / name).is_file():
+        return None
+    print(f"reusing {work / name}", flush=True)
+    return json.loads((work / name).read_text())
+
+
+def _store(work: Path | None, name: str, piece: dict[str, Any]) -> None:
+    if work is not None:
+        tmp = work / (name + ".tmp")
+        tmp.write_text(json.dumps(piece, default=str))
+        os.replace(tmp, work / name)
+
+
+def _print_table(dense_ppl: float, pieces: dict[str, dict[str, Any]], svd_piece: dict[str, Any] | None) -> None:
+    columns: dict[str, list[dict[str, Any]]] = {}
+    for basis, piece in pieces.items():
+        tag = "" if basis == "plain" else "w:"
+        for name, rows in piece["results"].items():
+            columns[tag + name] = rows
+        print(f"{basis}: {piece['steps']} steps, {piece['steps_per_second']} steps/s ({piece['step_mode']}), "
+              f"covers sizes ≥ {piece['covered_from']}")
+    if svd_piece is not None:
+        columns["svd"] = svd_piece["results"]
+    print(f"perplexity (dense {dense_ppl:.3f}); w: = whitened basis; actual size in parentheses where it differs "
+          "by > 0.005")
+    header = f"{'size':>5} | " + " | ".join(f"{n:>15}" for n in columns)
     print(header)
     print("-" * len(header))
     for i, size in enumerate(SIZES):
         cells = []
-        for name in plans:
-            row = results[name][i]
+        for rows in columns.values():
+            row = rows[i]
             if row["perplexity"] is None:
-                cells.append(f"{'n/a':>13}")
+                cells.append(f"{'n/a':>15}")
                 continue
             cell = f"{row['perplexity']:.2f}"
             if abs(row["actual_size"] - size) > 0.005:
                 cell += f"({row['actual_size']:.2f})"
-            cells.append(f"{cell:>13}")
-        print(f"{size:>6.2f} | " + " | ".join(cells))
-    return 0
+            cells.append(f"{cell:>15}")
+        print(f"{size:>5.2f} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HBM_TBPS = 3.0  # nominal H100 SXM memory bandwidth used for every memory floor here
+PEAK_BF16_TFLOPS = 791.0  # dense bf16 tensor-core rate used for every compute floor here (H100 SXM)
 
 
 def _git_commit() -> str:
@@ -94,14 +97,20 @@ def env_info() -> dict[str, Any]:
     return info
 
 
+def results_path(results_dir: Path | str | None = None) -> Path:
+    """The directory results go to (created): ``results_dir``, else ``$BENCH_RESULTS_DIR``, else bench/results."""
+    out_dir = Path(results_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def write_result(name: str, payload: dict[str, Any], results_dir: Path | str | None = None) -> Path:
     """Write ``payload`` (plus ``env`` metadata unless present) to ``<results_dir>/<name>.json``.
 
     ``results_dir`` defaults to ``bench/results``; the environment variable
     ``BENCH_RESULTS_DIR`` overrides the default (handy when the tree is read-only).
     """
-    out_dir = Path(results_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_path(results_dir)
     body = dict(payload)
     body.setdefault("env", env_info())
     path = out_dir / f"{name}.json"
@@ -127,37 +136,80 @@ def do_bench_median(
     return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def cuda_graph_median(fn: Callable[[], Any], iters: int = 20, reps: int = 15) -> float:
-    """Median per-call time (ms) of ``fn`` replayed ``iters`` times inside one CUDA graph.
+def median(values: list[float]) -> float:
+    """The middle element after sorting (the upper one of an even count), as every timer here reports."""
+    return sorted(values)[len(values) // 2]
 
-    Removes Python/launch overhead, which dominates single-token decode kernels
-    that run for only a few microseconds.
+
+def event_median_ms(run: Callable[[], Any], reps: int = 5, per_call: int = 1, cuda: bool | None = None) -> float:
+    """Median over ``reps`` runs of ``run()``'s time in ms, divided by ``per_call``.
+
+    Timed by CUDA events on the current stream when ``cuda`` (default: CUDA is available), by
+    the wall clock otherwise (CPU smoke runs).
     """
     import torch
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     times = []
     for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    times.sort()
-    return times[len(times) // 2]
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / per_call)
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3 / per_call)
+    return median(times)
+
+
+def cuda_graph_median(
+    calls: Callable[[], Any] | Sequence[Callable[[], Any]],
+    iters: int | None = None,
+    reps: int = 15,
+    *,
+    warmup: int = 3,
+    eager_fallback: bool = False,
+) -> float:
+    """Median per-call time (ms) of ``calls`` issued back to back from one CUDA graph.
+
+    ``calls`` is one callable or a list of them; the graph holds ``iters`` calls taken round-robin
+    from the list (default: 20 for a single callable, else each listed call once). The first ``warmup``
+    calls run on a side stream before the capture (lazy initialisation must happen outside it).
+    The graph is replayed ``reps`` times and the median replay time is divided by its length.
+    Removes Python/launch overhead, which dominates single-token decode kernels that run for
+    only a few microseconds. With ``eager_fallback``, a capture that fails (an op that syncs, say)
+    is replaced by issuing the same calls eagerly.
+    """
+    import torch
+
+    from lowrank.serving import capture_cuda_graph
+
+    single = callable(calls)
+    calls = [calls] if single else list(calls)
+    count = iters if iters is not None else (20 if single else len(calls))
+    seq = [calls[i % len(calls)] for i in range(count)]
+
+    def issue_all() -> None:
+        for call in seq:
+            call()
+
+    try:
+        graph, _ = capture_cuda_graph(issue_all, warmup=[calls[i % len(calls)] for i in range(warmup)])
+        run = graph.replay
+        run()
+    except Exception:  # noqa: BLE001 - only with eager_fallback: time the same calls eagerly
+        if not eager_fallback:
+            raise
+        torch.cuda.synchronize()
+        run = issue_all
+        run()
+    torch.cuda.synchronize()
+    return event_median_ms(run, reps, per_call=count)
 
 
 def peak_extra_bytes(fn: Callable[[], Any]) -> int:

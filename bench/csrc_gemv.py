@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import RESULTS_DIR, do_bench_median, env_info, gpu_slug, write_result
+from bench.common import HBM_TBPS, cuda_graph_median, do_bench_median, env_info, gpu_slug, write_result
 
 SHAPES = [
     ("llama7b_qkvo_r1024", 4096, 4096, 1024),
@@ -44,35 +42,8 @@ SHAPES = [
     ("llama7b_down_r1536", 11008, 4096, 1536),
     ("smollm2_576_r144", 576, 576, 144),
 ]
-NOMINAL_TBPS = 3.0
+NOMINAL_TBPS = HBM_TBPS
 L2_BYTES = 50e6
-
-
-def graph_time_us(calls: list[Callable[[], Any]], reps: int = 15) -> float:
-    """Median per-call time (µs) of one CUDA graph that replays ``calls`` back to back."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls[:3]:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def measure_copy_tbps() -> float:
@@ -115,7 +86,7 @@ def bench_shape(
                     y = fn(x, Us[0], Vs[0], b)
                     entry["rel_err_vs_fp64"] = ((y.double() - ref).norm() / ref.norm()).item()
                 try:
-                    entry["us"] = graph_time_us(calls)
+                    entry["us"] = cuda_graph_median(calls) * 1e3
                     entry["timing"] = "cuda_graph"
                 except Exception as exc:  # e.g. a path that cannot be captured: time it eagerly
                     entry["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -165,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_shape(name, n, m, r, ts, contenders)
         torch.cuda.empty_cache()
     payload = {"nominal_tbps": NOMINAL_TBPS, "measured_copy_tbps": copy_tbps, "rows": rows, "env": env_info()}
-    out_dir = Path(args.out or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
-    path = write_result(f"csrc_gemv_{gpu_slug()}", payload, out_dir)
+    path = write_result(f"csrc_gemv_{gpu_slug()}", payload, args.out)
     print(f"wrote {path}; measured copy bandwidth {copy_tbps:.2f} TB/s")
     for r in rows:
         if "error" in r:

@@ -24,7 +24,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import RESULTS_DIR, env_info, gpu_slug, peak_extra_bytes, write_result
+from bench.common import (
+    HBM_TBPS,
+    PEAK_BF16_TFLOPS,
+    RESULTS_DIR,
+    cuda_graph_median,
+    env_info,
+    event_median_ms,
+    gpu_slug,
+    peak_extra_bytes,
+    write_result,
+)
 
 # (name, in_features n, out_features m)
 SHAPES: list[tuple[str, int, int]] = [
@@ -40,8 +50,8 @@ PARAM_FRACTIONS = [0.25, 0.5, 0.75]
 # Rank alignment: 64 keeps r a multiple of the 16-byte vector (8 bf16) and of the usual
 # tensor-core K tile, so neither cuBLAS nor Triton pays for ragged rows or a ragged K tail.
 ALIGN = 64
-PEAK_TBPS = 3.0  # floor constants from the brief (H100 SXM, bf16)
-PEAK_TFLOPS = 791.0
+PEAK_TBPS = HBM_TBPS  # floor constants (H100 SXM, bf16)
+PEAK_TFLOPS = PEAK_BF16_TFLOPS
 L2_BYTES = 50e6
 
 
@@ -85,48 +95,10 @@ def time_rotating(calls: list[Callable[[], Any]], min_burst_ms: float = 1.0, rep
         c()
     torch.cuda.synchronize()
     # estimate per-call time to size the burst
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for c in calls:
-        c()
-    e.record()
-    e.synchronize()
-    est = max(s.elapsed_time(e) / len(calls), 1e-3)
+    est = max(event_median_ms(lambda: [c() for c in calls], reps=1, per_call=len(calls)), 1e-3)
     burst = max(len(calls), int(math.ceil(min_burst_ms / est)))
     burst = min(burst, max(len(calls), 2000))
-    seq = [calls[i % len(calls)] for i in range(burst)]
-    try:
-        g = torch.cuda.CUDAGraph()
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            for c in calls[:2]:
-                c()
-        torch.cuda.current_stream().wait_stream(st)
-        with torch.cuda.graph(g):
-            for c in seq:
-                c()
-        run = g.replay
-        g.replay()
-    except Exception:  # noqa: BLE001 - fall back to eager timing
-        torch.cuda.synchronize()
-
-        def run() -> None:
-            for c in seq:
-                c()
-
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        run()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / burst)
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_graph_median(calls, iters=burst, reps=reps, warmup=2, eager_fallback=True)
 
 
 def peak_mem_mb(fn: Callable[[], Any]) -> float:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from kernels import gram_accumulate
 
-__all__ = ["InputGrams", "collect_input_grams", "iterate_batches"]
+__all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "collect_input_grams", "collect_kfac", "iterate_batches"]
 
 
 def iterate_batches(
@@ -94,3 +94,135 @@ def collect_input_grams(
         raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
     grams.tokens = tokens
     return grams
+
+
+FISHER_LABELS = ("model", "data")
+
+
+class KfacFactors:
+    """K-FAC factors of linear layers: A = E[a·aᵀ] over inputs, G = E[g·gᵀ] over output gradients.
+
+    Both are fp32 means over the calibration tokens. `input_grams[name]` is shared (the same
+    tensor) by layers that read the same input; `output_grams[name]` is per layer.
+    """
+
+    def __init__(self) -> None:
+        self.input_grams: dict[str, Tensor] = {}
+        self.output_grams: dict[str, Tensor] = {}
+        self.tokens = 0
+        self.seconds = 0.0
+
+
+def _gram_rows(x: Tensor) -> Tensor:
+    # The Gram kernel takes 16/32-bit floats; an fp64 model (used in tests) goes through fp32.
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        x = x.float()
+    return x.reshape(-1, x.shape[-1])
+
+
+def collect_kfac(
+    model: nn.Module,
+    chunks: Tensor,
+    layer_names: Iterable[str],
+    *,
+    labels: str = "model",
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "curvature",
+) -> KfacFactors:
+    """One forward + backward per batch, accumulating each named linear's K-FAC factors.
+
+    `labels="model"` samples every position's label from the model's own predictive
+    distribution (the true Fisher); `"data"` uses the next token (the empirical Fisher). The
+    loss is the sum of token NLLs, so each output gradient g is one token's own gradient, and
+    both factors are divided by the token count at the end.
+
+    Parameters are frozen during the pass and the graph starts at the embedding output, so
+    only activation gradients are computed: no weight-gradient GEMMs and no .grad memory.
+    """
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
+    import time
+
+    names = list(layer_names)
+    modules = {name: model.get_submodule(name) for name in names}
+    device = next(model.parameters()).device
+    factors = KfacFactors()
+    last_input: list[Tensor | None] = [None]
+    last_owner: list[str | None] = [None]
+    shared: dict[str, str] = {}
+
+    def accumulate(store: dict[str, Tensor], name: str, rows: Tensor) -> None:
+        if name not in store:
+            store[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+        gram_accumulate(store[name], rows)
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            x = args[0]
+            if x is last_input[0]:
+                shared[name] = last_owner[0]
+            else:
+                last_input[0], last_owner[0] = x, name
+                accumulate(factors.input_grams, name, _gram_rows(x))
+            if out.requires_grad:
+                out.register_hook(lambda grad: accumulate(factors.output_grams, name, _gram_rows(grad)))
+
+        return hook
+
+    def embed_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out.detach().requires_grad_(True)
+
+    handles = [model.get_input_embeddings().register_forward_hook(embed_hook)]
+    handles += [modules[name].register_forward_hook(make_hook(name)) for name in names]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            for batch in iterate_batches(chunks, batch_size, device, progress=progress, desc=desc):
+                logits = model(input_ids=batch, use_cache=False).logits
+                last_input[0] = None
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                if labels == "model":
+                    with torch.no_grad():
+                        probs = torch.softmax(logits.flatten(0, 1), dim=-1)
+                        target = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                        del probs
+                    flat = logits.flatten(0, 1)
+                else:
+                    target = batch[:, 1:].flatten()
+                    flat = logits[:, :-1].flatten(0, 1)
+                loss = nn.functional.cross_entropy(flat, target, reduction="sum")
+                del logits, flat
+                loss.backward()
+                factors.tokens += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+        last_input[0] = None
+    for follower, owner in shared.items():
+        factors.input_grams[follower] = factors.input_grams[owner]
+    missing = [n for n in names if n not in factors.input_grams or n not in factors.output_grams]
+    if missing:
+        raise RuntimeError(f"the curvature pass never reached these layers: {missing[:5]}")
+    scale = 1.0 / max(factors.tokens, 1)
+    seen: set[int] = set()
+    for store in (factors.input_grams, factors.output_grams):
+        for g in store.values():
+            if id(g) not in seen:  # shared input Grams are scaled once
+                seen.add(id(g))
+                g.mul_(scale)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    factors.seconds = time.perf_counter() - t0
+    return factors

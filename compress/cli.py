@@ -3,6 +3,7 @@
     python -m compress [--model M] [--method svd] [--size 0.8] [--out DIR] ...   compress, evaluate, save
     python -m compress materialize --scores PLAN --size 0.55 --out DIR          any size from a saved plan
     python -m compress eval --model DIR [--data FILE]                            perplexity of a checkpoint
+    python -m compress bench --model DIR [--profile] [--out DIR]                 serving speed of a checkpoint
 
 User errors print one line and exit with status 2; no traceback.
 """
@@ -405,6 +406,41 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
+def _bench_module():
+    try:
+        from bench import e2e
+    except ImportError as exc:  # bench/ ships with the repository, not with the installed package
+        raise UserError(f"`bench` needs the repository checkout (bench/e2e.py): run it from the repository root "
+                        f"({exc})") from exc
+    return e2e
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress bench",
+                                description="Serving speed of a checkpoint (static KV cache, one CUDA-graph replay "
+                                            "per decoded token): decode tokens/s per batch size and prefill "
+                                            "tokens/s, beside a dense twin of its architecture; --profile traces "
+                                            "kernels. The same measurement as `python -m bench.e2e --model DIR`.")
+    _bench_module().add_arguments(p, checkpoint=True)
+    return p
+
+
+def run_bench(argv: list[str]) -> int:
+    e2e = _bench_module()
+    args = _bench_parser().parse_args(argv)
+    if args.out is not None:
+        _writable_dir(args.out)
+    else:
+        args.no_save = True
+    results = e2e.run(args)
+    print(e2e.summary(results))
+    if "path" in results:
+        print(f"wrote {results['path']}" + (f", {results['markdown']}" if "markdown" in results else ""))
+    else:
+        print(json.dumps({k: v for k, v in results.items() if k != "env"}, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -414,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(argv[1:])
         if argv and argv[0] == "curve":
             return run_curve(argv[1:])
-        if argv and argv[0] in SUBCOMMANDS:
-            raise UserError(f"`{argv[0]}` is not available in this version yet")
+        if argv and argv[0] == "bench":
+            return run_bench(argv[1:])
         return run_compress(build_parser().parse_args(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

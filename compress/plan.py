@@ -29,7 +29,17 @@ from compress.errors import UserError
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import aligned_rank, replace_module_, target_linears
 
-__all__ = ["FactorPlan", "LayerFactors", "ranks_for_size"]
+__all__ = ["PLAN_TYPES", "FactorPlan", "LayerFactors", "ranks_for_size", "register_plan_type"]
+
+# FactorPlan subclasses that carry more than factors (e.g. svd-llm's calibration ids, asvd's
+# allocation), by class name. A subclass records its name as metadata["plan_type"], and
+# `FactorPlan.load` hands such a directory to the subclass's own `load`.
+PLAN_TYPES: dict[str, type] = {}
+
+
+def register_plan_type(cls: type) -> type:
+    PLAN_TYPES[cls.__name__] = cls
+    return cls
 
 
 @dataclass
@@ -169,6 +179,15 @@ class FactorPlan:
         if not (directory / "plan.json").is_file() or not (directory / "plan.safetensors").is_file():
             raise UserError(f"{directory} is not a plan directory (needs plan.json and plan.safetensors)")
         meta = json.loads((directory / "plan.json").read_text())
+        kind = meta.get("metadata", {}).get("plan_type")
+        if kind and cls is FactorPlan:
+            if kind not in PLAN_TYPES:
+                from compress.methods import available_methods
+
+                available_methods()  # method modules register their plan types on import
+            if kind not in PLAN_TYPES:
+                raise UserError(f"{directory}: unknown plan type {kind!r}")
+            return PLAN_TYPES[kind].load(directory)
         tensors = load_file(str(directory / "plan.safetensors"))
         layers = {
             name: LayerFactors(tensors[f"{name}.U"], tensors[f"{name}.V"], tensors[f"{name}.scores"],

@@ -7,18 +7,47 @@ is captured once into a CUDA graph per batch size and replayed for every new tok
 token and its position written into static input buffers.
 
 Works for dense and compressed checkpoints alike (`LowRankLinear`, narrowed `nn.Linear`), since
-it only calls the model's own forward. On the CPU (or with ``use_cuda_graph=False``) the same
+it only calls the model's own forward. That includes attention layers narrowed by whole KV groups,
+so that layers hold different numbers of heads: transformers' `StaticCache` (4.56 through 5.23 at
+least) allocates each layer's buffers lazily from the first key/value states that layer writes,
+not from ``config.num_key_value_heads``. On the CPU (or with ``use_cuda_graph=False``) the same
 loop runs eagerly, which is what the CPU tests compare against `generate`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedDecoder", "DecodeStats"]
+__all__ = ["GraphedDecoder", "DecodeStats", "capture_cuda_graph"]
+
+T = TypeVar("T")
+
+
+def capture_cuda_graph(fn: Callable[[], T], warmup: Sequence[Callable[[], object]] = ()) -> tuple[object, T]:
+    """Record one call of ``fn`` into a CUDA graph; returns (graph, what the recorded call returned).
+
+    The ``warmup`` calls run first on a side stream, so that lazy initialisation (cuBLAS handles,
+    Triton compiles, autotuning, allocator pools) happens outside the capture, as CUDA graphs
+    require. What ``fn`` returned lives in the graph's memory pool: each ``graph.replay()``
+    rewrites it in place.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in warmup:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 @dataclass
@@ -66,41 +95,29 @@ class GraphedDecoder:
     def _capture(self, batch_size: int, cache) -> tuple:
         """Record one decode step for this batch size (the cache is already initialised by a prefill)."""
         token_buf = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        pos_buf = torch.zeros(1, dtype=torch.long, device=self.device)
-        # Warm up on a side stream so lazy initialisation (cuBLAS handles, Triton compiles,
-        # autotuning) happens outside the capture, as CUDA graphs require.
-        pos_buf.fill_(self.max_cache_len - 1)  # scratch position: overwritten by real steps later
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(token_buf, pos_buf, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits_buf = self._forward(token_buf, pos_buf, cache)
-            next_buf = logits_buf.argmax(dim=-1, keepdim=True)
+        pos_buf = torch.full((1,), self.max_cache_len - 1, dtype=torch.long, device=self.device)
+        # The scratch position is overwritten by every real step; the warm-up steps only have to run.
+
+        def step() -> tuple[Tensor, Tensor]:
+            logits = self._forward(token_buf, pos_buf, cache)
+            return logits, logits.argmax(dim=-1, keepdim=True)
+
+        warm = lambda: self._forward(token_buf, pos_buf, cache)
+        graph, (_, next_buf) = capture_cuda_graph(step, warmup=[warm, warm])
         return graph, token_buf, pos_buf, next_buf, cache
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy continuation: returns [batch, prompt + max_new_tokens] token ids."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, prompt_len], got shape {tuple(input_ids.shape)}")
-        batch_size, prompt_len = input_ids.shape
-        if prompt_len + max_new_tokens > self.max_cache_len:
-            raise ValueError(
-                f"prompt ({prompt_len}) + new tokens ({max_new_tokens}) exceed max_cache_len={self.max_cache_len}"
-            )
-        if max_new_tokens <= 0:
-            return input_ids
+    def begin(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Reset the cache, prefill the prompt and return the first new token, [batch, 1].
+
+        Captures the decode-step graph for this batch size on first use. `step` then continues
+        from position ``prompt_len``; `generate` is `begin` followed by ``max_new_tokens - 1`` steps.
+        """
+        batch_size, prompt_len = self._check(input_ids, max_new_tokens)
         input_ids = input_ids.to(self.device)
         cache = self._cache(batch_size)
         cache.reset()
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        import time
-
         positions = torch.arange(prompt_len, device=self.device)
         if self.use_cuda_graph and max_new_tokens > 1 and batch_size not in self._graphs:
             # Capture needs an initialised cache (a prefill), and its warm-up steps advance the
@@ -112,25 +129,55 @@ class GraphedDecoder:
             cache.reset()
         t0 = time.perf_counter()
         token = self._forward(input_ids, positions, cache).argmax(dim=-1, keepdim=True)
-        sync()
-        t1 = time.perf_counter()
+        self._sync()
+        self.stats = DecodeStats(time.perf_counter() - t0, 0.0, 1, batch_size)
+        return token
+
+    @torch.inference_mode()
+    def step(self, token: Tensor, position: int, *, eager: bool = False) -> Tensor:
+        """One decode step: feed ``token`` [batch, 1] at ``position``, return the next greedy token.
+
+        Replays the captured graph where there is one (unless ``eager``); its result is a static
+        buffer that the next replay overwrites, so copy it if it must outlive the next step.
+        """
+        captured = self._graphs.get(token.shape[0])
+        if self.use_cuda_graph and captured is not None and not eager:
+            graph, token_buf, pos_buf, next_buf, _ = captured
+            token_buf.copy_(token)
+            pos_buf.fill_(position)
+            graph.replay()
+            return next_buf
+        pos = torch.tensor([position], device=self.device)
+        return self._forward(token, pos, self._cache(token.shape[0])).argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy continuation: returns [batch, prompt + max_new_tokens] token ids."""
+        batch_size, prompt_len = self._check(input_ids, max_new_tokens)
+        if max_new_tokens <= 0:
+            return input_ids
+        token = self.begin(input_ids, max_new_tokens)
+        prefill_seconds = self.stats.prefill_seconds
         out = torch.empty(batch_size, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0:1] = token
-        if self.use_cuda_graph and max_new_tokens > 1:
-            graph, token_buf, pos_buf, next_buf, _ = self._graphs[batch_size]
-            t1_graph = time.perf_counter()
-            for step in range(1, max_new_tokens):
-                token_buf.copy_(out[:, step - 1 : step])
-                pos_buf.fill_(prompt_len + step - 1)
-                graph.replay()
-                out[:, step : step + 1] = next_buf
-            sync()
-            decode_seconds = time.perf_counter() - t1_graph
-        else:
-            for step in range(1, max_new_tokens):
-                pos = torch.tensor([prompt_len + step - 1], device=self.device)
-                out[:, step : step + 1] = self._forward(out[:, step - 1 : step], pos, cache).argmax(-1, keepdim=True)
-            sync()
-            decode_seconds = time.perf_counter() - t1
-        self.stats = DecodeStats(t1 - t0, decode_seconds, max_new_tokens - 1, batch_size)
-        return torch.cat([input_ids, out], dim=1)
+        t1 = time.perf_counter()
+        for step in range(1, max_new_tokens):
+            out[:, step : step + 1] = self.step(out[:, step - 1 : step], prompt_len + step - 1)
+        self._sync()
+        decode_seconds = time.perf_counter() - t1
+        self.stats = DecodeStats(prefill_seconds, decode_seconds, max_new_tokens - 1, batch_size)
+        return torch.cat([input_ids.to(self.device), out], dim=1)
+
+    def _check(self, input_ids: Tensor, max_new_tokens: int) -> tuple[int, int]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, prompt_len], got shape {tuple(input_ids.shape)}")
+        batch_size, prompt_len = input_ids.shape
+        if prompt_len + max_new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"prompt ({prompt_len}) + new tokens ({max_new_tokens}) exceed max_cache_len={self.max_cache_len}"
+            )
+        return batch_size, prompt_len
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

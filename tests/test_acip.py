@@ -23,8 +23,11 @@ VOCAB = 128
 
 
 def fast_config(**overrides) -> ACIPConfig:
-    """Settings that prune a tiny model to the stop ratio in ~15 steps (the paper's would take thousands)."""
-    base = dict(stop_ratio=0.6, lr=2e-2, reg_start=1e-2, reg_update_every=1, reg_update_factor=1.2,
+    """Settings that prune a tiny model to the stop ratio in ~15 steps (the paper's would take thousands).
+
+    The plain basis (the paper's parametrization) unless overridden; the whitened tests ask for theirs.
+    """
+    base = dict(basis="plain", stop_ratio=0.6, lr=2e-2, reg_start=1e-2, reg_update_every=1, reg_update_factor=1.2,
                 lora_rank=4, post_tune_steps=4, max_steps=80, checkpoint_every=3, progress=False)
     base.update(overrides)
     return ACIPConfig(**base)
@@ -385,6 +388,8 @@ def test_cli_compress_with_acip_saves_a_score_map_and_resumes(cli_model, tmp_pat
         argv += ["--method-opt", opt]
     assert main(argv) == 0
     first = ScoreMap.load(tmp_path / "sm")
+    assert first.metadata["basis"] == "whitened"  # the default
+    assert first.metadata["whitening"]["samples"] == 8  # all calibration chunks (fewer than whiten_samples)
     assert (tmp_path / "sm" / "checkpoint" / "state.pt").is_file()
     report = json.loads((tmp_path / "out" / "compress_report.json").read_text())
     assert abs(report["target_fraction"] - 0.8) < 0.01
@@ -395,3 +400,136 @@ def test_cli_compress_with_acip_saves_a_score_map_and_resumes(cli_model, tmp_pat
     for name, lf in first.layers.items():
         assert torch.equal(lf.scores, again.layers[name].scores)
     assert main(argv[:-2] + ["--out", str(tmp_path / "x"), "--method-opt", "nonsense"]) == 2
+
+
+# ---------------------------------------------------------------------------- whitened basis
+@pytest.fixture(scope="module")
+def scored_whitened(calib):
+    """(model, whitened-basis score map, logits of the original model, ids)."""
+    model = make_tiny_llama()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    score_map = run_acip(model, calib, fast_config(basis="whitened", whiten_samples=8))
+    return model, score_map, ref, ids
+
+
+def _output_error(weight, factors, r, gram) -> float:
+    u, sv, vh = (f.double() for f in factors)
+    delta = weight.double() - (u[:, :r] * sv[:r]) @ vh[:r]
+    return float(torch.trace(delta @ gram @ delta.T))
+
+
+def test_whitened_factors_reproduce_the_layer_and_truncate_in_the_activation_norm(calib):
+    from compress.acip.train import compute_svd_factors, compute_whitened_factors
+    from compress.calibrate import collect_input_grams
+
+    model = make_tiny_llama()
+    names = list(target_linears(model))
+    factors, info = compute_whitened_factors(model, names, calib, samples=8)
+    assert info["samples"] == 8 and info["tokens"] == 8 * calib.shape[1]
+    plain = compute_svd_factors(model, names)
+    grams = collect_input_grams(model, calib[torch.linspace(0, 11, 8).round().long()], names, progress=False)
+    for name in names:
+        U, s, Vh = factors[name]
+        weight = target_linears(model)[name].weight.detach()
+        torch.testing.assert_close((U * s) @ Vh, weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1]), rtol=0, atol=1e-4)
+        assert torch.all(s[:-1] >= s[1:])
+        # Keeping the top half: the whitened truncation has the smaller error on the layer's outputs,
+        # trace(ΔW·G·ΔWᵀ) = ‖ΔW·Xᵀ‖², and that error is the sum of the dropped whitened σ².
+        r = s.numel() // 2
+        gram = grams[name].double()
+        err_white = _output_error(weight, (U, s, Vh), r, gram)
+        assert err_white <= _output_error(weight, plain[name], r, gram) * (1 + 1e-6)
+        assert err_white == pytest.approx(float((s[r:].double() ** 2).sum()), rel=1e-3)
+
+
+def test_whitened_basis_at_full_rank_is_the_dense_model(calib):
+    from compress.acip.train import compute_whitened_factors
+
+    model = make_tiny_llama()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    names = list(target_linears(model))
+    factors, _ = compute_whitened_factors(model, names, calib, samples=0)
+    bank, layers = install_masked_layers(model, factors, fast_config(), device="cpu", dtype=torch.float32)
+    assert bank.p.gt(0).all()  # every mask on; LoRA B starts at zero
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_whitened_scoring_produces_a_materializable_score_map(scored_whitened, tmp_path):
+    model, score_map, ref, ids = scored_whitened
+    meta = score_map.metadata
+    assert meta["basis"] == "whitened" and meta["config"]["basis"] == "whitened"
+    assert meta["whitening"]["samples"] == 8 and meta["stop_reached"]
+    scores = torch.cat([lf.scores for lf in score_map.layers.values()])
+    assert (scores <= -1).any() and (scores > 0).any()
+    for name, lf in score_map.layers.items():  # W = U·diag(s)·Vh, Vh not orthonormal
+        weight = target_linears(model)[name].weight
+        torch.testing.assert_close((lf.U * lf.s) @ lf.Vh, weight, rtol=1e-4, atol=1e-5)
+    for size in (0.6, 0.8):
+        with temporarily_materialized(model, score_map, size), torch.no_grad():
+            assert abs(size_report(model).target_fraction - size) < 0.01
+            assert torch.isfinite(model(ids).logits).all()
+    with temporarily_materialized(model, score_map, 1.0, reset=True), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
+    # LoRA folding, dense layers and the svd-magnitude variant work on the same factors.
+    name = next(iter(score_map.layers))
+    with temporarily_materialized(model, score_map, 0.6):
+        layer = target_linears(model)[name]
+        lf = score_map.layers[name]
+        idx = torch.nonzero(lf.scores > 0).squeeze(1)
+        expected = (lf.U[:, idx] * lf.s[idx]) @ lf.Vh[idx] + score_map.lora_scaling * lf.lora_B @ lf.lora_A
+        torch.testing.assert_close(layer.U @ layer.V, expected, rtol=1e-4, atol=1e-5)
+    magnitude = score_map.singular_value_map()
+    assert magnitude.metadata["basis"] == "whitened"
+    with temporarily_materialized(model, magnitude, 1.0), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    score_map.save(tmp_path / "sm")
+    loaded = ScoreMap.load(tmp_path / "sm")
+    assert loaded.metadata["basis"] == "whitened" and loaded.ranks(0.7) == score_map.ranks(0.7)
+
+
+def test_whitened_run_pauses_and_resumes_to_the_uninterrupted_result(calib, scored_whitened, tmp_path):
+    from compress.acip.train import ACIPPaused
+
+    full = scored_whitened[1]
+    config = fast_config(basis="whitened", whiten_samples=8, checkpoint_dir=str(tmp_path / "w"))
+    with pytest.raises(ACIPPaused, match="step 5"):
+        run_acip(make_tiny_llama(), calib, config, callback=lambda info: "pause" if info["step"] == 5 else None)
+    meta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    assert meta["config"]["basis"] == "whitened" and meta["whitening"]["samples"] == 8
+    resumed = run_acip(make_tiny_llama(), calib, dataclasses.replace(config, resume=True))
+    assert resumed.metadata["steps"] == full.metadata["steps"]
+    assert resumed.metadata["whitening"] == full.metadata["whitening"]
+    for name, lf in full.layers.items():
+        other = resumed.layers[name]
+        assert torch.equal(lf.Vh, other.Vh) and torch.equal(lf.scores, other.scores), name
+        assert torch.equal(lf.lora_A, other.lora_A) and torch.equal(lf.lora_B, other.lora_B), name
+    with pytest.raises(UserError, match="other settings"):
+        run_acip(make_tiny_llama(), calib, dataclasses.replace(config, basis="plain", resume=True))
+    # A checkpoint from before the basis option existed ran in the plain basis.
+    meta.pop("whitening")
+    del meta["config"]["basis"]
+    (tmp_path / "w" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="basis"):
+        run_acip(make_tiny_llama(), calib, dataclasses.replace(config, resume=True))
+    with pytest.raises(UserError, match="checkpoint_dir"):
+        run_acip(make_tiny_llama(), calib, fast_config(), callback=lambda info: "pause")
+
+
+def test_graph_step_warmup_is_undone(calib, scored, monkeypatch):
+    # The CUDA-graph path runs warm-up steps before each capture and undoes them; emulated on the
+    # CPU (same code, no capture) the run must equal the eager one bit for bit, in both phases.
+    monkeypatch.setattr("compress.acip.train._EMULATE_GRAPHS", True)
+    eager = scored[1]
+    graphed = run_acip(make_tiny_llama(), calib, fast_config(cuda_graphs=True))
+    assert graphed.metadata["step_mode"] == "cuda_graph" and graphed.metadata["steps"] == eager.metadata["steps"]
+    for name, lf in eager.layers.items():
+        other = graphed.layers[name]
+        assert torch.equal(lf.scores, other.scores), name
+        assert torch.equal(lf.lora_A, other.lora_A) and torch.equal(lf.lora_B, other.lora_B), name

@@ -9,10 +9,11 @@ See docs/acip.md.
 """
 
 from compress.acip.scoremap import ScoreMap, ScoreMapMismatch, load_any_plan, temporarily_materialized
-from compress.acip.train import ACIPConfig, run_acip
+from compress.acip.train import ACIPConfig, ACIPPaused, run_acip
 
 __all__ = [
     "ACIPConfig",
+    "ACIPPaused",
     "ScoreMap",
     "ScoreMapMismatch",
     "load_any_plan",

@@ -3,7 +3,8 @@
 A score-map directory holds
 
 - ``scoremap.safetensors``: per targeted linear ``{name}.U`` [m, k], ``{name}.s`` [k],
-  ``{name}.Vh`` [k, n] (its SVD, W = U·diag(s)·Vh), ``{name}.scores`` [k] and, for ACIP,
+  ``{name}.Vh`` [k, n] with W = U·diag(s)·Vh (its SVD; in the whitened basis the SVD of W·S,
+  with Vh = Q̂ᵀ·S⁻¹, whose rows are not orthonormal), ``{name}.scores`` [k] and, for ACIP,
   the LoRA branch ``{name}.lora_A`` [r, n] and ``{name}.lora_B`` [m, r];
 - ``scoremap.json``: format version, method, LoRA scaling, coverage, the identity of the
   model it was computed on (architecture, layer names and shapes, a weight fingerprint) and
@@ -136,7 +137,7 @@ def check_identity(stored: dict[str, Any], model: nn.Module) -> None:
 class ScoreMapLayer:
     U: Tensor  # [m, k]
     s: Tensor  # [k] float32
-    Vh: Tensor  # [k, n]
+    Vh: Tensor  # [k, n]; W = U·diag(s)·Vh (rows orthonormal only in the plain basis)
     scores: Tensor  # [k] float32, higher = kept longer
     lora_A: Tensor | None = None  # [r, n]
     lora_B: Tensor | None = None  # [m, r]
@@ -339,10 +340,14 @@ class ScoreMap:
 
     # ------------------------------------------------------------------ variants
     def singular_value_map(self) -> ScoreMap:
-        """The svd-magnitude baseline on the same factors: scores = singular values, no LoRA."""
+        """The svd-magnitude baseline on the same factors: scores = singular values, no LoRA.
+
+        On a whitened-basis score map this ranks whitened singular values globally: SVD-LLM's
+        truncation with a global instead of a uniform rank allocation.
+        """
         layers = {n: ScoreMapLayer(lf.U, lf.s, lf.Vh, lf.s.float().clone()) for n, lf in self.layers.items()}
         return ScoreMap("svd-magnitude", layers, self.identity, 0.0, "all",
-                        {"derived_from": self.method})
+                        {"derived_from": self.method, "basis": self.metadata.get("basis", "plain")})
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
@@ -425,7 +430,7 @@ def is_score_map_dir(directory: str | os.PathLike) -> bool:
 
 
 def load_any_plan(directory: str | os.PathLike) -> Any:
-    """Whatever plan `directory` holds: a `ScoreMap`, a minify plan, or a `compress.plan.FactorPlan`."""
+    """Whatever plan `directory` holds: a `ScoreMap`, a minify or surgeon plan, or a `compress.plan.FactorPlan`."""
     if is_score_map_dir(directory):
         return ScoreMap.load(directory)
     if not Path(directory).is_dir():
@@ -436,6 +441,10 @@ def load_any_plan(directory: str | os.PathLike) -> Any:
         MinifyPlan = None  # noqa: N806
     if MinifyPlan is not None and MinifyPlan.is_plan_dir(directory):
         return MinifyPlan.load(directory)
+    from compress.methods.surgeon import SurgeonPlan
+
+    if SurgeonPlan.is_plan_dir(directory):
+        return SurgeonPlan.load(directory)
     from compress.plan import FactorPlan
 
     return FactorPlan.load(directory)

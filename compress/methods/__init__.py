@@ -35,7 +35,7 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 # Modules that register methods on import; imported lazily so `import compress` stays light.
 _BUILTIN_MODULES = ("compress.methods.svd", "compress.methods.acip", "compress.methods.minify",
-                    "compress.methods.surgeon")
+                    "compress.methods.surgeon", "compress.methods.svd_llm", "compress.methods.asvd")
 
 
 def register_method(name: str, config_cls: type, description: str, *, needs_calibration: bool = True):

@@ -1,7 +1,9 @@
 """`acip` and `svd-magnitude`: methods whose plan is a score map, materializable at any size.
 
 `acip` trains masks on the singular values of every targeted linear (plus LoRA branches)
-with a growing L1 penalty and records the pruning order (compress.acip.train).
+with a growing L1 penalty and records the pruning order (compress.acip.train). By default the
+singular values are those of the whitened weight W·S (S: Cholesky factor of the layer's
+calibration input Gram, as in `svd`); `--method-opt basis=plain` gives the paper's plain SVD.
 `svd-magnitude` ranks the same triplets by their singular values alone: the score map ACIP
 starts from, with no data and no LoRA. Both use global allocation: one ranking across all
 layers decides what every layer keeps.

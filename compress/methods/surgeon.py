@@ -1,0 +1,990 @@
+"""LLM Surgeon: structured pruning with Kronecker-factored curvature and correlated weight updates.
+
+Method of van der Ouderaa et al., "The LLM Surgeon" (ICLR 2024). Definitions, defaults and
+measurements: docs/surgeon.md.
+
+For a linear layer y = W·a (W: [out, in]), K-FAC approximates the Fisher of the loss with
+respect to vec(W) by A ⊗ G, with A = E[a·aᵀ] over the layer's inputs and G = E[g·gᵀ] over the
+gradients at its output (`compress.calibrate.collect_kfac`, through `kernels.gram_accumulate`).
+A change ΔW then costs ½·tr(ΔWᵀ·G·ΔW·A). With damped factors Ã = A + δ_a·mean(diag A)·I and
+G̃ likewise:
+
+- removing a set Q of rows (ΔW_Q = −W_Q) at least cost moves the other rows by
+  ΔW = −G̃⁻¹·E_Q·([G̃⁻¹]_QQ)⁻¹·W_Q and costs ½·tr(([G̃⁻¹]_QQ)⁻¹·W_Q·A·W_Qᵀ);
+  a single row r costs ½·W_r·A·W_rᵀ / [G̃⁻¹]_rr;
+- removing a set C of columns moves the other columns by ΔW = −W_C·([Ã⁻¹]_CC)⁻¹·E_Cᵀ·Ã⁻¹ and
+  costs ½·tr(W_Cᵀ·G·W_C·([Ã⁻¹]_CC)⁻¹); a single column c costs ½·W_cᵀ·G·W_c / [Ã⁻¹]_cc.
+
+Physical structures. Rows and columns of a decoder's matrices only shrink a model when they
+line up across matrices, so the default `structure="physical"` prunes units that do:
+
+- an MLP channel j: row j of gate_proj and up_proj and column j of down_proj;
+- an attention KV group: one key/value head and the query heads that share it (rows of
+  q/k/v, columns of o_proj), so grouped-query attention keeps its group size and the model
+  still loads with its own config.
+
+A unit's cost is the sum of its parts' costs (each a row or column set of one matrix). Units
+across all layers are ranked by cost per parameter removed and cut at one global threshold.
+Input columns of q/k/v/gate/up and output rows of o/down live in the residual stream, which
+every block, norm and the embeddings share; they cannot shrink one layer at a time and are not
+pruned in physical mode. `structure="rows-cols"` prunes any row or column of any matrix as the
+reference implementation does: they are zeroed in place, counted as zeroed, never as saved.
+`"unstructured"` and `"2:4"` zero single weights by their K-FAC cost ½·w²/([G̃⁻¹]_rr·[Ã⁻¹]_cc)
+without a weight update; neither gives a run-time speedup in this toolkit (no sparse kernels).
+
+Multi-shot: the target is reached in `shots` steps of a linear schedule, recomputing the
+curvature on the pruned model before every shot. An optional short LoRA fit after each shot
+(a first-order correction) is merged into the weights, masked so pruned structures stay pruned.
+
+The top of this module is pure tensor math; structure discovery, hooks and the shot loop
+follow it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
+from compress.errors import UserError
+from compress.methods import register_method
+from lowrank.linear import LowRankLinear
+from lowrank.surgery import replace_module_, target_linears
+
+__all__ = [
+    "STRUCTURES",
+    "UPDATES",
+    "AttentionGroups",
+    "MlpChannels",
+    "SurgeonConfig",
+    "SurgeonOptions",
+    "SurgeonPlan",
+    "column_costs",
+    "column_set_cost",
+    "damped",
+    "element_costs",
+    "find_units",
+    "remove_columns",
+    "remove_rows",
+    "row_costs",
+    "row_set_cost",
+    "select_rows_columns",
+    "select_units",
+    "spd_inverse",
+    "surgeon_prune_",
+    "two_four_mask",
+]
+
+STRUCTURES = ("physical", "rows-cols", "unstructured", "2:4")
+UPDATES = ("both", "columns", "rows", "none")
+NORMALIZATIONS = ("params", "none")
+
+
+# ============================================================================ pure tensor math
+def damped(matrix: Tensor, delta: float) -> Tensor:
+    """M + δ·mean(diag M)·I in float64 (scale-free damping, the paper's form)."""
+    m = matrix.to(torch.float64)
+    m = 0.5 * (m + m.T)
+    scale = float(m.diagonal().mean())
+    if not math.isfinite(scale):
+        raise UserError("a curvature factor has NaN/Inf entries (overflowing activations? try --dtype float32)")
+    if scale <= 0.0:
+        scale = 1.0  # an all-zero factor (a dead layer): plain δ·I keeps it invertible
+    return m + (delta * scale) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+
+
+def spd_inverse(matrix: Tensor, *, name: str = "layer") -> Tensor:
+    """Inverse of a symmetric positive definite matrix through Cholesky, in float64."""
+    m = matrix.to(torch.float64)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) != 0:
+        raise UserError(f"{name}: the damped curvature factor is not positive definite; "
+                        "raise the damping (--method-opt damp_a=... / damp_g=...)")
+    return torch.cholesky_inverse(chol)
+
+
+def row_costs(weight: Tensor, a: Tensor, g_inv_diag: Tensor) -> Tensor:
+    """½·W_r·A·W_rᵀ / [G̃⁻¹]_rr for every row r (float64)."""
+    w = weight.to(torch.float64)
+    return 0.5 * ((w @ a.to(torch.float64)) * w).sum(1) / g_inv_diag.to(torch.float64)
+
+
+def column_costs(weight: Tensor, g: Tensor, a_inv_diag: Tensor) -> Tensor:
+    """½·W_cᵀ·G·W_c / [Ã⁻¹]_cc for every column c (float64)."""
+    w = weight.to(torch.float64)
+    return 0.5 * ((g.to(torch.float64) @ w) * w).sum(0) / a_inv_diag.to(torch.float64)
+
+
+def row_set_cost(weight: Tensor, a: Tensor, g_inv: Tensor, rows: Tensor) -> float:
+    """½·tr(([G̃⁻¹]_QQ)⁻¹·W_Q·A·W_Qᵀ): the least loss increase of removing rows Q together."""
+    w_q = weight.to(torch.float64)[rows]
+    inner = torch.linalg.solve(g_inv[rows][:, rows], w_q @ a.to(torch.float64) @ w_q.T)
+    return float(0.5 * inner.diagonal().sum())
+
+
+def column_set_cost(weight: Tensor, g: Tensor, a_inv: Tensor, cols: Tensor) -> float:
+    """½·tr(W_Cᵀ·G·W_C·([Ã⁻¹]_CC)⁻¹): the least loss increase of removing columns C together."""
+    w_c = weight.to(torch.float64)[:, cols]
+    inner = torch.linalg.solve(a_inv[cols][:, cols], w_c.T @ g.to(torch.float64) @ w_c)
+    return float(0.5 * inner.diagonal().sum())
+
+
+def remove_rows(weight: Tensor, g_inv: Tensor, rows: Tensor, bias: Tensor | None = None,
+                *, update: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Weights (and bias) of the kept rows after removing `rows` with the correlated update.
+
+    W_K ← W_K − [G̃⁻¹]_KQ·([G̃⁻¹]_QQ)⁻¹·W_Q (float64). The bias is an input that is always 1,
+    so it takes the same row update. `update=False` only drops the rows.
+    """
+    out = weight.shape[0]
+    removed = torch.zeros(out, dtype=torch.bool, device=weight.device)
+    removed[rows] = True
+    keep = (~removed).nonzero().squeeze(1)
+    w = weight.to(torch.float64)
+    b = bias.to(torch.float64) if bias is not None else None
+    if not update or rows.numel() == 0:
+        return w[keep], (b[keep] if b is not None else None)
+    coupling = torch.linalg.solve(g_inv[rows][:, rows], g_inv[rows][:, keep]).T  # [K, Q]
+    new_w = w[keep] - coupling @ w[rows]
+    new_b = b[keep] - coupling @ b[rows] if b is not None else None
+    return new_w, new_b
+
+
+def remove_columns(weight: Tensor, a_inv: Tensor, cols: Tensor, *, update: bool = True) -> Tensor:
+    """Weights of the kept columns after removing `cols`: W_K ← W_K − W_C·([Ã⁻¹]_CC)⁻¹·[Ã⁻¹]_CK."""
+    removed = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[cols] = True
+    keep = (~removed).nonzero().squeeze(1)
+    w = weight.to(torch.float64)
+    if not update or cols.numel() == 0:
+        return w[:, keep]
+    coupling = torch.linalg.solve(a_inv[cols][:, cols], a_inv[cols][:, keep])  # [C, K]
+    return w[:, keep] - w[:, cols] @ coupling
+
+
+def element_costs(weight: Tensor, g_inv_diag: Tensor, a_inv_diag: Tensor) -> Tensor:
+    """½·w_rc² / ([G̃⁻¹]_rr·[Ã⁻¹]_cc): the K-FAC OBS cost of zeroing each single weight."""
+    w = weight.to(torch.float64)
+    return 0.5 * w.square() / torch.outer(g_inv_diag.to(torch.float64), a_inv_diag.to(torch.float64))
+
+
+def two_four_mask(costs: Tensor) -> Tensor:
+    """Keep-mask with the 2 costliest of every 4 consecutive weights of a row (2:4 sparsity)."""
+    out, cols = costs.shape
+    if cols % 4:
+        raise UserError(f"2:4 sparsity needs in_features divisible by 4, got {cols}")
+    groups = costs.reshape(out, cols // 4, 4)
+    top = groups.topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return mask.reshape(out, cols)
+
+
+def select_units(costs: Tensor, sizes: Tensor, request: int, *, removable: Tensor | None = None,
+                 normalize: str = "params") -> Tensor:
+    """Boolean mask of units to remove: the cheapest first, as many as fit in `request` parameters.
+
+    Units are ordered by cost per parameter (`normalize="params"`) or by raw cost ("none", the
+    paper's rule for equal-sized rows); ties break towards the lower index. The chosen set is
+    the longest prefix of that order whose sizes sum to at most `request`, so it removes
+    exactly `request` parameters whenever a prefix does. Units where `removable` is False
+    (floors) are never chosen.
+    """
+    if costs.shape != sizes.shape or costs.dim() != 1:
+        raise ValueError(f"costs and sizes must be 1-D and alike, got {tuple(costs.shape)}, {tuple(sizes.shape)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if not torch.isfinite(costs).all():
+        raise UserError("pruning costs contain NaN/Inf (overflowing activations or gradients?)")
+    key = costs.to(torch.float64).cpu()
+    sizes = sizes.to(torch.int64).cpu()
+    if normalize == "params":
+        key = key / sizes.clamp_min(1)
+    allowed = torch.ones_like(sizes, dtype=torch.bool) if removable is None else removable.cpu().bool()
+    key = torch.where(allowed, key, torch.full_like(key, math.inf))
+    order = torch.sort(key, stable=True).indices
+    order = order[allowed[order]]
+    cumulative = sizes[order].cumsum(0)
+    count = int((cumulative <= request).sum())
+    chosen = torch.zeros_like(allowed)
+    chosen[order[:count]] = True
+    return chosen
+
+
+def select_rows_columns(row_costs_per_layer: Sequence[Tensor], col_costs_per_layer: Sequence[Tensor],
+                        request: int) -> tuple[list[Tensor], list[Tensor], int]:
+    """Rows and columns to zero across layers under one global cost threshold.
+
+    A row of an [n, m] matrix removes m − (columns already removed) parameters and a column
+    n − (rows already removed): a row and a column removed together share one element. The
+    cheapest rows and columns are taken in order of cost (the paper's global threshold) while
+    the parameters actually removed stay within `request`. Returns row masks, column masks and
+    the number of parameters removed.
+    """
+    entries: list[tuple[float, int, int, int]] = []  # (cost, layer, kind 0=row 1=col, index)
+    for li, (rc, cc) in enumerate(zip(row_costs_per_layer, col_costs_per_layer, strict=True)):
+        entries.extend((c, li, 0, i) for i, c in enumerate(rc.tolist()))
+        entries.extend((c, li, 1, i) for i, c in enumerate(cc.tolist()))
+    if any(not math.isfinite(e[0]) for e in entries):
+        raise UserError("pruning costs contain NaN/Inf (overflowing activations or gradients?)")
+    entries.sort()
+    rows = [torch.zeros(rc.numel(), dtype=torch.bool) for rc in row_costs_per_layer]
+    cols = [torch.zeros(cc.numel(), dtype=torch.bool) for cc in col_costs_per_layer]
+    n_rows = [0] * len(rows)
+    n_cols = [0] * len(cols)
+    removed = 0
+    for _, li, kind, idx in entries:
+        n, m = rows[li].numel(), cols[li].numel()
+        gain = (m - n_cols[li]) if kind == 0 else (n - n_rows[li])
+        if removed + gain > request:
+            break
+        removed += gain
+        if kind == 0:
+            rows[li][idx] = True
+            n_rows[li] += 1
+        else:
+            cols[li][idx] = True
+            n_cols[li] += 1
+    return rows, cols, removed
+
+
+# ============================================================================ configuration
+@dataclass
+class SurgeonOptions:
+    """How the shots prune; every field is stored with the plan."""
+
+    structure: str = "physical"  # one of STRUCTURES
+    shots: int = 8  # linear schedule toward the target; curvature recomputed before each
+    damp_a: float = 0.1  # Ã = A + damp_a·mean(diag A)·I
+    damp_g: float = 0.1  # G̃ = G + damp_g·mean(diag G)·I
+    fisher: str = "model"  # "model": labels sampled from the model (true Fisher); "data": empirical
+    update: str = "both"  # correlated OBS update on removed rows and columns: one of UPDATES
+    normalize: str = "params"  # unit ranking: cost per removed parameter, or raw cost ("none")
+    prune_heads: bool = True  # physical: prune attention KV groups
+    prune_mlp: bool = True  # physical: prune MLP channels
+    min_keep: float = 0.1  # physical: per-layer floor of MLP channels kept (fraction)
+    min_groups: int = 1  # physical: KV groups every attention layer keeps
+    width_multiple: int = 1  # physical: final MLP widths rounded down to a multiple of this
+    curvature_samples: int | None = None  # calibration sequences per curvature pass (None: all)
+    batch_size: int = 4
+    lora_steps: int = 0  # first-order correction after each shot (0: off)
+    lora_rank: int = 8
+    lora_lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise UserError(f"unknown surgeon structure {self.structure!r}; choose one of {STRUCTURES}")
+        if self.fisher not in FISHER_LABELS:
+            raise UserError(f"unknown surgeon fisher {self.fisher!r}; choose one of {FISHER_LABELS}")
+        if self.update not in UPDATES:
+            raise UserError(f"unknown surgeon update {self.update!r}; choose one of {UPDATES}")
+        if self.normalize not in NORMALIZATIONS:
+            raise UserError(f"unknown surgeon normalize {self.normalize!r}; choose one of {NORMALIZATIONS}")
+        for name in ("damp_a", "damp_g"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UserError(f"surgeon {name} must be a finite number > 0, got {value!r}")
+        for name in ("shots", "batch_size", "width_multiple", "min_groups", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"surgeon {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lora_steps, int) or self.lora_steps < 0:
+            raise UserError(f"surgeon lora_steps must be an integer ≥ 0, got {self.lora_steps!r}")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise UserError(f"surgeon min_keep must be in [0, 1], got {self.min_keep}")
+        if self.curvature_samples is not None and self.curvature_samples < 1:
+            raise UserError(f"surgeon curvature_samples must be positive, got {self.curvature_samples}")
+        if self.structure == "physical" and not (self.prune_heads or self.prune_mlp):
+            raise UserError("surgeon: prune_heads and prune_mlp are both off; nothing to prune")
+
+
+@dataclass
+class SurgeonConfig(SurgeonOptions):
+    """Pruning options plus run-time options (progress bar, checkpoints for resuming)."""
+
+    progress: bool = True
+    checkpoint_dir: str | None = None  # after every shot, the pruned weights are saved here
+    resume: bool | None = None  # continue from checkpoint_dir's last shot
+
+    def options(self) -> SurgeonOptions:
+        names = {f.name for f in dataclasses.fields(SurgeonOptions)}
+        return SurgeonOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+# ============================================================================ model structure
+@dataclass(frozen=True)
+class MlpChannels:
+    """A gated MLP: channels are rows of gate/up and columns of down."""
+
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
+class AttentionGroups:
+    """An attention block's projections; a unit is one KV head with its `group` query heads."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim: int
+    group: int  # query heads per KV head (num_key_value_groups)
+
+
+def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, MlpChannels]]:
+    """Attention blocks and gated MLPs inside the decoder blocks, by module name, in model order.
+
+    Recognises the Llama-family layout (q/k/v/o_proj under an attention module that knows its
+    head_dim, gate/up/down_proj under one parent): Llama, Qwen2/3, Mistral, Gemma, ...
+    """
+    try:
+        linears = target_linears(model)
+    except ValueError as exc:
+        raise UserError(f"surgeon: {exc}") from exc
+    factorized = [n for n, m in linears.items() if isinstance(m, LowRankLinear)]
+    if factorized:
+        raise UserError(f"surgeon prunes dense linears; {factorized[0]} is already factorized "
+                        "(run surgeon before any low-rank method)")
+    parts: dict[str, dict[str, str]] = {}
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        parts.setdefault(parent, {})[leaf] = name
+    attentions: dict[str, AttentionGroups] = {}
+    mlps: dict[str, MlpChannels] = {}
+    for parent, d in parts.items():
+        if all(k in d for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            module = model.get_submodule(parent)
+            head_dim = getattr(module, "head_dim", None)
+            group = getattr(module, "num_key_value_groups", None)
+            q, k, v, o = (linears[d[x]] for x in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            if not head_dim or not group:
+                raise UserError(f"{parent}: attention module has no head_dim / num_key_value_groups; "
+                                "surgeon cannot map its heads")
+            kv_heads = k.out_features // head_dim
+            if (k.out_features % head_dim or v.out_features != k.out_features
+                    or q.out_features != kv_heads * group * head_dim or o.in_features != q.out_features):
+                raise UserError(f"{parent}: q/k/v/o shapes ({q.out_features}, {k.out_features}, {v.out_features}, "
+                                f"{o.in_features}) do not match head_dim {head_dim} and group size {group}")
+            attentions[parent] = AttentionGroups(d["q_proj"], d["k_proj"], d["v_proj"], d["o_proj"],
+                                                 int(head_dim), int(group))
+        if all(k in d for k in ("gate_proj", "up_proj", "down_proj")):
+            gate, up, down = (linears[d[x]] for x in ("gate_proj", "up_proj", "down_proj"))
+            if gate.out_features != up.out_features or down.in_features != gate.out_features:
+                raise UserError(f"{parent}: gate/up/down widths disagree ({gate.out_features}, "
+                                f"{up.out_features}, {down.in_features})")
+            mlps[parent] = MlpChannels(d["gate_proj"], d["up_proj"], d["down_proj"])
+    if not attentions and not mlps:
+        raise UserError("surgeon needs q/k/v/o_proj attention or gate/up/down_proj MLP linears; "
+                        "this model has neither")
+    return attentions, mlps
+
+
+def _record_dense_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    # Size accounting compares against the ORIGINAL shapes: set them once, before the first
+    # pruning step, and never overwrite them (a loaded checkpoint has them).
+    if not getattr(model, "_lowrank_dense_shapes", None):
+        model._lowrank_dense_shapes = {n: (m.out_features, m.in_features) for n, m in target_linears(model).items()}
+    return model._lowrank_dense_shapes
+
+
+def _new_linear(old: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(bias if bias is not None else old.bias)
+    return new
+
+
+def _index_mask(n: int, idx: Tensor, device: torch.device) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[idx.to(device)] = True
+    return mask
+
+
+# ============================================================================ curvature per shot
+class _Curvature:
+    """A shot's K-FAC factors and lazily computed, cached damped inverses (float64)."""
+
+    def __init__(self, factors: KfacFactors, damp_a: float, damp_g: float) -> None:
+        self.factors = factors
+        self.damp_a, self.damp_g = damp_a, damp_g
+        self._a_inv: dict[int, Tensor] = {}
+        self._g_inv: dict[str, Tensor] = {}
+        self.inverse_seconds = 0.0
+
+    def a(self, name: str) -> Tensor:
+        return self.factors.input_grams[name]
+
+    def g(self, name: str) -> Tensor:
+        return self.factors.output_grams[name]
+
+    def a_inv(self, name: str) -> Tensor:
+        a = self.a(name)
+        key = id(a)  # layers that share an input share its inverse
+        if key not in self._a_inv:
+            t0 = time.perf_counter()
+            self._a_inv[key] = spd_inverse(damped(a, self.damp_a), name=f"{name} (A)")
+            self.inverse_seconds += time.perf_counter() - t0
+        return self._a_inv[key]
+
+    def g_inv(self, name: str) -> Tensor:
+        if name not in self._g_inv:
+            t0 = time.perf_counter()
+            self._g_inv[name] = spd_inverse(damped(self.g(name), self.damp_g), name=f"{name} (G)")
+            self.inverse_seconds += time.perf_counter() - t0
+        return self._g_inv[name]
+
+    def release(self, name: str) -> None:
+        self._g_inv.pop(name, None)
+
+
+# ============================================================================ physical pruning
+def _group_rows(group: int, head_dim: int, unit: int) -> tuple[Tensor, Tensor]:
+    """(q rows, k/v rows) of KV group `unit`: query heads unit·group … (unit+1)·group − 1."""
+    q = torch.arange(unit * group * head_dim, (unit + 1) * group * head_dim)
+    kv = torch.arange(unit * head_dim, (unit + 1) * head_dim)
+    return q, kv
+
+
+@torch.no_grad()
+def _physical_units(model: nn.Module, attentions: Mapping[str, AttentionGroups], mlps: Mapping[str, MlpChannels],
+                    curv: _Curvature, options: SurgeonOptions) -> list[dict[str, Any]]:
+    """Every prunable unit of the current model with its cost, size and whether a floor protects it."""
+    units: list[dict[str, Any]] = []
+    device = next(model.parameters()).device
+    if options.prune_heads:
+        for name, att in attentions.items():
+            q, k, v, o = (model.get_submodule(n) for n in (att.q, att.k, att.v, att.o))
+            kv_heads = k.out_features // att.head_dim
+            size = (q.out_features // kv_heads) * (q.in_features + o.out_features) + \
+                (k.out_features // kv_heads) * (k.in_features + v.in_features)
+            for unit in range(kv_heads):
+                q_rows, kv_rows = _group_rows(att.group, att.head_dim, unit)
+                q_rows, kv_rows = q_rows.to(device), kv_rows.to(device)
+                cost = (row_set_cost(q.weight, curv.a(att.q), curv.g_inv(att.q), q_rows)
+                        + row_set_cost(k.weight, curv.a(att.k), curv.g_inv(att.k), kv_rows)
+                        + row_set_cost(v.weight, curv.a(att.v), curv.g_inv(att.v), kv_rows)
+                        + column_set_cost(o.weight, curv.g(att.o), curv.a_inv(att.o), q_rows))
+                units.append({"kind": "group", "block": name, "index": unit, "cost": cost, "size": size,
+                              "count": kv_heads})
+    if options.prune_mlp:
+        for name, mlp in mlps.items():
+            gate, up, down = (model.get_submodule(n) for n in (mlp.gate, mlp.up, mlp.down))
+            cost = (row_costs(gate.weight, curv.a(mlp.gate), curv.g_inv(mlp.gate).diagonal())
+                    + row_costs(up.weight, curv.a(mlp.up), curv.g_inv(mlp.up).diagonal())
+                    + column_costs(down.weight, curv.g(mlp.down), curv.a_inv(mlp.down).diagonal()))
+            size = gate.in_features + up.in_features + down.out_features
+            for j, c in enumerate(cost.tolist()):
+                units.append({"kind": "channel", "block": name, "index": j, "cost": c, "size": size,
+                              "count": down.in_features})
+    return units
+
+
+def _floors(units: Sequence[dict[str, Any]], options: SurgeonOptions, dense_widths: Mapping[str, int]) -> Tensor:
+    """Which units may go: each layer keeps its `min_keep` channels / `min_groups` groups, cheapest go first."""
+    removable = torch.ones(len(units), dtype=torch.bool)
+    by_layer: dict[tuple[str, str], list[int]] = {}
+    for i, u in enumerate(units):
+        by_layer.setdefault((u["kind"], u["block"]), []).append(i)
+    for (kind, block), idx in by_layer.items():
+        count = units[idx[0]]["count"]
+        if kind == "group":
+            floor = min(options.min_groups, count)
+        else:
+            floor = min(count, max(1, math.ceil(options.min_keep * dense_widths[block] - 1e-9)))
+        spare = max(0, count - floor)
+        # The layer's `floor` costliest units are protected; its cheapest `spare` may compete.
+        costs = torch.tensor([units[i]["cost"] / units[i]["size"] for i in idx], dtype=torch.float64)
+        order = torch.sort(costs, stable=True).indices
+        for pos in order[spare:].tolist():
+            removable[idx[pos]] = False
+    return removable
+
+
+def _align_widths(units: Sequence[dict[str, Any]], chosen: Tensor, multiple: int,
+                  floors: Tensor) -> Tensor:
+    """Final shot: round each MLP's kept width down to a multiple by removing its next cheapest channels."""
+    if multiple <= 1:
+        return chosen
+    chosen = chosen.clone()
+    by_block: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        if u["kind"] == "channel":
+            by_block.setdefault(u["block"], []).append(i)
+    for idx in by_block.values():
+        count = units[idx[0]]["count"]
+        kept = count - int(chosen[idx].sum())
+        extra = kept - (kept // multiple) * multiple
+        if extra == 0 or kept // multiple == 0:
+            continue
+        candidates = [i for i in sorted(idx, key=lambda i: units[i]["cost"]) if not chosen[i] and floors[i]]
+        for i in candidates[:extra]:
+            chosen[i] = True
+    return chosen
+
+
+@torch.no_grad()
+def _apply_physical_(model: nn.Module, attentions: Mapping[str, AttentionGroups], mlps: Mapping[str, MlpChannels],
+                     units: Sequence[dict[str, Any]], chosen: Tensor, curv: _Curvature, update: str) -> int:
+    """Remove the chosen units with the correlated update; replace each touched linear by a narrower one."""
+    removed_rows: dict[str, list[Tensor]] = {}
+    removed_cols: dict[str, list[Tensor]] = {}
+    for u, take in zip(units, chosen.tolist(), strict=True):
+        if not take:
+            continue
+        if u["kind"] == "group":
+            att = attentions[u["block"]]
+            q_rows, kv_rows = _group_rows(att.group, att.head_dim, u["index"])
+            removed_rows.setdefault(att.q, []).append(q_rows)
+            removed_rows.setdefault(att.k, []).append(kv_rows)
+            removed_rows.setdefault(att.v, []).append(kv_rows)
+            removed_cols.setdefault(att.o, []).append(q_rows)
+        else:
+            mlp = mlps[u["block"]]
+            j = torch.tensor([u["index"]])
+            removed_rows.setdefault(mlp.gate, []).append(j)
+            removed_rows.setdefault(mlp.up, []).append(j)
+            removed_cols.setdefault(mlp.down, []).append(j)
+    removed = 0
+    for name, parts in removed_rows.items():
+        old = model.get_submodule(name)
+        rows = torch.cat(parts).unique().to(old.weight.device)
+        w, b = remove_rows(old.weight, curv.g_inv(name), rows, old.bias, update=update in ("both", "rows"))
+        removed += old.weight.numel() - w.numel()
+        replace_module_(model, name, _new_linear(old, w, b))
+        curv.release(name)
+    for name, parts in removed_cols.items():
+        old = model.get_submodule(name)
+        cols = torch.cat(parts).unique().to(old.weight.device)
+        w = remove_columns(old.weight, curv.a_inv(name), cols, update=update in ("both", "columns"))
+        removed += old.weight.numel() - w.numel()
+        replace_module_(model, name, _new_linear(old, w, old.bias))
+    return removed
+
+
+# ============================================================================ zeroed pruning
+class _Masks:
+    """Zeroed structures of the non-physical modes: a keep-mask per targeted linear."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self.masks = {n: torch.ones_like(model.get_submodule(n).weight, dtype=torch.bool) for n in names}
+
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+
+@torch.no_grad()
+def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: int, options: SurgeonOptions) -> int:
+    """One shot of the zeroed modes; returns the weights newly zeroed."""
+    names = list(masks.masks)
+    if options.structure == "rows-cols":
+        active_rows, active_cols, row_c, col_c = [], [], [], []
+        for n in names:
+            mask = masks.masks[n]
+            rows_alive = mask.any(1).nonzero().squeeze(1)
+            cols_alive = mask.any(0).nonzero().squeeze(1)
+            if rows_alive.numel() == 0 or cols_alive.numel() == 0:  # a matrix already zeroed whole
+                empty = torch.zeros(0, dtype=torch.float64)
+                row_c.append(empty)
+                col_c.append(empty)
+                active_rows.append((rows_alive, None))
+                active_cols.append((cols_alive, None))
+                continue
+            w = model.get_submodule(n).weight[rows_alive][:, cols_alive]
+            g_inv = spd_inverse(damped(curv.g(n)[rows_alive][:, rows_alive], options.damp_g), name=f"{n} (G)")
+            a_inv = spd_inverse(damped(curv.a(n)[cols_alive][:, cols_alive], options.damp_a), name=f"{n} (A)")
+            row_c.append(row_costs(w, curv.a(n)[cols_alive][:, cols_alive], g_inv.diagonal()).cpu())
+            col_c.append(column_costs(w, curv.g(n)[rows_alive][:, rows_alive], a_inv.diagonal()).cpu())
+            active_rows.append((rows_alive, g_inv))
+            active_cols.append((cols_alive, a_inv))
+        rows, cols, removed = select_rows_columns(row_c, col_c, request)
+        for n, (rows_alive, g_inv), (cols_alive, a_inv), r, c in zip(names, active_rows, active_cols, rows, cols,
+                                                                     strict=True):
+            if not (r.any() or c.any()):
+                continue
+            module = model.get_submodule(n)
+            w = module.weight[rows_alive][:, cols_alive].to(torch.float64)
+            r_idx = r.nonzero().squeeze(1).to(w.device)
+            c_idx = c.nonzero().squeeze(1).to(w.device)
+            bias = module.bias[rows_alive] if module.bias is not None else None
+            # Rows first (their update spans all live columns), then columns on what is left.
+            w_rows, b_rows = remove_rows(w, g_inv, r_idx, bias, update=options.update in ("both", "rows"))
+            keep_r = (~_index_mask(w.shape[0], r_idx, w.device)).nonzero().squeeze(1)
+            w_both = remove_columns(w_rows, a_inv, c_idx, update=options.update in ("both", "columns"))
+            keep_c = (~_index_mask(w.shape[1], c_idx, w.device)).nonzero().squeeze(1)
+            new = torch.zeros_like(module.weight, dtype=torch.float64)
+            new[rows_alive[keep_r][:, None], cols_alive[keep_c][None, :]] = w_both
+            module.weight.copy_(new)
+            if bias is not None:
+                new_bias = torch.zeros_like(module.bias)
+                new_bias[rows_alive[keep_r]] = b_rows.to(new_bias.dtype)
+                module.bias.copy_(new_bias)
+            mask = torch.zeros_like(masks.masks[n])
+            mask[rows_alive[keep_r][:, None], cols_alive[keep_c][None, :]] = True
+            masks.masks[n] = mask & masks.masks[n]
+        return removed
+    # Single weights: one global threshold over K-FAC element costs (unstructured), or 2:4.
+    costs = {}
+    for n in names:
+        w = model.get_submodule(n).weight
+        c = element_costs(w, curv.g_inv(n).diagonal(), curv.a_inv(n).diagonal())
+        costs[n] = c.masked_fill(~masks.masks[n], math.inf)
+        curv.release(n)
+    removed = 0
+    if options.structure == "2:4":
+        for n in names:
+            keep = two_four_mask(costs[n])
+            removed += int((masks.masks[n] & ~keep).sum())
+            masks.masks[n] &= keep
+    else:
+        flat = torch.cat([c.flatten().cpu() for c in costs.values()])
+        alive = torch.isfinite(flat)
+        if request > 0:
+            threshold = torch.kthvalue(flat[alive], min(request, int(alive.sum()))).values
+            for n in names:
+                new = masks.masks[n] & (costs[n] > threshold.to(costs[n].device))
+                removed += int((masks.masks[n] & ~new).sum())
+                masks.masks[n] = new
+    for n in names:
+        module = model.get_submodule(n)
+        module.weight.mul_(masks.masks[n])
+    return removed
+
+
+# ============================================================================ LoRA correction
+@torch.enable_grad()
+def _lora_correction_(model: nn.Module, chunks: Tensor, names: Sequence[str], options: SurgeonOptions,
+                      masks: _Masks | None, progress: bool) -> float:
+    """Fit a rank-r LoRA per targeted linear for a few steps, then merge it into the weights.
+
+    In the zeroed modes the merged update is multiplied by the keep-mask, so pruned weights
+    stay zero; in physical mode pruned structures no longer exist. Returns the last loss.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(options.seed)
+    adapters: dict[str, tuple[Tensor, Tensor]] = {}
+    handles = []
+    for n in names:
+        module = model.get_submodule(n)
+        a = (torch.randn(options.lora_rank, module.in_features, generator=gen) / math.sqrt(module.in_features))
+        a = a.to(device=device, dtype=torch.float32).requires_grad_(True)
+        b = torch.zeros(module.out_features, options.lora_rank, device=device, dtype=torch.float32,
+                        requires_grad=True)
+        adapters[n] = (a, b)
+
+        def hook(mod: nn.Module, args: tuple, out: Tensor, a=a, b=b) -> Tensor:
+            x = args[0]
+            return out + ((x.to(torch.float32) @ a.T) @ b.T).to(out.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    params = [t for pair in adapters.values() for t in pair]
+    opt = torch.optim.AdamW(params, lr=options.lora_lr, weight_decay=0.0)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    last = float("nan")
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        step = 0
+        while step < options.lora_steps:
+            for batch in iterate_batches(chunks, options.batch_size, device, progress=False):
+                logits = model(input_ids=batch, use_cache=False).logits
+                loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last = float(loss.detach())
+                step += 1
+                if step >= options.lora_steps:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        for n, (a, b) in adapters.items():
+            module = model.get_submodule(n)
+            delta = (b @ a).to(module.weight.dtype)
+            if masks is not None:
+                delta = delta * masks.masks[n]
+            module.weight.add_(delta)
+    return last
+
+
+# ============================================================================ the shot loop
+def _current_params(model: nn.Module, names: Iterable[str]) -> int:
+    return sum(model.get_submodule(n).weight.numel() for n in names)
+
+
+def _save_shot(directory: Path, model: nn.Module, shot: int, masks: _Masks | None, meta: dict[str, Any]) -> None:
+    """Atomically write the state after `shot`: every targeted linear's weights (and masks)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for n, m in target_linears(model).items():
+        tensors[f"{n}.weight"] = m.weight.detach().contiguous().cpu()
+        if m.bias is not None:
+            tensors[f"{n}.bias"] = m.bias.detach().contiguous().cpu()
+    if masks is not None:
+        tensors.update({f"{n}.mask": m.to(torch.uint8).contiguous().cpu() for n, m in masks.masks.items()})
+    tmp = directory / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / "state.safetensors")
+    (directory / "state.json.tmp").write_text(json.dumps({"shot": shot, **meta}, indent=2))
+    os.replace(directory / "state.json.tmp", directory / "state.json")
+
+
+def _load_shot(directory: Path, model: nn.Module, masks: _Masks | None, meta: dict[str, Any]) -> int:
+    """Restore the state `_save_shot` wrote; returns the last completed shot (0 when there is none)."""
+    if not (directory / "state.json").is_file():
+        return 0
+    state = json.loads((directory / "state.json").read_text())
+    for key, value in meta.items():
+        if state.get(key) != value:
+            raise UserError(f"{directory}: the surgeon checkpoint was written with {key}={state.get(key)!r}, "
+                            f"this run asks for {value!r}; use another --checkpoint-dir")
+    tensors = load_file(str(directory / "state.safetensors"))
+    with torch.no_grad():
+        for n, old in target_linears(model).items():
+            if f"{n}.weight" not in tensors:
+                raise UserError(f"{directory}: surgeon checkpoint lacks {n}")
+            w = tensors[f"{n}.weight"].to(old.weight.device, old.weight.dtype)
+            b = tensors.get(f"{n}.bias")
+            replace_module_(model, n, _new_linear(old, w, b.to(w.device, w.dtype) if b is not None else None))
+            if masks is not None:
+                masks.masks[n] = tensors[f"{n}.mask"].to(w.device).bool()
+    return int(state["shot"])
+
+
+def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: SurgeonOptions, *,
+                   progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+                   resume: bool = False) -> dict[str, Any]:
+    """Prune `model` in place to `size` of its targeted linear weights in `options.shots` shots.
+
+    Physical mode shrinks the matrices (new, narrower nn.Linear modules; the originals are
+    never modified), the other modes zero weights in place. Returns per-shot statistics.
+    """
+    if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
+        raise UserError("surgeon needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
+    attentions, mlps = find_units(model)
+    dense_shapes = _record_dense_shapes(model)
+    names = list(target_linears(model))
+    dense_total = sum(dense_shapes[n][0] * dense_shapes[n][1] for n in names)
+    dense_widths = {b: dense_shapes[m.down][1] for b, m in mlps.items()}
+    physical = options.structure == "physical"
+    masks = None if physical else _Masks(model, names)
+    if not physical:
+        # Zeroing happens in place: work on copies so the caller's modules stay untouched.
+        for n in names:
+            old = model.get_submodule(n)
+            replace_module_(model, n, _new_linear(old, old.weight.detach().clone(), old.bias))
+    device = next(model.parameters()).device
+    calib = chunks if options.curvature_samples is None else chunks[: options.curvature_samples]
+    shots = 1 if options.structure == "2:4" else options.shots
+    meta = {"size": size, "options": dataclasses.asdict(options), "tokens": int(chunks.numel())}
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    start = _load_shot(ckpt, model, masks, meta) + 1 if (ckpt is not None and resume) else 1
+    stats: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=shots, initial=start - 1, desc="surgeon", unit="shot")
+    for shot in range(start, shots + 1):
+        target_kept = round(dense_total * (1.0 - (1.0 - size) * shot / shots))
+        kept_now = _current_params(model, names) if physical else masks.kept()
+        request = kept_now - target_kept
+        if request <= 0 and options.structure != "2:4":
+            if bar is not None:
+                bar.update(1)
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        factors = collect_kfac(model, calib, target_linears(model), labels=options.fisher,
+                               batch_size=options.batch_size, seed=options.seed + shot, progress=False)
+        curv = _Curvature(factors, options.damp_a, options.damp_g)
+        t1 = time.perf_counter()
+        if physical:
+            units = _physical_units(model, attentions, mlps, curv, options)
+            removable = _floors(units, options, dense_widths)
+            costs = torch.tensor([u["cost"] for u in units], dtype=torch.float64)
+            sizes = torch.tensor([u["size"] for u in units], dtype=torch.int64)
+            chosen = select_units(costs, sizes, request, removable=removable, normalize=options.normalize)
+            if shot == shots:
+                chosen = _align_widths(units, chosen, options.width_multiple, removable)
+            t2 = time.perf_counter()
+            removed = _apply_physical_(model, attentions, mlps, units, chosen, curv, options.update)
+            detail = {"groups": int(sum(c for c, u in zip(chosen.tolist(), units, strict=True)
+                                        if u["kind"] == "group")),
+                      "channels": int(sum(c for c, u in zip(chosen.tolist(), units, strict=True)
+                                          if u["kind"] == "channel"))}
+        else:
+            t2 = t1  # the zeroed modes interleave costs and updates per layer
+            removed = _zeroed_shot_(model, masks, curv, request, options)
+            detail = {}
+        _sync(device)
+        t3 = time.perf_counter()
+        lora_loss = None
+        if options.lora_steps:
+            lora_loss = _lora_correction_(model, calib, list(target_linears(model)), options, masks, progress)
+        _sync(device)
+        t4 = time.perf_counter()
+        factor_bytes = sum(t.numel() * t.element_size() for t in
+                           {id(t): t for t in [*factors.input_grams.values(),
+                                               *factors.output_grams.values()]}.values())
+        stats.append({
+            "shot": shot, "target_kept": target_kept, "removed": removed, **detail,
+            "curvature_seconds": round(factors.seconds, 4),
+            "inverse_seconds": round(curv.inverse_seconds, 4),
+            "cost_select_seconds": round(t2 - t1, 4),  # includes the inverses computed for costs
+            "update_seconds": round(t3 - t2, 4),
+            "lora_seconds": round(t4 - t3, 4), "lora_loss": lora_loss,
+            "shot_seconds": round(t4 - t0, 4), "factor_bytes": factor_bytes,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        })
+        del factors, curv
+        if ckpt is not None:
+            _save_shot(ckpt, model, shot, masks, meta)
+        if bar is not None:
+            kept = _current_params(model, names) if physical else masks.kept()
+            bar.set_postfix(size=f"{kept / dense_total:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    kept = _current_params(model, names) if physical else masks.kept()
+    zeroed = 0 if physical else _current_params(model, names) - kept
+    return {"shots": stats, "kept_fraction": kept / dense_total, "zeroed_params": zeroed,
+            "structure": options.structure}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ============================================================================ plan
+@dataclass
+class SurgeonPlan:
+    """Surgeon's plan: the calibration tokens and options. Each shot's curvature depends on the
+    model pruned so far, so every size is pruned afresh from the dense model (`materialize_`)."""
+
+    calibration_ids: Tensor
+    options: SurgeonOptions = field(default_factory=SurgeonOptions)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    method: str = "surgeon"
+    progress: bool = True
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    last_stats: dict[str, Any] = field(default_factory=dict)
+
+    def with_options(self, **changes: Any) -> SurgeonPlan:
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes), last_stats={})
+
+    def materialize_(self, model: nn.Module, size: float, *, rank_multiple: int = 1) -> dict[str, int]:
+        """Prune `model` in place to `size`; returns {linear name: kept weights}.
+
+        `rank_multiple` > 1 overrides the MLP width multiple (the CLI's --rank-multiple).
+        """
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
+            raise UserError(f"size must be a fraction in (0, 1], got {size}")
+        options = self.options
+        if options.structure == "2:4" and abs(float(size) - 0.5) > 1e-9:
+            raise UserError("surgeon structure '2:4' keeps exactly half of every targeted matrix; use --size 0.5")
+        if rank_multiple > 1:
+            options = dataclasses.replace(options, width_multiple=rank_multiple)
+        t0 = time.perf_counter()
+        stats = surgeon_prune_(model, self.calibration_ids, float(size), options, progress=self.progress,
+                               checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume))
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        self.last_stats = stats
+        return {n: int(m.weight.count_nonzero()) for n, m in target_linears(model).items()}
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Physical and zeroed accounting of a pruned model, for the CLI report."""
+        shapes = getattr(model, "_lowrank_dense_shapes", None) or {}
+        attentions, mlps = find_units(model)
+        heads = {b: model.get_submodule(a.q).out_features // a.head_dim for b, a in attentions.items()}
+        widths = {b: model.get_submodule(m.down).in_features for b, m in mlps.items()}
+        linears = target_linears(model)
+        stored = sum(m.weight.numel() for m in linears.values())
+        nonzero = sum(int(m.weight.count_nonzero()) for m in linears.values())
+        dense = sum(o * i for o, i in (shapes.get(n, (m.out_features, m.in_features)) for n, m in linears.items()))
+        stats = {k: v for k, v in self.last_stats.items() if k != "shots"}
+        shots = self.last_stats.get("shots", [])
+        return {
+            "surgeon_structure": self.options.structure,
+            "surgeon_heads": heads,
+            "surgeon_mlp_widths": widths,
+            "surgeon_physical_fraction": round(stored / dense, 5),
+            "surgeon_zeroed_params": stored - nonzero,
+            "surgeon_stats": stats,
+            "surgeon_shots": shots,
+            "summary": (f"surgeon ({self.options.structure}): stored {stored:,} / {dense:,} targeted weights "
+                        f"({100 * stored / dense:.2f}%), of which {stored - nonzero:,} zeroed (not saved); "
+                        f"heads {min(heads.values(), default=0)}..{max(heads.values(), default=0)}, "
+                        f"MLP widths {min(widths.values(), default=0)}..{max(widths.values(), default=0)}"),
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "plan.safetensors.tmp"
+        save_file({"calibration_ids": self.calibration_ids.to(torch.int64).contiguous().cpu()}, str(tmp))
+        os.replace(tmp, directory / "plan.safetensors")
+        meta = {"method": self.method, "plan_type": "surgeon", "options": dataclasses.asdict(self.options),
+                "metadata": self.metadata}
+        (directory / "plan.json.tmp").write_text(json.dumps(meta, indent=2))
+        os.replace(directory / "plan.json.tmp", directory / "plan.json")
+        return directory
+
+    @staticmethod
+    def is_plan_dir(directory: str | os.PathLike) -> bool:
+        path = Path(directory) / "plan.json"
+        try:
+            return path.is_file() and json.loads(path.read_text()).get("plan_type") == "surgeon"
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SurgeonPlan:
+        directory = Path(directory)
+        if not cls.is_plan_dir(directory) or not (directory / "plan.safetensors").is_file():
+            raise UserError(f"{directory} is not a surgeon plan directory (needs plan.json and plan.safetensors)")
+        meta = json.loads((directory / "plan.json").read_text())
+        ids = load_file(str(directory / "plan.safetensors"))["calibration_ids"]
+        return cls(ids, SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
+                   meta.get("method", "surgeon"))
+
+
+@register_method("surgeon", SurgeonConfig,
+                 "LLM Surgeon: K-FAC structured pruning of MLP channels and attention KV groups with correlated "
+                 "updates over several shots (--size = kept fraction of targeted linear parameters)")
+def score_surgeon(model: nn.Module, chunks: Tensor, config: SurgeonConfig) -> SurgeonPlan:
+    """Validate the model and options; the pruning itself runs in `SurgeonPlan.materialize_`."""
+    if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
+        raise UserError("surgeon needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
+    find_units(model)  # fail before any heavy work on a model surgeon cannot handle
+    if config.resume and not config.checkpoint_dir:
+        raise UserError("--resume needs --checkpoint-dir (or --save-plan) naming the surgeon checkpoint")
+    meta = {"calibration_tokens": int(chunks.numel()), "calibration_sequences": int(chunks.shape[0]),
+            "seq_len": int(chunks.shape[1])}
+    return SurgeonPlan(chunks.detach().cpu().to(torch.int64), config.options(), meta, progress=config.progress,
+                       checkpoint_dir=config.checkpoint_dir, resume=bool(config.resume))
