@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--shots", type=int, default=8, help="shots of the main rows")
     p.add_argument("--ablations", default="all", help="comma list of ablation groups, 'all' or 'none'")
+    p.add_argument("--shot-list", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16],
+                   help="shot counts of the 'shots' ablation (default 1,4,16)")
+    p.add_argument("--select", action="store_true",
+                   help="run the ablations first and use the best on held-out valid for the main table")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the minify / svd rows")
     p.add_argument("--cost-layers", type=int, default=4, help="LLaMA-7B-shaped layers for the cost row (0: skip)")
     p.add_argument("--max-seconds", type=float, default=500)
     args = p.parse_args(argv)
@@ -238,38 +243,53 @@ def main(argv: list[str] | None = None) -> int:
     def budget_left() -> bool:
         return time.perf_counter() - start < args.max_seconds
 
-    # ---- main table: whole-model sizes, physically removed
-    for fraction in MAIN_SIZES:
-        run.surgeon("main", f"surgeon @{fraction:.0%} model", fraction, "test", shots=args.shots)
-    for name, baseline in (("minify", run.minify), ("svd", run.svd)):
-        if budget_left():
-            baseline(MAIN_SIZES)
-        else:
-            skipped.append(name)
-
     # ---- ablations at 80% of the whole model, on held-out valid
     base = {"shots": args.shots}
     ablations: list[tuple[str, str, dict[str, Any]]] = [("default", "default", base)]
-    ablations += [("shots", f"shots={s}", {**base, "shots": s}) for s in (1, 4, 16) if s != args.shots]
+    ablations += [("shots", f"shots={s}", {**base, "shots": s}) for s in args.shot_list if s != args.shots]
     ablations += [("damping", f"damp_a=damp_g={d:g}", {**base, "damp_a": d, "damp_g": d}) for d in (0.01, 1.0)]
     ablations += [("fisher", "empirical Fisher", {**base, "fisher": "data"}),
                   ("ranking", "raw cost ranking", {**base, "normalize": "none"}),
-                  ("update", "column updates only", {**base, "update": "columns"}),
+                  ("update", "row and column updates (paper)", {**base, "update": "both"}),
                   ("update", "no weight update", {**base, "update": "none"}),
                   ("lora", "LoRA 20 steps/shot", {**base, "lora_steps": 20}),
+                  ("lora", "LoRA 20 steps/shot, 4 shots", {**base, "shots": 4, "lora_steps": 20}),
                   ("units", "MLP channels only", {**base, "prune_heads": False})]
     wanted = None if args.ablations == "all" else set(args.ablations.split(",")) | {"default"}
-    for group, label, options in ablations:
-        if args.ablations == "none" or (wanted is not None and group not in wanted):
-            continue
-        if not budget_left():
-            skipped.append(label)
-            continue
-        try:
-            run.surgeon(f"ablate:{group}", label, 0.8, "held", **options)
-        except Exception as exc:  # one failing variant (e.g. heads-only cannot reach the size) is recorded
-            run.rows.append({"group": f"ablate:{group}", "label": label, "error": str(exc)})
-            print(f"{label}: {exc}", flush=True)
+    main_options: dict[str, Any] = dict(base)
+
+    def run_ablations() -> None:
+        for group, label, options in ablations:
+            if args.ablations == "none" or (wanted is not None and group not in wanted):
+                continue
+            if not budget_left():
+                skipped.append(label)
+                continue
+            try:
+                run.surgeon(f"ablate:{group}", label, 0.8, "held", **options)
+            except Exception as exc:  # one failing variant is recorded, the run goes on
+                run.rows.append({"group": f"ablate:{group}", "label": label, "error": str(exc)})
+                print(f"{label}: {exc}", flush=True)
+
+    if args.select:
+        # Choose the main table's options on held-out valid, never on test.
+        run_ablations()
+        tried = [r for r in run.rows if r.get("group", "").startswith("ablate:") and "perplexity" in r]
+        best = min(tried, key=lambda r: r["perplexity"])
+        main_options = dict(best["options"])
+        print(f"selected on held-out valid: {best['label']} {main_options}", flush=True)
+
+    # ---- main table: whole-model sizes, physically removed
+    for fraction in MAIN_SIZES:
+        run.surgeon("main", f"surgeon @{fraction:.0%} model", fraction, "test", **main_options)
+    if args.baselines:
+        for name, baseline in (("minify", run.minify), ("svd", run.svd)):
+            if budget_left():
+                baseline(MAIN_SIZES)
+            else:
+                skipped.append(name)
+    if not args.select:
+        run_ablations()
 
     # ---- cost on a LLaMA-7B-shaped stack
     cost = None
@@ -285,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "env": env_info(),
         "protocol": {**info, "prune_dtype": "float32", "eval_dtype": str(eval_dtype), "device": device,
-                     "main_shots": args.shots},
+                     "main_options": main_options, "selected_on_held_out": args.select},
         "dense_perplexity": run.dense,
         "params": {"model": run.model_params, "targeted": run.target_params, "mlp": run.mlp_params},
         "target": {"size": "80% of the model", "limit_increase": TARGET_INCREASE_AT_80,
