@@ -231,9 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the minify / svd rows")
     p.add_argument("--cost-layers", type=int, default=4, help="LLaMA-7B-shaped layers for the cost row (0: skip)")
     p.add_argument("--max-seconds", type=float, default=500)
+    p.add_argument("--cost-only", action="store_true", help="only the LLaMA-7B-shaped cost row (no SmolLM2 needed)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cost_only:
+        cost = _cost(args.cost_layers or 4, args.seq_len, 16 if not args.tiny else 4, args.tiny)
+        path = write_result(f"surgeon_cost_{'tiny' if args.tiny else gpu_slug()}", {"env": env_info(), "cost": cost},
+                            args.out)
+        print(json.dumps(cost, indent=2))
+        print(f"wrote {path}")
+        return 0
     model, calib, held, test, info = _setup(args, device)
     eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     run = Runner(model, calib, held, test, eval_dtype, args.eval_batch_size)

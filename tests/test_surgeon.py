@@ -271,7 +271,7 @@ def test_correlated_update_beats_plain_removal():
     results = {}
     for update in ("columns", "none"):
         pruned = copy.deepcopy(model)
-        surgeon_prune_(pruned, ids, 0.7, SurgeonOptions(shots=2, update=update), progress=False)
+        surgeon_prune_(pruned, ids, 0.7, SurgeonOptions(shots=2, update=update, lora_steps=0), progress=False)
         results[update] = kl(pruned)
     assert 0 < results["columns"] < results["none"]
 
@@ -407,6 +407,6 @@ def test_smollm2_surgeon_quality(smollm2):
     calib = calibration_batches(tokenizer, load_text(None, "calib"), seq_len=128, num_samples=16, seed=0)
     held = pack_tokens(tokenize_text(tokenizer, load_text(None, "eval")), 128)[:16]
     dense = perplexity_of_ids(model, held, batch_size=8, progress=False)
-    surgeon_prune_(model, calib, 0.95, SurgeonOptions(shots=2, batch_size=8), progress=False)
+    surgeon_prune_(model, calib, 0.95, SurgeonOptions(shots=2, batch_size=8, lora_steps=4), progress=False)
     pruned = perplexity_of_ids(model, held, batch_size=8, progress=False)
     assert pruned < 1.5 * dense

@@ -279,7 +279,9 @@ class SurgeonOptions:
     width_multiple: int = 1  # physical: final MLP widths rounded down to a multiple of this
     curvature_samples: int | None = None  # calibration sequences per curvature pass (None: all)
     batch_size: int = 4
-    lora_steps: int = 0  # first-order correction after each shot (0: off)
+    # First-order correction after each shot (0: off). 20 steps/shot took SmolLM2 at 80% from
+    # 33.0 to 25.0 held-out perplexity (docs/surgeon.md), for 2.6× the pruning time.
+    lora_steps: int = 20
     lora_rank: int = 8
     lora_lr: float = 1e-4
     seed: int = 0
