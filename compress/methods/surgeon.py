@@ -793,8 +793,9 @@ def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: Surge
     dense_widths = {b: dense_shapes[m.down][1] for b, m in mlps.items()}
     physical = options.structure == "physical"
     masks = None if physical else _Masks(model, names)
-    if not physical:
-        # Zeroing happens in place: work on copies so the caller's modules stay untouched.
+    # Zeroing and the LoRA merge change weights in place: work on copies, so the caller's
+    # modules stay untouched (`temporarily_materialized` puts them back afterwards).
+    if not physical or options.lora_steps:
         for n in names:
             old = model.get_submodule(n)
             replace_module_(model, n, _new_linear(old, old.weight.detach().clone(), old.bias))
