@@ -263,9 +263,9 @@ def _prefill_call(model: nn.Module, tokens: int, vocab: int) -> Callable[[], obj
 
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[int], prompt: int, new_tokens: int, prefill_len: int,
-            vocab: int, repeats: int) -> dict:
+            vocab: int, repeats: int, compile_step: bool = False) -> dict:
     device = next(model.parameters()).device
-    decoder = GraphedDecoder(model, max_cache_len=prompt + new_tokens)
+    decoder = GraphedDecoder(model, max_cache_len=prompt + new_tokens, compile=compile_step)
     result: dict = {"decode": {}, "graphed": decoder.use_cuda_graph}
     for batch in batches:
         ids = torch.randint(0, vocab, (batch, prompt), device=device)
@@ -326,11 +326,11 @@ def _profiled(fn: Callable[[], object], cuda: bool, archive: zipfile.ZipFile, en
 
 @torch.no_grad()
 def profile_decode(model: nn.Module, *, prompt: int, new_tokens: int, steps: int, vocab: int, repeats: int,
-                   archive: zipfile.ZipFile, tag: str) -> dict:
+                   archive: zipfile.ZipFile, tag: str, compile_step: bool = False) -> dict:
     """Batch-1 decode: graphed step time, kernel table of a few steps, HBM floor."""
     cuda = _cuda(model)
     cache_len = prompt + max(new_tokens, steps + 2)
-    decoder = GraphedDecoder(model, max_cache_len=cache_len)
+    decoder = GraphedDecoder(model, max_cache_len=cache_len, compile=compile_step)
     ids = torch.randint(0, vocab, (1, prompt), device=next(model.parameters()).device)
     step_ms = decode_ms(decoder, ids, new_tokens, repeats)
 
@@ -385,10 +385,10 @@ def profile_prefill(model: nn.Module, *, tokens: int, vocab: int, repeats: int, 
 
 
 def profile_model(model: nn.Module, *, prompt: int, new_tokens: int, steps: int, prefill_len: int, vocab: int,
-                  repeats: int, archive: zipfile.ZipFile, tag: str) -> dict:
+                  repeats: int, archive: zipfile.ZipFile, tag: str, compile_step: bool = False) -> dict:
     """Batch-1 decode and prefill of one model: step times, kernel tables, floors."""
     decode = profile_decode(model, prompt=prompt, new_tokens=new_tokens, steps=steps, vocab=vocab, repeats=repeats,
-                            archive=archive, tag=tag)
+                            archive=archive, tag=tag, compile_step=compile_step)
     _free_memory()  # the decoder's cache and graph went with profile_decode's frame
     return {"decode": decode,
             "prefill": profile_prefill(model, tokens=prefill_len, vocab=vocab, repeats=repeats, archive=archive,
@@ -470,6 +470,7 @@ def _settings(args: argparse.Namespace) -> dict:
         if any(not 0.0 < s <= 1.0 for s in out["sizes"]):
             raise UserError(f"--sizes must be fractions in (0, 1], got {out['sizes']}")
     out.update(smoke=smoke, profile=bool(getattr(args, "profile", False)), model=getattr(args, "model", None),
+               compile=bool(getattr(args, "compile", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
                save=not getattr(args, "no_save", False),
                rank_multiple=getattr(args, "rank_multiple", None) or DEFAULT_RANK_MULTIPLE)
@@ -522,6 +523,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     out_dir = results_path(cfg["out"]) if cfg["save"] else None
     stem = ("e2e_profile" if cfg["profile"] else "e2e_checkpoint" if cfg["checkpoint"] else "e2e") + f"_{gpu_slug()}"
+    if cfg["compile"]:
+        stem += "_compiled"
     if cfg["smoke"]:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
@@ -542,10 +545,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                 if cfg["profile"]:
                     row = profile_model(model, prompt=cfg["prompt"], new_tokens=cfg["new_tokens"],
                                         steps=cfg["profile_steps"], prefill_len=cfg["prefill"], vocab=vocab,
-                                        repeats=cfg["repeats"], archive=archive, tag=f"{name}_{key}".replace("/", "_"))
+                                        repeats=cfg["repeats"], archive=archive, tag=f"{name}_{key}".replace("/", "_"),
+                                        compile_step=cfg["compile"])
                 else:
                     row = measure(model, cfg["batches"], cfg["prompt"], cfg["new_tokens"], cfg["prefill"], vocab,
-                                  cfg["repeats"])
+                                  cfg["repeats"], compile_step=cfg["compile"])
             except Exception as exc:  # record and go on: one failing shape must not lose the others
                 row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
@@ -641,6 +645,8 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--profile", action="store_true",
                    help="trace batch-1 decode and prefill with torch.profiler: kernel tables, HBM floor")
     p.add_argument("--profile-steps", type=int, default=None, help="decode steps in the trace (default 5)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (inductor) before capturing its CUDA graph")
     p.add_argument("--smoke", action="store_true",
                    help="small settings that also run on the CPU (eager there; not speed results)")
     p.add_argument("--out", default=None,

@@ -38,6 +38,21 @@ def test_static_decode_matches_eager_generate(arch, compressed, random_tokens):
     assert torch.equal(decoder.generate(prompt, max_new_tokens=new), reference)
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_compiled_decode_step_traces_whole_and_matches_eager(compressed, random_tokens):
+    """The decode step compiles with fullgraph=True (no graph breaks, through the custom op), and
+    decodes the same tokens as eager generation. The "eager" backend keeps the CPU test fast; the
+    GPU benchmark uses inductor (`bench.e2e --compile`)."""
+    torch._dynamo.reset()
+    model = make_tiny_llama(layers=2)
+    if compressed:
+        factorize_(model, lambda name, lin: 12)
+    prompt = random_tokens(batch=1, seq=7)
+    reference = _eager_greedy(model, prompt, 12)
+    decoder = GraphedDecoder(model, max_cache_len=7 + 12, compile="eager")
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=12), reference)
+
+
 def test_decoder_rejects_overlong_requests(random_tokens):
     decoder = GraphedDecoder(make_tiny_llama(), max_cache_len=16)
     with pytest.raises(ValueError, match="max_cache_len"):
