@@ -22,7 +22,13 @@ PEAK_BF16_TFLOPS = 791.0  # dense bf16 tensor-core rate used for every compute f
 
 
 def _git_commit() -> str:
-    """HEAD of the checkout, or a marker when git or the repository is unavailable (e.g. a copied tree)."""
+    """$GIT_COMMIT when set, else HEAD of the checkout, else "unknown".
+
+    The environment variable wins: a tree copied to a GPU machine may carry a stale .git whose
+    HEAD is not the code that runs (it happened: bench/results/commits.md).
+    """
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     repo = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(

@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scoremap_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reset", action="store_true",
+    p.add_argument("--reset", action=argparse.BooleanOptionalAction, default=None,
                    help="score maps (acip, svd-magnitude): layers where factorizing saves nothing get their "
-                        "original weights back, without LoRA (the ACIP paper's reset rule)")
+                        "original weights back, without LoRA (the ACIP paper's reset rule; on by default, "
+                        "--no-reset keeps W + LoRA there)")
 
 
 def _method_opts(pairs: list[str]) -> dict[str, Any]:
@@ -234,7 +235,11 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.save_plan:
         plan.save(_writable_dir(args.save_plan))
     t0 = time.perf_counter()
-    reset = {"reset": True} if args.reset else {}
+    reset = {} if args.reset is None else {"reset": args.reset}
+    from compress.acip.scoremap import ScoreMap
+
+    if reset and not isinstance(plan, ScoreMap):  # only score maps take the reset rule
+        raise UserError("--reset/--no-reset apply to score maps (acip, svd-magnitude), not to this method")
     plan.materialize_(model, size, rank_multiple=args.rank_multiple, **reset)
     result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
@@ -283,7 +288,8 @@ def run_materialize(argv: list[str]) -> int:
     print(report.summary())
     print(f"selected and materialized in {seconds:.3f} s")
     save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size,
-                                                          "reset": bool(args.reset)})
+                                                          "reset": kwargs.get("reset", True)
+                                                          if isinstance(plan, ScoreMap) else None})
     print(f"saved {out}")
     return 0
 
@@ -292,10 +298,10 @@ def _materialize_kwargs(plan: Any, args: argparse.Namespace) -> dict[str, Any]:
     from compress.acip.scoremap import ScoreMap
 
     kwargs: dict[str, Any] = {"rank_multiple": args.rank_multiple}
-    if args.reset:
+    if args.reset is not None:
         if not isinstance(plan, ScoreMap):
-            raise UserError("--reset applies to score maps (acip, svd-magnitude), not to this plan")
-        kwargs["reset"] = True
+            raise UserError("--reset/--no-reset apply to score maps (acip, svd-magnitude), not to this plan")
+        kwargs["reset"] = args.reset
     return kwargs
 
 
