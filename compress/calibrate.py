@@ -7,6 +7,7 @@ sees that the tensor object is the one the previous layer just accumulated and s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 
 from kernels import gram_accumulate
 
-__all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "collect_input_grams", "collect_kfac", "iterate_batches"]
+__all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "activation_gradients", "collect_input_grams", "collect_kfac",
+           "iterate_batches"]
 
 
 def iterate_batches(
@@ -121,6 +123,34 @@ def _gram_rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+@contextlib.contextmanager
+def activation_gradients(model: nn.Module) -> Iterator[None]:
+    """Backward passes that reach every activation but no parameter.
+
+    Parameters are frozen and the embedding output becomes the graph's only leaf, so a backward
+    computes activation gradients (what Taylor scores and K-FAC need) without weight-gradient
+    GEMMs or .grad memory. The model runs in eval mode; everything is restored on exit.
+    """
+
+    def embed_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out.detach().requires_grad_(True)
+
+    handle = model.get_input_embeddings().register_forward_hook(embed_hook)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def collect_kfac(
     model: nn.Module,
     chunks: Tensor,
@@ -172,20 +202,11 @@ def collect_kfac(
 
         return hook
 
-    def embed_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        return out.detach().requires_grad_(True)
-
-    handles = [model.get_input_embeddings().register_forward_hook(embed_hook)]
-    handles += [modules[name].register_forward_hook(make_hook(name)) for name in names]
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        model.eval()
-        with torch.enable_grad():
+        with activation_gradients(model):
             for batch in iterate_batches(chunks, batch_size, device, progress=progress, desc=desc):
                 logits = model(input_ids=batch, use_cache=False).logits
                 last_input[0] = None
@@ -206,9 +227,6 @@ def collect_kfac(
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        model.train(was_training)
         last_input[0] = None
     for follower, owner in shared.items():
         factors.input_grams[follower] = factors.input_grams[owner]

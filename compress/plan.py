@@ -29,7 +29,8 @@ from compress.errors import UserError
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import aligned_rank, replace_module_, target_linears
 
-__all__ = ["PLAN_TYPES", "FactorPlan", "LayerFactors", "ranks_for_size", "register_plan_type"]
+__all__ = ["PLAN_TYPES", "FactorPlan", "LayerFactors", "plan_dir_type", "ranks_for_size", "read_plan_dir",
+           "register_plan_type", "write_plan_dir"]
 
 # FactorPlan subclasses that carry more than factors (e.g. svd-llm's calibration ids, asvd's
 # allocation), by class name. A subclass records its name as metadata["plan_type"], and
@@ -40,6 +41,38 @@ PLAN_TYPES: dict[str, type] = {}
 def register_plan_type(cls: type) -> type:
     PLAN_TYPES[cls.__name__] = cls
     return cls
+
+
+def write_plan_dir(directory: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """Write `plan.safetensors` and `plan.json` into `directory`, each atomically (temp file + rename).
+
+    The tensors go first, so a reader that finds plan.json also finds the tensors it describes.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "plan.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, directory / "plan.safetensors")
+    (directory / "plan.json.tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(directory / "plan.json.tmp", directory / "plan.json")
+    return directory
+
+
+def plan_dir_type(directory: str | os.PathLike) -> str | None:
+    """The `plan_type` recorded in `directory`/plan.json, or None where there is none (or no plan)."""
+    path = Path(directory) / "plan.json"
+    try:
+        return json.loads(path.read_text()).get("plan_type") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_plan_dir(directory: str | os.PathLike, plan_type: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, tensors) of a plan directory of `plan_type`; `UserError` naming what is missing."""
+    directory = Path(directory)
+    if plan_dir_type(directory) != plan_type or not (directory / "plan.safetensors").is_file():
+        raise UserError(f"{directory} is not a {plan_type} plan directory (needs plan.json and plan.safetensors)")
+    return json.loads((directory / "plan.json").read_text()), load_file(str(directory / "plan.safetensors"))
 
 
 @dataclass

@@ -33,7 +33,6 @@ loops over the model come after it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -43,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress.calibrate import iterate_batches
+from compress.calibrate import activation_gradients, iterate_batches
 from compress.errors import UserError
 from compress.methods import register_method
+from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from kernels import gram_accumulate, gram_accumulate_batched
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import decoder_layers, layer_param_count, replace_module_, target_linears
@@ -490,8 +489,6 @@ class MinifyPlan:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
         for n, layer in self.layers.items():
             tensors[f"{n}.gram"] = layer.gram
@@ -499,9 +496,6 @@ class MinifyPlan:
             tensors[f"{n}.weight_seq"] = layer.weight_seq
         if self.calibration_ids is not None:
             tensors["calibration_ids"] = self.calibration_ids.to(torch.int64)
-        tmp = directory / "plan.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, directory / "plan.safetensors")
         meta = {
             "method": self.method,
             "plan_type": "minify",
@@ -509,26 +503,15 @@ class MinifyPlan:
             "options": dataclasses.asdict(self.options),
             "metadata": self.metadata,
         }
-        (directory / "plan.json.tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(directory / "plan.json.tmp", directory / "plan.json")
-        return directory
+        return write_plan_dir(directory, tensors, meta)
 
     @staticmethod
     def is_plan_dir(directory: str | os.PathLike) -> bool:
-        path = Path(directory) / "plan.json"
-        try:
-            return path.is_file() and json.loads(path.read_text()).get("plan_type") == "minify"
-        except (OSError, json.JSONDecodeError):
-            return False
+        return plan_dir_type(directory) == "minify"
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> MinifyPlan:
-        directory = Path(directory)
-        if not cls.is_plan_dir(directory) or not (directory / "plan.safetensors").is_file():
-            raise UserError(f"{directory} is not a minify plan directory "
-                            "(needs plan.json and plan.safetensors)")
-        meta = json.loads((directory / "plan.json").read_text())
-        tensors = load_file(str(directory / "plan.safetensors"))
+        meta, tensors = read_plan_dir(directory, "minify")
         try:
             layers = {
                 n: MinifyLayer(MlpNames(**names), tensors[f"{n}.gram"], tensors[f"{n}.act_seq"],
@@ -634,23 +617,14 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
 
         return hook
 
-    def embed_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        # The graph's only leaf: gradients reach every activation, none reach a parameter.
-        return out.detach().requires_grad_(True)
-
-    handles = [model.get_input_embeddings().register_forward_hook(embed_hook)]
+    handles = []
     for n, names in mlps.items():
         handles.append(model.get_submodule(names.gate).register_forward_hook(gate_up_hook(n)))
         handles.append(model.get_submodule(names.up).register_forward_hook(gate_up_hook(n)))
         handles.append(model.get_submodule(names.down).register_forward_pre_hook(down_pre_hook(n)))
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     tokens = 0
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        model.eval()
-        with torch.enable_grad():
+        with activation_gradients(model):
             batches = iterate_batches(chunks, batch_size, device, progress=progress, desc="minify: taylor")
             for batch in batches:
                 with timer.phase("forward"):
@@ -684,9 +658,6 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        model.train(was_training)
         pending.clear()
     layers: dict[str, MinifyLayer] = {}
     for n, names in mlps.items():

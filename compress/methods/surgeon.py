@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
 from compress.errors import UserError
 from compress.methods import register_method
+from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import replace_module_, target_linears
 
@@ -949,33 +950,20 @@ class SurgeonPlan:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "plan.safetensors.tmp"
-        save_file({"calibration_ids": self.calibration_ids.to(torch.int64).contiguous().cpu()}, str(tmp))
-        os.replace(tmp, directory / "plan.safetensors")
         meta = {"method": self.method, "plan_type": "surgeon", "options": dataclasses.asdict(self.options),
                 "metadata": self.metadata}
-        (directory / "plan.json.tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(directory / "plan.json.tmp", directory / "plan.json")
-        return directory
+        return write_plan_dir(directory, {"calibration_ids": self.calibration_ids.to(torch.int64)}, meta)
 
     @staticmethod
     def is_plan_dir(directory: str | os.PathLike) -> bool:
-        path = Path(directory) / "plan.json"
-        try:
-            return path.is_file() and json.loads(path.read_text()).get("plan_type") == "surgeon"
-        except (OSError, json.JSONDecodeError):
-            return False
+        return plan_dir_type(directory) == "surgeon"
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SurgeonPlan:
-        directory = Path(directory)
-        if not cls.is_plan_dir(directory) or not (directory / "plan.safetensors").is_file():
-            raise UserError(f"{directory} is not a surgeon plan directory (needs plan.json and plan.safetensors)")
-        meta = json.loads((directory / "plan.json").read_text())
-        ids = load_file(str(directory / "plan.safetensors"))["calibration_ids"]
-        return cls(ids, SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
+        meta, tensors = read_plan_dir(directory, "surgeon")
+        if "calibration_ids" not in tensors:
+            raise UserError(f"{directory}: surgeon plan is incomplete (missing calibration_ids)")
+        return cls(tensors["calibration_ids"], SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
                    meta.get("method", "surgeon"))
 
 
