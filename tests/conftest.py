@@ -68,3 +68,31 @@ def smollm2():
     from compress.model import load_model
 
     return load_model(None, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a small byte-level BPE tokenizer trained here, saved as an HF dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compress.data import load_text
+
+    text = load_text(None, "calib")[:60_000]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = make_tiny_llama(vocab=len(tok), layers=2)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cli_text(tmp_path_factory):
+    """A small calibration/evaluation text file for CLI runs on the tiny model."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
+    return path

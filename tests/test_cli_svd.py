@@ -90,24 +90,6 @@ def test_pack_and_calibration_sampling():
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with a small byte-level BPE tokenizer trained here, saved as an HF dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = load_text(None, "calib")[:60_000]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    model = make_tiny_llama(vocab=len(tok), layers=2)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _run(argv, capsys):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()

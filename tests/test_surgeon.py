@@ -363,23 +363,12 @@ def test_plan_save_load_and_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------- CLI
-@requires_smollm2
-def test_cli_surgeon(tmp_path, capsys):
-    """End to end through the CLI, on a tiny random model with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer
-
+def test_cli_surgeon(tiny_model_dir, cli_text, tmp_path, capsys):
+    """End to end through the CLI, on a tiny random model with a small trained tokenizer."""
     import lowrank
     from compress.cli import main
-    from compress.model import _resolve_source
 
-    source, extra = _resolve_source(None)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    tiny = make_tiny_llama(seed=0, vocab=len(tokenizer))
-    tiny.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
-    base = ["--model", str(tmp_path / "tiny"), "--device", "cpu", "--data", str(text), "--seq-len", "64",
+    base = ["--model", str(tiny_model_dir), "--device", "cpu", "--data", str(cli_text), "--seq-len", "64",
             "--calib-samples", "8", "--eval-chunks", "2", "--method", "surgeon", "--method-opt", "shots=2"]
     assert main([*base, "--size", "0.8", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
-from test_cli_svd import tiny_model_dir  # noqa: F401  (module-scoped fixture: a tiny HF model directory)
 
 from compress.cli import main
 from compress.errors import UserError
@@ -261,7 +260,7 @@ def _run(argv, capsys):
     ("svd-llm", [], 0.03),
     ("asvd", ["--method-opt", "sensitivity_samples=2", "--method-opt", "ratios=0.3,0.6,0.9"], 0.05),
 ])
-def test_cli_end_to_end(method, opts, tolerance, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_cli_end_to_end(method, opts, tolerance, tiny_model_dir, tmp_path, capsys):
     out, plan_dir = tmp_path / "out", tmp_path / "plan"
     code, stdout, err = _run(["--model", tiny_model_dir, "--method", method, "--size", "0.8", "--out", out,
                               "--seq-len", "32", "--calib-samples", "8", "--no-eval", "--save-plan", plan_dir,
