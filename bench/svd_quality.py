@@ -1,10 +1,12 @@
-"""Perplexity of dense SmolLM2 and of the `svd` / `svd-plain` methods across sizes (issue: Foundation).
+"""Perplexity of dense SmolLM2 and of layer-wise SVD methods across sizes.
 
     python -m bench.svd_quality --valid $WIKITEXT2/valid.txt --test $WIKITEXT2/test.txt [--out DIR]
+    python -m bench.svd_quality --valid ... --test ... --methods svd-llm,asvd --name baselines_quality
 
 Protocol: calibrate on `--valid` (64 random windows of 1024 tokens, seed 0), evaluate on
-`--test` in non-overlapping chunks, bf16 on the GPU. One whitened-SVD plan serves every size.
-Writes `svd_quality_<gpu>.json` into `--out` (default bench/results).
+`--test` in non-overlapping chunks, bf16 on the GPU. One plan per method serves every size
+(its scoring time and each size's materialization time are recorded: SVD-LLM's sequential update
+runs at materialization). Writes `<--name>_<gpu>.json` into `--out` (default bench/results).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from compress.data import calibration_batches, load_text
 from compress.eval import perplexity
 from compress.methods import get_method
 from compress.model import load_model
+from lowrank.surgery import size_report
 
 
 def main() -> None:
@@ -32,6 +35,10 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--dense-seq-lens", default="512,1024,2048")
+    p.add_argument("--methods", default="svd,svd-plain", help="comma list of registered methods")
+    p.add_argument("--name", default="svd_quality", help="result file stem")
+    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the dense model at --dense-seq-lens")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,33 +53,43 @@ def main() -> None:
     results: dict = {"env": env_info(), "protocol": {
         "calibration": f"{args.calib_samples} x {args.seq_len} tokens from {Path(args.valid).name}, seed 0",
         "eval": f"{Path(args.test).name}, non-overlapping chunks, {eval_dtype}", "scoring_dtype": "float32"}}
-    dense_bf16 = copy.deepcopy(model)
-    results["dense"] = {int(s): ppl(dense_bf16, int(s)) for s in args.dense_seq_lens.split(",")}
-    del dense_bf16
-    print("dense", results["dense"], flush=True)
+    if args.dense:
+        dense_bf16 = copy.deepcopy(model)
+        results["dense"] = {int(s): ppl(dense_bf16, int(s)) for s in args.dense_seq_lens.split(",")}
+        del dense_bf16
+        print("dense", results["dense"], flush=True)
 
     chunks = calibration_batches(tokenizer, load_text(args.valid, "calib"), seq_len=args.seq_len,
                                  num_samples=args.calib_samples, seed=0)
-    for method in ("svd", "svd-plain"):
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
         spec = get_method(method)
         t0 = time.perf_counter()
         plan = spec.score(model, chunks, spec.make_config(progress=False))
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        rows = {}
-        for size in sizes if method == "svd" else sizes[:1]:
+        rows, fractions, mat_seconds = {}, {}, {}
+        for size in sizes if method != "svd-plain" else sizes[:1]:  # plain SVD is in the millions anyway
             compressed = copy.deepcopy(model)
+            t0 = time.perf_counter()
             plan.materialize_(compressed, size)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            mat_seconds[str(size)] = round(time.perf_counter() - t0, 3)
+            fractions[str(size)] = round(size_report(compressed, getattr(compressed, "_lowrank_dense_shapes",
+                                                                         None)).target_fraction, 5)
             rows[str(size)] = ppl(compressed, args.seq_len)
             del compressed
-            print(method, size, rows[str(size)], flush=True)
-        results[method] = {"seconds_to_score": round(seconds, 2), "perplexity": rows}
-    path = write_result(f"svd_quality_{gpu_slug()}", results, args.out)
+            print(method, size, fractions[str(size)], rows[str(size)], flush=True)
+            results[method] = {"seconds_to_score": round(seconds, 2), "perplexity": rows,
+                               "target_fraction": fractions, "materialize_seconds": mat_seconds}
+            path = write_result(f"{args.name}_{gpu_slug()}", results, args.out)  # partial results survive a kill
     print(f"wrote {path}")
-    print(f"{'size':>6} | svd")
+    print(f"{'size':>6} | " + " | ".join(methods))
     for size in sizes:
-        print(f"{size:>6} | {results['svd']['perplexity'][str(size)]:.2f}")
+        cells = [results[m]["perplexity"].get(str(size)) for m in methods]
+        print(f"{size:>6} | " + " | ".join(f"{c:.2f}" if c is not None else "-" for c in cells))
 
 
 if __name__ == "__main__":
