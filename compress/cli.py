@@ -170,12 +170,54 @@ def _curve_parser() -> argparse.ArgumentParser:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress eval", description="Perplexity of a (compressed) model.")
+    from compress.eval import DEFAULT_TASKS
+
+    p = argparse.ArgumentParser(
+        prog="python -m compress eval",
+        description="Evaluate a (compressed) model: perplexity on a text file, zero-shot tasks through "
+                    "lm-evaluation-harness (optional: skipped with one line where it or its datasets are missing), "
+                    "and greedy generation samples. Progress goes to stderr; the JSON report to stdout and, with "
+                    "--out, to DIR/eval_report.json. See docs/eval.md.")
     _common_model_args(p)
-    p.add_argument("--seq-len", type=int, default=1024, help="chunk length (default 1024)")
-    p.add_argument("--data", default=None, help="text file (default: held-out offline text)")
+    p.add_argument("--seq-len", type=int, default=1024, help="perplexity chunk length (default 1024)")
+    p.add_argument("--data", default=None,
+                   help="perplexity text: .txt or .jsonl file, or hf:NAME[:CONFIG][:SPLIT] "
+                        "(default: held-out offline text)")
     _eval_args(p)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help="comma-separated lm-eval task names, or 'none' (default: %(default)s)")
+    p.add_argument("--limit", default=None,
+                   help="lm-eval examples per task: a whole number, or a fraction in (0, 1) (default: all)")
+    p.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="generation samples for N prompts (default: 3 built-in prompts, or every line of "
+                        "--prompts; 0 = none)")
+    p.add_argument("--prompts", default=None, help="text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per sample (default 48)")
+    p.add_argument("--out", default=None, help="also write the JSON report to DIR/eval_report.json (atomically)")
     return p
+
+
+def _eval_tasks(spec: str) -> list[str]:
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names or [n.lower() for n in names] == ["none"]:
+        return []
+    return list(dict.fromkeys(names))
+
+
+def _eval_prompts(args: argparse.Namespace) -> list[str]:
+    from compress.eval import DEFAULT_PROMPTS, read_prompts
+
+    if args.samples is not None and args.samples < 0:
+        raise UserError(f"--samples must be 0 or more, got {args.samples}")
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+        return prompts if args.samples is None else prompts[: args.samples]
+    count = 3 if args.samples is None else args.samples
+    if count > len(DEFAULT_PROMPTS):
+        raise UserError(f"--samples {count}: there are {len(DEFAULT_PROMPTS)} built-in prompts; "
+                        "pass more with --prompts FILE")
+    return list(DEFAULT_PROMPTS[:count])
 
 
 def _eval_text_and_len(args: argparse.Namespace, data_spec: str | None) -> tuple[str, int]:
@@ -397,18 +439,62 @@ def _plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
 
 
 def run_eval(argv: list[str]) -> int:
-    from compress.model import load_model
+    from compress.eval import (
+        check_tasks,
+        generate_samples,
+        parse_limit,
+        report_json,
+        skip_summary,
+        write_report,
+        zero_shot,
+    )
+    from compress.model import DEFAULT_MODEL, load_model
     from lowrank import size_report
 
     args = _eval_parser().parse_args(argv)
+    # Every input is checked before the model loads.
+    tasks = _eval_tasks(args.tasks)
+    limit = parse_limit(args.limit)
+    prompts = _eval_prompts(args)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.task_batch_size < 1:
+        raise UserError(f"--task-batch-size must be at least 1, got {args.task_batch_size}")
+    out = _writable_dir(args.out) if args.out else None
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     text, seq_len = _eval_text_and_len(args, args.data)
-    ppl = _perplexity(model, tokenizer, text, seq_len, args, device)
+    task_manager = check_tasks(tasks) if tasks else None  # unknown task names fail here
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
-    print(report.summary())
-    print(json.dumps({"model": args.model, "perplexity": ppl, "seq_len": seq_len,
-                      "model_params": report.model_params, "target_fraction": report.target_fraction}, indent=2))
+    log(report.summary())
+    ppl = _perplexity(model, tokenizer, text, seq_len, args, device)
+    log(f"perplexity: {ppl:.3f} (seq_len {seq_len})")
+    result: dict[str, Any] = {"model": str(args.model or DEFAULT_MODEL), "device": device,
+                              "dtype": str(next(model.parameters()).dtype), "perplexity": ppl, "seq_len": seq_len,
+                              "data": str(args.eval_data or args.data or "default"),
+                              "model_params": report.model_params, "target_fraction": report.target_fraction}
+    if tasks:
+        scores = zero_shot(model, tokenizer, tasks, limit, args.task_batch_size, task_manager=task_manager)
+        skipped = skip_summary(scores)
+        if skipped:
+            log(skipped)
+        for name, metrics in scores["tasks"].items():
+            shown = [f"{k} {metrics[k]:.4f}" for k in ("acc", "acc_norm") if k in metrics]
+            log(f"{name}: {', '.join(shown) or metrics}")
+        result["zero_shot"] = scores
+    if prompts:
+        completions = generate_samples(model, tokenizer, prompts, args.max_new_tokens)
+        result["samples"] = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+        for i, sample in enumerate(result["samples"], 1):
+            log(f"[sample {i}] {sample['prompt']!r} -> {sample['completion']!r}")
+    if out is not None:
+        result["out"] = str(out / "eval_report.json")
+        write_report(result, out)
+    print(report_json(result))
     return 0
 
 
