@@ -183,8 +183,9 @@ def test_missing_cells_are_dashes(generated):
     header, rows = parse_table(text, "method (variant)")
     col = {h: i for i, h in enumerate(header)}
     sizes = [h for h in header if h.endswith("%")]
-    for name in ("ASVD", "SVD-LLM (whitening + sequential closed-form update)", "ACIP, plain basis (paper), + reset rule",
-                 "ACIP, plain basis (paper), no reset", "SVD-magnitude, plain basis (paper)"):
+    for name in ("ASVD", "SVD-LLM (whitening + sequential closed-form update)",
+                 "ACIP, plain basis (paper), + reset rule", "ACIP, plain basis (paper), no reset",
+                 "SVD-magnitude, plain basis (paper)"):
         assert all(rows[name][col[s]] == rt.MISSING for s in sizes), name
     svd = rows["svd (whitened SVD, uniform ranks)"]
     for s in ("100%", "80%", "60%", "40%"):
