@@ -2,7 +2,8 @@
 
     python -m compress [--model M] [--method svd] [--size 0.8] [--out DIR] ...   compress, evaluate, save
     python -m compress materialize --scores PLAN --size 0.55 --out DIR          any size from a saved plan
-    python -m compress eval --model DIR [--data FILE]                            perplexity of a checkpoint
+    python -m compress eval --model DIR [--data FILE] [--tasks T,..]             perplexity, lm-eval tasks, samples
+    python -m compress curve --scores PLAN --sizes 0.4:1.0:0.05                  perplexity at many sizes (CSV + PNG)
     python -m compress bench --model DIR [--profile] [--out DIR]                 serving speed of a checkpoint
 
 User errors print one line and exit with status 2; no traceback.
