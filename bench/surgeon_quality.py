@@ -126,38 +126,40 @@ class Runner:
                            options={k: v for k, v in options.items()}, heads=heads, mlp_widths=widths,
                            shots=stats["shots"])
 
-    def minify(self, fractions: tuple[float, ...]) -> None:
-        """Minify (Taylor + ridge, one scoring pass) at each whole-model fraction."""
-        from compress.methods.minify import MinifyConfig, score_minify
+    def _baseline(self, method: str, score, to_size, fractions: tuple[float, ...], size_key: str | None = None) -> None:
+        """Score `method` once on a copy, then materialize each whole-model fraction at `to_size(fraction)`.
 
+        A row's seconds are the scoring time plus that size's materialization; `size_key` records
+        the converted size in the row when it is in another convention (minify's MLP retention).
+        """
         t0 = time.perf_counter()
-        plan = score_minify(copy.deepcopy(self.model), self.calib, MinifyConfig(batch_size=8, progress=False))
+        plan = score(copy.deepcopy(self.model), self.calib)
         _sync()
         score_s = time.perf_counter() - t0
         for fraction in fractions:
             m = copy.deepcopy(self.model)
             t0 = time.perf_counter()
-            retention = 1.0 - (1.0 - fraction) * self.model_params / self.mlp_params
-            plan.materialize_(m, retention)
+            size = to_size(fraction)
+            plan.materialize_(m, size)
             _sync()
-            self.record("main", f"minify @{fraction:.0%} model", m, score_s + time.perf_counter() - t0, "test",
-                        method="minify", requested=fraction, mlp_retention=round(retention, 4))
+            extra = {size_key: round(size, 4)} if size_key else {}
+            self.record("main", f"{method} @{fraction:.0%} model", m, score_s + time.perf_counter() - t0, "test",
+                        method=method, requested=fraction, **extra)
+
+    def minify(self, fractions: tuple[float, ...]) -> None:
+        """Minify (Taylor + ridge, one scoring pass) at each whole-model fraction (as an MLP retention)."""
+        from compress.methods.minify import MinifyConfig, score_minify
+
+        self._baseline("minify", lambda m, c: score_minify(m, c, MinifyConfig(batch_size=8, progress=False)),
+                       lambda f: 1.0 - (1.0 - f) * self.model_params / self.mlp_params, fractions,
+                       size_key="mlp_retention")
 
     def svd(self, fractions: tuple[float, ...]) -> None:
         """`svd` (whitened, uniform ranks, one calibration pass) at each whole-model fraction."""
         from compress.methods.svd import SVDConfig, score_svd
 
-        t0 = time.perf_counter()
-        plan = score_svd(copy.deepcopy(self.model), self.calib, SVDConfig(batch_size=8, progress=False))
-        _sync()
-        score_s = time.perf_counter() - t0
-        for fraction in fractions:
-            m = copy.deepcopy(self.model)
-            t0 = time.perf_counter()
-            plan.materialize_(m, self.target_fraction(fraction))
-            _sync()
-            self.record("main", f"svd @{fraction:.0%} model", m, score_s + time.perf_counter() - t0, "test",
-                        method="svd", requested=fraction)
+        self._baseline("svd", lambda m, c: score_svd(m, c, SVDConfig(batch_size=8, progress=False)),
+                       self.target_fraction, fractions)
 
 
 def _cost(layers: int, seq_len: int, samples: int, tiny: bool) -> dict[str, Any]:

@@ -8,6 +8,7 @@ sees that the tensor object is the one the previous layer just accumulated and s
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from kernels import gram_accumulate
 
 __all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "activation_gradients", "collect_input_grams", "collect_kfac",
-           "iterate_batches"]
+           "gram_rows", "iterate_batches"]
 
 
 def iterate_batches(
@@ -115,8 +116,11 @@ class KfacFactors:
         self.seconds = 0.0
 
 
-def _gram_rows(x: Tensor) -> Tensor:
-    # The Gram kernel takes 16/32-bit floats; an fp64 model (used in tests) goes through fp32.
+def gram_rows(x: Tensor) -> Tensor:
+    """`x` as detached [tokens, features] rows for `kernels.gram_accumulate`.
+
+    The Gram kernel takes 16/32-bit floats; an fp64 model (used in tests) goes through fp32.
+    """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         x = x.float()
@@ -174,8 +178,6 @@ def collect_kfac(
     """
     if labels not in FISHER_LABELS:
         raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
-    import time
-
     names = list(layer_names)
     modules = {name: model.get_submodule(name) for name in names}
     device = next(model.parameters()).device
@@ -196,9 +198,9 @@ def collect_kfac(
                 shared[name] = last_owner[0]
             else:
                 last_input[0], last_owner[0] = x, name
-                accumulate(factors.input_grams, name, _gram_rows(x))
+                accumulate(factors.input_grams, name, gram_rows(x))
             if out.requires_grad:
-                out.register_hook(lambda grad: accumulate(factors.output_grams, name, _gram_rows(grad)))
+                out.register_hook(lambda grad: accumulate(factors.output_grams, name, gram_rows(grad)))
 
         return hook
 

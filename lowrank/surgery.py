@@ -22,6 +22,7 @@ __all__ = [
     "factorize_",
     "get_module",
     "layer_param_count",
+    "record_dense_shapes",
     "replace_module_",
     "size_report",
     "target_linears",
@@ -82,6 +83,17 @@ def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> di
     if not found:
         raise ValueError("no target linear layers found inside the decoder blocks")
     return found
+
+
+def record_dense_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """The targeted linears' ORIGINAL (out, in) shapes, stored on the model as ``_lowrank_dense_shapes``.
+
+    Set once, before a method first narrows a layer, and never overwritten (a loaded
+    checkpoint already carries them): the checkpoint and size accounting compare against them.
+    """
+    if not getattr(model, "_lowrank_dense_shapes", None):
+        model._lowrank_dense_shapes = {n: (m.out_features, m.in_features) for n, m in target_linears(model).items()}
+    return model._lowrank_dense_shapes
 
 
 def layer_param_count(module: nn.Module) -> int:

@@ -44,13 +44,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.calibrate import activation_gradients, iterate_batches
+from compress.calibrate import activation_gradients, gram_rows, iterate_batches
 from compress.errors import UserError
 from compress.methods import register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from kernels import gram_accumulate, gram_accumulate_batched
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import decoder_layers, layer_param_count, replace_module_, target_linears
+from lowrank.surgery import decoder_layers, layer_param_count, record_dense_shapes, replace_module_, target_linears
 
 __all__ = [
     "AGGREGATIONS",
@@ -80,7 +80,6 @@ DEFAULT_WIDTH_MULTIPLE = 32
 # A ridge system whose Cholesky pivots span more than this ratio (squared) is treated as
 # ill-conditioned and damped further: fp64 keeps ~16 digits, 1e12 leaves 4 of them.
 _MAX_PIVOT_RATIO_SQ = 1e12
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ============================================================================ pure tensor math
@@ -343,16 +342,6 @@ def _narrow_mlp_(model: nn.Module, names: MlpNames, keep: Tensor, down_weight: T
     replace_module_(model, names.down, new_down)
 
 
-def _record_dense_shapes(model: nn.Module) -> None:
-    # The checkpoint and size accounting compare against the ORIGINAL shapes: set them once,
-    # before the first narrowing, and never overwrite them (a loaded checkpoint has them).
-    if getattr(model, "_lowrank_dense_shapes", None):
-        return
-    model._lowrank_dense_shapes = {
-        n: (m.out_features, m.in_features) for n, m in target_linears(model).items()
-    }
-
-
 # ============================================================================ plan
 @dataclass
 class MinifyLayer:
@@ -429,13 +418,13 @@ class MinifyPlan:
         t0 = time.perf_counter()
         damped: dict[str, float] = {}
         if self.options.heal and self.options.target == "sequential":
-            _record_dense_shapes(model)
+            record_dense_shapes(model)
             self._heal_sequential_(model, keep, damped)
         else:
             # Every solve first, so that an error (named layer) leaves the model untouched.
             downs = {n: model.get_submodule(layer.names.down).weight for n, layer in self.layers.items()}
             weights = {n: self._local_down_weight(n, w, keep[n], damped) for n, w in downs.items()}
-            _record_dense_shapes(model)
+            record_dense_shapes(model)
             for n, layer in self.layers.items():
                 _narrow_mlp_(model, layer.names, keep[n], weights.pop(n))
         _sync(model)
@@ -559,13 +548,6 @@ class _Phase:
         secs[self.name] = secs.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
-def _gram_input(x: Tensor) -> Tensor:
-    # The Gram kernel takes 16/32-bit floats; an fp64 model (used in tests) goes through fp32.
-    x = x.detach()
-    x = x if x.dtype in _FLOAT_DTYPES else x.float()
-    return x.reshape(-1, x.shape[-1])
-
-
 def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames], *, batch_size: int,
                  progress: bool) -> tuple[dict[str, MinifyLayer], dict[str, float]]:
     """One forward + backward per batch: Grams of h (dense) and per-sequence Taylor contributions.
@@ -645,7 +627,7 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
                             d = pending[n].shape[-1]
                             grams[n] = torch.zeros(d, d, dtype=torch.float32, device=pending[n].device)
                     gram_accumulate_batched([grams[n] for n in names],
-                                            [_gram_input(pending[n]) for n in names])
+                                            [gram_rows(pending[n]) for n in names])
                     pending.clear()
                 with timer.phase("backward"):
                     loss.backward()
@@ -813,7 +795,7 @@ def _sequential_heal_(model: nn.Module, plan: MinifyPlan, keep: Mapping[str, Ten
                 o_d = _block_output(block(dense_x[b], **kw))
                 o_c = _block_output(block(comp_x[b], **kw))  # leaves this stream's h and y in the tap
                 target = o_d.float() - (o_c.float() - tap.y.float())  # o_d − r_c
-                gram_accumulate(aug, torch.cat([_gram_input(tap.h).float(), _gram_input(target)], dim=-1))
+                gram_accumulate(aug, torch.cat([gram_rows(tap.h).float(), gram_rows(target)], dim=-1))
                 dense_x[b] = o_d
         finally:
             tap.remove()

@@ -61,7 +61,7 @@ from compress.errors import UserError
 from compress.methods import register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import replace_module_, target_linears
+from lowrank.surgery import record_dense_shapes, replace_module_, target_linears
 
 __all__ = [
     "STRUCTURES",
@@ -395,14 +395,6 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
         raise UserError("surgeon needs q/k/v/o_proj attention or gate/up/down_proj MLP linears; "
                         "this model has neither")
     return attentions, mlps
-
-
-def _record_dense_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    # Size accounting compares against the ORIGINAL shapes: set them once, before the first
-    # pruning step, and never overwrite them (a loaded checkpoint has them).
-    if not getattr(model, "_lowrank_dense_shapes", None):
-        model._lowrank_dense_shapes = {n: (m.out_features, m.in_features) for n, m in target_linears(model).items()}
-    return model._lowrank_dense_shapes
 
 
 def _new_linear(old: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -788,7 +780,7 @@ def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: Surge
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
         raise UserError("surgeon needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
     attentions, mlps = find_units(model)
-    dense_shapes = _record_dense_shapes(model)
+    dense_shapes = record_dense_shapes(model)
     names = list(target_linears(model))
     dense_total = sum(dense_shapes[n][0] * dense_shapes[n][1] for n in names)
     dense_widths = {b: dense_shapes[m.down][1] for b, m in mlps.items()}

@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from compress.calibrate import gram_rows
 from compress.errors import UserError
 from compress.methods import register_method
 from compress.methods.minify import _block_output, _first_block_inputs
@@ -71,7 +72,6 @@ __all__ = [
 
 UPDATES = ("uv", "u", "none")
 UPDATE_TARGETS = ("dense", "local")
-_GRAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ============================================================================ pure tensor math
@@ -351,12 +351,6 @@ def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
             replace_module_(model, n, m)
 
 
-def _gram_rows(x: Tensor) -> Tensor:
-    x = x.detach()
-    x = x if x.dtype in _GRAM_DTYPES else x.float()
-    return x.reshape(-1, x.shape[-1])
-
-
 def _block_index(name: str, prefix: str) -> int:
     return int(name[len(prefix) + 1:].split(".", 1)[0])
 
@@ -419,10 +413,10 @@ def _sequential_update_(model: nn.Module, plan: SVDLLMPlan, ranks: dict[str, int
             size = 2 * width if use_dense else width
             gram = torch.zeros(size, size, dtype=torch.float32, device=first.weight.device)
             for b, kw in enumerate(kwargs):
-                x_c = _gram_rows(_capture_input(block, comp_x[b], kw, first))
+                x_c = gram_rows(_capture_input(block, comp_x[b], kw, first))
                 if use_dense:
                     with _swapped(model, {n: originals[n] for n in replaced}):
-                        x_d = _gram_rows(_capture_input(block, dense_x[b], kw, first))
+                        x_d = gram_rows(_capture_input(block, dense_x[b], kw, first))
                     x_c = torch.cat([x_c, x_d.to(x_c.dtype)], dim=-1)
                 gram_accumulate(gram, x_c)
             g64 = gram.to(torch.float64)
