@@ -278,12 +278,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.save_plan:
         plan.save(_writable_dir(args.save_plan))
     t0 = time.perf_counter()
-    reset = {} if args.reset is None else {"reset": args.reset}
-    from compress.acip.scoremap import ScoreMap
-
-    if reset and not isinstance(plan, ScoreMap):  # only score maps take the reset rule
-        raise UserError("--reset/--no-reset apply to score maps (acip, svd-magnitude), not to this method")
-    plan.materialize_(model, size, rank_multiple=args.rank_multiple, **reset)
+    plan.materialize_(model, size, **_materialize_kwargs(plan, args))
     result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
     result.update({
