@@ -70,7 +70,7 @@ from bench.common import (
 from compress.errors import UserError
 from lowrank import LowRankLinear, target_linears
 from lowrank.linear import balanced_factors
-from lowrank.serving import GraphedDecoder
+from lowrank.serving import GraphedDecoder, enable_dense_fallback
 from lowrank.surgery import DEFAULT_RANK_MULTIPLE, aligned_rank, decoder_layers, replace_module_, size_report
 
 SHAPES = {
@@ -190,11 +190,16 @@ def dense_twin(config, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Mod
 
 # ---------------------------------------------------------------------------- bytes and floors
 def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights held: parameters plus any dense-fallback copies (`enable_dense_fallback`)."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
+    for module in model.modules():
+        held = getattr(module, "dense_weight", None)
+        if isinstance(held, torch.Tensor) and not isinstance(held, nn.Parameter):
+            total += held.numel() * held.element_size()
     return total
 
 
@@ -471,6 +476,7 @@ def _settings(args: argparse.Namespace) -> dict:
             raise UserError(f"--sizes must be fractions in (0, 1], got {out['sizes']}")
     out.update(smoke=smoke, profile=bool(getattr(args, "profile", False)), model=getattr(args, "model", None),
                compile=bool(getattr(args, "compile", False)),
+               dense_fallback=bool(getattr(args, "dense_fallback", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
                save=not getattr(args, "no_save", False),
                rank_multiple=getattr(args, "rank_multiple", None) or DEFAULT_RANK_MULTIPLE)
@@ -525,6 +531,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     stem = ("e2e_profile" if cfg["profile"] else "e2e_checkpoint" if cfg["checkpoint"] else "e2e") + f"_{gpu_slug()}"
     if cfg["compile"]:
         stem += "_compiled"
+    if cfg["dense_fallback"]:
+        stem += "_fallback"
     if cfg["smoke"]:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
@@ -541,6 +549,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                 continue
             build_s = time.perf_counter() - t0
             vocab = model.config.vocab_size
+            fallback = enable_dense_fallback(model, [*cfg["batches"], cfg["prefill"]]) if cfg["dense_fallback"] else {}
             try:
                 if cfg["profile"]:
                     row = profile_model(model, prompt=cfg["prompt"], new_tokens=cfg["new_tokens"],
@@ -555,6 +564,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
             row.update({"target_fraction": report.target_fraction, "model_fraction": report.model_fraction,
                         "weight_bytes": weight_bytes(model),
+                        "dense_fallback_layers": sum(fallback.values()),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                         "build_seconds": round(build_s, 1)})
             results["models"].setdefault(name, {})[key] = row
@@ -647,6 +657,9 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--profile-steps", type=int, default=None, help="decode steps in the trace (default 5)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (inductor) before capturing its CUDA graph")
+    p.add_argument("--dense-fallback", action="store_true",
+                   help="give low-rank layers a dense copy where dense GEMM is measured faster at the benchmarked "
+                        "batch sizes (lowrank.serving.enable_dense_fallback); weight bytes then count the copies")
     p.add_argument("--smoke", action="store_true",
                    help="small settings that also run on the CPU (eager there; not speed results)")
     p.add_argument("--out", default=None,

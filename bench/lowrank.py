@@ -151,7 +151,7 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Full sweep with the shipped dispatch; returns one record per (shape, rank, T)."""
-    from kernels.lowrank_matmul import _CHOICE_CACHE, _select, lowrank_matmul
+    from kernels.lowrank_matmul import _CHOICE_CACHE, _select, dense_is_faster, lowrank_matmul
 
     shapes = shapes or SHAPES
     t_values = t_values or T_VALUES
@@ -170,6 +170,18 @@ def run_sweep(
                 except Exception as exc:  # noqa: BLE001 - record and continue the sweep
                     log(f"[sweep] {name} r={r} T={T} failed: {exc!r}")
                     continue
+                if ws.W:
+                    # The shipped dispatch with a dense copy available (LowRankLinear's dense
+                    # fallback): it must match the better of dense and the factorized path.  The
+                    # copies are random rather than U @ V: only their shape steers the dispatch.
+                    k = max(len(ws.W), len(ws.U))
+                    sets = [(ws.U[i % len(ws.U)], ws.V[i % len(ws.U)], ws.W[i % len(ws.W)]) for i in range(k)]
+                    res["fallback_ms"] = time_rotating([
+                        lambda x=x, U=U, V=V, W=W: lowrank_matmul(x, U, V, dense_weight=W) for U, V, W in sets
+                    ])
+                    res["fallback_uses_dense"] = dense_is_faster(T, n, m, r, x.device)
+                    best = min(res["dense_ms"], res["torch_two_gemm_ms"])
+                    res["fallback_vs_best_baseline"] = best / res["fallback_ms"]
                 _CHOICE_CACHE.clear()
                 backend, cfg = _select(x, ws.U[0], ws.V[0], None)
                 fl = floor_ms(T, n, m, r, x.element_size())
@@ -192,6 +204,8 @@ def run_sweep(
                     f"lr={lr * 1e3:9.1f}us dense={res.get('dense_ms', float('nan')) * 1e3:9.1f}us "
                     f"2g={res['torch_two_gemm_ms'] * 1e3:9.1f}us x{rec['speedup_vs_dense']:.2f} "
                     f"floor%={rec['pct_of_floor']:.0f}"
+                    + (f" fallback={res['fallback_ms'] * 1e3:.1f}us{'(dense)' if res['fallback_uses_dense'] else ''}"
+                       if "fallback_ms" in res else "")
                 )
             del ws
             torch.cuda.empty_cache()

@@ -161,9 +161,10 @@ def label(backend: str, cfg: dict | None) -> str:
             return f"t{c['block_m']}x{c['block_n']}x{c['block_k']}s{c.get('split_k', 1)}w{c['num_warps']}"
         return f"2g[{one(cfg['gemm1'])}|{one(cfg['gemm2'])}]" + ("pad" if cfg.get("pad_u") else "")
     keys = ("use_dot", "block_t", "block_r1", "block_k1", "block_m2", "block_r2", "num_warps", "sync",
-            "early_u")
+            "early_u", "programs_per_sm", "prefetch", "cooperative")
     short = {"use_dot": "dot", "block_t": "t", "block_r1": "r1", "block_k1": "k1", "block_m2": "m2",
-             "block_r2": "r2", "num_warps": "w", "sync": "", "early_u": "eu"}
+             "block_r2": "r2", "num_warps": "w", "sync": "", "early_u": "eu", "programs_per_sm": "pps",
+             "prefetch": "pf", "cooperative": "coop"}
     return "F:" + ",".join(f"{short[k]}{cfg[k]}" for k in keys if k in cfg)
 
 
@@ -322,6 +323,78 @@ def summary(records: list[dict[str, Any]]) -> None:
             f"ratio {r['lowrank_ms'] / best(r):.2f}")
 
 
+def _fit_relative(rows: list[tuple[float, float, float]]) -> list[float]:
+    """Non-negative ``ms ~ c0 + c1 * bytes + c2 * flops`` minimising the relative error.
+
+    Rows are weighted by 1/ms so a 4 us layer counts as much as a 1 ms one; a coefficient that
+    comes out negative is dropped and the rest refitted (a tiny active-set NNLS).
+    """
+    ms = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    feats = torch.tensor([[1.0, r[1], r[2]] for r in rows], dtype=torch.float64)
+    active = [0, 1, 2]
+    while True:
+        a = feats[:, active] / ms[:, None]
+        sol = torch.linalg.lstsq(a, torch.ones_like(ms)[:, None]).solution[:, 0]
+        if (sol >= 0).all() or len(active) == 1:
+            coeffs = [0.0, 0.0, 0.0]
+            for i, c in zip(active, sol.clamp_min(0).tolist(), strict=True):
+                coeffs[i] = c
+            return coeffs
+        active.pop(int(sol.argmin()))
+
+
+def merge_dense(table: dict, records: list[dict[str, Any]], log_fn=print) -> dict:
+    """Add side-by-side dense timings and a fitted latency model to a dispatch table (in place).
+
+    ``records`` is a ``bench.lowrank`` sweep: per (shape, rank, T) it timed the factorized
+    dispatch (``lowrank_ms``) and dense cuBLAS (``dense_ms``) in one run.  Tuned entries get
+    ``dense_ms`` and ``sweep_ms`` per T bucket (what ``dense_is_faster`` compares); the per-T
+    ``latency_model`` covers shapes the table does not list.
+    """
+    by_key = {(r["n"], r["m"], r["r"], r["T"]): r for r in records if "dense_ms" in r}
+    merged = 0
+    for key, entry in table.get("entries", {}).items():
+        n, rest = key.split("x")
+        m, r = rest.split("r")
+        for t, point in entry.items():
+            rec = by_key.get((int(n), int(m), int(r), int(t)))
+            if rec is not None:
+                point["dense_ms"], point["sweep_ms"] = rec["dense_ms"], rec["lowrank_ms"]
+                merged += 1
+    model: dict[str, dict[str, list[float]]] = {}
+    for t in sorted({r["T"] for r in records}):
+        at_t = [r for r in by_key.values() if r["T"] == t]
+        dense_rows: dict[tuple[int, int], tuple[float, float, float]] = {}
+        factored_rows: dict[str, list[tuple[float, float, float]]] = {"lowrank": [], "lowrank_ragged": []}
+        for r in at_t:
+            n, m, rank = r["n"], r["m"], r["r"]
+            io = 2.0 * t * (m + n)
+            dense_rows[(n, m)] = (r["dense_ms"], 2.0 * m * n + io, 2.0 * t * m * n)
+            factored_rows["lowrank" if rank % 8 == 0 else "lowrank_ragged"].append(
+                (r["lowrank_ms"], 2.0 * rank * (m + n) + io, 2.0 * t * rank * (m + n)))
+        if len(dense_rows) >= 3 and all(len(rows) >= 3 for rows in factored_rows.values()):
+            model[str(t)] = {"dense": _fit_relative(list(dense_rows.values())),
+                             **{k: _fit_relative(rows) for k, rows in factored_rows.items()}}
+    table["latency_model"] = model
+    table["dense_note"] = ("entries[..][T].dense_ms / sweep_ms: dense cuBLAS and the factorized dispatch timed side "
+                           "by side in one bench.lowrank sweep; latency_model[T] = {dense|lowrank|lowrank_ragged: "
+                           "[c0 ms, ms/byte, ms/flop]} fitted to that sweep (relative least squares; ragged: rank % 8 "
+                           "!= 0).")
+    # Report how well the model explains the sweep it was fitted to.
+    from kernels.lowrank_matmul import predicted_ms
+
+    wrong, total = 0, 0
+    for r in by_key.values():
+        if str(r["T"]) in model:
+            predicted = predicted_ms(r["T"], r["n"], r["m"], None, model) < predicted_ms(
+                r["T"], r["n"], r["m"], r["r"], model)
+            wrong += predicted != (r["dense_ms"] < r["lowrank_ms"])
+            total += 1
+    log_fn(f"[dense] merged {merged} tuned points; latency model for T in {list(model)} picks the faster of "
+           f"dense and factorized at {total - wrong}/{total} sweep points")
+    return table
+
+
 def main() -> None:
     global OUT
     ap = argparse.ArgumentParser()
@@ -331,7 +404,18 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="also run the backend x dtype correctness grid")
     ap.add_argument("--refine", action="store_true",
                     help="skip the full tuning: start from the shipped table and refine raw ranks")
+    ap.add_argument("--merge-dense", type=Path, default=None, metavar="SWEEP_JSON",
+                    help="no GPU: add the dense timings of a bench.lowrank sweep and a fitted latency model to "
+                         "the shipped table (kernels/configs/h100_lowrank_matmul.json), then exit")
     args = ap.parse_args()
+    if args.merge_dense is not None:
+        from kernels.lowrank_matmul import CONFIG_PATH
+
+        table = json.loads(CONFIG_PATH.read_text())
+        merge_dense(table, json.loads(args.merge_dense.read_text())["records"])
+        CONFIG_PATH.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {CONFIG_PATH}")
+        return
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -373,6 +457,8 @@ def main() -> None:
     lm._CHOICE_CACHE.clear()
     flush_log()
     records = run_sweep(deadline=t0 + args.budget_s, log=log)
+    merge_dense(table, records, log)
+    tpath.write_text(json.dumps(table, indent=1) + "\n")
     name = f"lowrank_{gpu_slug()}"
     write_result(name, {"records": records, "checks": checks, "ceilings": ceil, "barrier_ok": barrier_ok,
                         "env": env}, OUT)

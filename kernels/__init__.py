@@ -11,6 +11,6 @@ this package's version stays outside that range on purpose.
 __version__ = "0.1.0"
 
 from kernels.gram import gram_accumulate, gram_accumulate_batched  # noqa: E402
-from kernels.lowrank_matmul import lowrank_matmul  # noqa: E402
+from kernels.lowrank_matmul import dense_is_faster, lowrank_matmul  # noqa: E402
 
-__all__ = ["lowrank_matmul", "gram_accumulate", "gram_accumulate_batched", "__version__"]
+__all__ = ["dense_is_faster", "lowrank_matmul", "gram_accumulate", "gram_accumulate_batched", "__version__"]

@@ -18,7 +18,14 @@ Three GPU paths, picked per call by the number of rows ``T`` of ``x`` (see ``_se
 * ``torch``: ``F.linear(F.linear(x, V), U, bias)``; the CPU path and the reference.
 
 Tuned choices for H100 ship in ``configs/h100_lowrank_matmul.json`` so that a server
-never autotunes; shapes missing there use the heuristics in ``_default_choice``.  On H100
+never autotunes; shapes missing there use the heuristics in ``_default_choice``.
+
+Dense fallback: for small layers (SmolLM2's 576-wide projections) one dense cuBLAS GEMM beats
+both factorized paths at every T up to ~1024, because launch latency, not bytes, sets the time.
+``lowrank_matmul(..., dense_weight=W)`` with ``W = U @ V`` precomputed (see
+``LowRankLinear.enable_dense_fallback``) then runs ``F.linear(x, W, bias)`` wherever
+``dense_is_faster`` says so: from the shipped table's side-by-side timings for tuned shapes,
+else from a per-T latency model fitted to the same H100 sweep.  On H100
 (bf16) the table picks the fused kernel at T=1 (1.04-1.66x faster than torch's two GEMMs,
 still ~2x off the HBM floor) and cuBLAS' two GEMMs from T=4 on; ranks that break 16-byte
 row alignment are slow in every GEMM library, so pad them once with ``pad_rank``.
@@ -32,6 +39,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +62,7 @@ __all__ = [
     "lowrank_matmul_launch",
     "lowrank_matmul_ref",
     "BACKENDS",
+    "dense_is_faster",
     "pad_rank",
     "set_default_backend",
 ]
@@ -81,6 +90,129 @@ if _HAS_TRITON:
                 other=0.0,
             )
 
+    # Helpers of the fused kernel, one per tile of a phase step.  "Step" s of a program walks its
+    # work items (item = pid + (s // steps_per_item) * nprog) and, within an item, the K (phase 1)
+    # or r (phase 2) slices.  Every helper takes the program's step count and is a no-op for a
+    # step past the end: its loads are fully masked (no memory traffic, zeros) and it stores
+    # nothing, so the prefetching loops may run past the last step.  Liveness is folded into a
+    # scalar bound (0 when dead) because scalar terms inside a mask expression trip the
+    # interpreter.
+
+    @triton.jit
+    def _lowrank_matmul_v_tile(x_ptr, v_ptr, s, steps, p1_pid, p1_nprog, n_ks, n_rb, k_span,
+                               T, N, R, stride_xt, v_row,
+                               KSPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R1: tl.constexpr,
+                               BLOCK_K1: tl.constexpr, ONE_ROW: tl.constexpr):
+        # Phase-1 step s: the V tile [BLOCK_R1, BLOCK_K1] and the matching x row / tile.
+        item = p1_pid + (s // n_ks) * p1_nprog
+        ks = item % KSPLIT
+        khi = tl.where(s < steps, tl.minimum(N, (ks + 1) * k_span), 0)
+        vk = ks * k_span + (s % n_ks) * BLOCK_K1 + tl.arange(0, BLOCK_K1)
+        vr = ((item // KSPLIT) % n_rb) * BLOCK_R1 + tl.arange(0, BLOCK_R1)
+        v = tl.load(v_ptr + vr[:, None] * v_row + vk[None, :],
+                    mask=(vr[:, None] < R) & (vk[None, :] < khi), other=0.0)
+        x = _lowrank_matmul_load_x(x_ptr, item // (KSPLIT * n_rb), vk, khi, T, stride_xt, BLOCK_T, ONE_ROW)
+        return v, x
+
+    @triton.jit
+    def _lowrank_matmul_p1_flush(acc, s, steps, p1_pid, p1_nprog, n_ks, n_rb, ws_ptr, T, R, TR,
+                                 KSPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R1: tl.constexpr,
+                                 ONE_ROW: tl.constexpr):
+        # After the last K step of a work item: ws[ks, t, r] = its partial sums; restart acc.
+        if (s % n_ks == n_ks - 1) & (s < steps):
+            item = p1_pid + (s // n_ks) * p1_nprog
+            ks = item % KSPLIT
+            tb = item // (KSPLIT * n_rb)
+            wr = ((item // KSPLIT) % n_rb) * BLOCK_R1 + tl.arange(0, BLOCK_R1)
+            if ONE_ROW:
+                tl.store(ws_ptr + ks * TR + tb * R + wr, acc, mask=wr < R)
+                acc = tl.zeros([BLOCK_R1], dtype=tl.float32)
+            else:
+                wt = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+                tl.store(ws_ptr + ks * TR + wt[:, None] * R + wr[None, :], acc,
+                         mask=(wt[:, None] < T) & (wr[None, :] < R))
+                acc = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
+        return acc
+
+    @triton.jit
+    def _lowrank_matmul_u_tile(u_ptr, s2, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                               BLOCK_M2: tl.constexpr, BLOCK_R2: tl.constexpr):
+        # Phase-2 step s2: the U tile [BLOCK_M2, BLOCK_R2].
+        um = ((pid + (s2 // n_rs) * nprog) % n_mb) * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+        ur = (s2 % n_rs) * BLOCK_R2 + tl.arange(0, BLOCK_R2)
+        return tl.load(u_ptr + um[:, None] * u_row + ur[None, :],
+                       mask=(um[:, None] < tl.where(s2 < steps2, M, 0)) & (ur[None, :] < R), other=0.0)
+
+    @triton.jit
+    def _lowrank_matmul_u_head(u_ptr, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                               BLOCK_M2: tl.constexpr, BLOCK_R2: tl.constexpr, PREFETCH: tl.constexpr):
+        # The U tiles of a program's first PREFETCH + 1 phase-2 steps (only the first is used
+        # when PREFETCH == 1).  U does not depend on phase 1, so they can be requested early.
+        u_a = _lowrank_matmul_u_tile(u_ptr, 0, steps2, pid, nprog, n_rs, n_mb, M, R, u_row, BLOCK_M2, BLOCK_R2)
+        u_b = u_a
+        u_c = u_a
+        if PREFETCH == 2:
+            u_b = _lowrank_matmul_u_tile(u_ptr, 1, steps2, pid, nprog, n_rs, n_mb, M, R, u_row, BLOCK_M2, BLOCK_R2)
+            u_c = _lowrank_matmul_u_tile(u_ptr, 2, steps2, pid, nprog, n_rs, n_mb, M, R, u_row, BLOCK_M2, BLOCK_R2)
+        return u_a, u_b, u_c
+
+    @triton.jit
+    def _lowrank_matmul_t_tile(ws_ptr, s2, steps2, pid, nprog, n_rs, n_mb, T, R, TR,
+                               KSPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R2: tl.constexpr,
+                               ONE_ROW: tl.constexpr):
+        # Phase-2 step s2: the fp32 intermediate t[rows, r-slice], summed over the K splits.
+        # ws was written by other programs in this launch: bypass L1 (.cg) so no stale line can
+        # be read even if the acquire did not invalidate it.
+        tb2 = (pid + (s2 // n_rs) * nprog) // n_mb
+        tr = (s2 % n_rs) * BLOCK_R2 + tl.arange(0, BLOCK_R2)
+        r_hi = tl.where(s2 < steps2, R, 0)
+        if ONE_ROW:
+            t_ptrs = ws_ptr + tb2 * R + tr
+            t_mask = tr < r_hi
+        else:
+            tt_rows = tb2 * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_ptrs = ws_ptr + tt_rows[:, None] * R + tr[None, :]
+            t_mask = (tt_rows[:, None] < T) & (tr[None, :] < r_hi)
+        tt = tl.load(t_ptrs, mask=t_mask, other=0.0, cache_modifier=".cg")
+        for kk in tl.static_range(1, KSPLIT):
+            tt += tl.load(t_ptrs + kk * TR, mask=t_mask, other=0.0, cache_modifier=".cg")
+        return tt
+
+    @triton.jit
+    def _lowrank_matmul_p2_flush(acc2, s2, steps2, pid, nprog, n_rs, n_mb, b_ptr, y_ptr, T, M, stride_yt,
+                                 HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M2: tl.constexpr,
+                                 ONE_ROW: tl.constexpr):
+        # After the last r step of a work item: y[rows, m-slice] = acc2 (+ bias); restart acc2.
+        if (s2 % n_rs == n_rs - 1) & (s2 < steps2):
+            item2 = pid + (s2 // n_rs) * nprog
+            tb2 = item2 // n_mb
+            ym = (item2 % n_mb) * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + ym, mask=ym < M, other=0.0).to(tl.float32)
+            if ONE_ROW:
+                if HAS_BIAS:
+                    acc2 += bias
+                tl.store(y_ptr + tb2 * stride_yt + ym, acc2.to(y_ptr.dtype.element_ty), mask=ym < M)
+                acc2 = tl.zeros([BLOCK_M2], dtype=tl.float32)
+            else:
+                if HAS_BIAS:
+                    acc2 += bias[None, :]
+                yt = tb2 * BLOCK_T + tl.arange(0, BLOCK_T)
+                tl.store(y_ptr + yt[:, None] * stride_yt + ym[None, :], acc2.to(y_ptr.dtype.element_ty),
+                         mask=(yt[:, None] < T) & (ym[None, :] < M))
+                acc2 = tl.zeros([BLOCK_T, BLOCK_M2], dtype=tl.float32)
+        return acc2
+
+    @triton.jit
+    def _lowrank_matmul_fma(acc, w, a, ONE_ROW: tl.constexpr):
+        # acc[.., i] += sum_k w[i, k] a[.., k] in fp32, for a weight tile w and one activation row
+        # a (ONE_ROW) or a [BLOCK_T, K] tile of them: the GEMV path's FMAs and reductions.
+        if ONE_ROW:
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        return acc
+
     @triton.jit(do_not_specialize=["T"])
     def _lowrank_matmul_fused_kernel(
         x_ptr, v_ptr, u_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -99,6 +231,7 @@ if _HAS_TRITON:
         U_ALIGN: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         EARLY_U: tl.constexpr,  # request the first U tile before phase 1 instead of before the barrier
+        PREFETCH: tl.constexpr = 1,  # GEMV path: weight tiles requested ahead of the one being reduced
     ):
         # ONE_ROW: the pure GEMV form (T handled one row per work item).  Otherwise the
         # accumulators are [BLOCK_T, ...] tiles, built by tl.dot or by 3-D broadcast-and-sum
@@ -113,11 +246,6 @@ if _HAS_TRITON:
         nprog = tl.num_programs(0)
         n_tb = tl.cdiv(T, BLOCK_T)
         TR = T * R
-        ar_r1 = tl.arange(0, BLOCK_R1)
-        ar_k1 = tl.arange(0, BLOCK_K1)
-        ar_m2 = tl.arange(0, BLOCK_M2)
-        ar_r2 = tl.arange(0, BLOCK_R2)
-        ar_t = tl.arange(0, BLOCK_T)
         if PHASE == 3:
             # Local mode (tiny layers): every program computes the whole shrink into its own
             # workspace slice and needs no inter-program sync; V is re-read from L2 per
@@ -134,14 +262,10 @@ if _HAS_TRITON:
         n_items2 = n_tb * n_mb
         steps2 = tl.cdiv(tl.maximum(n_items2 - pid, 0), nprog) * n_rs
         if EARLY_U and PHASE != 1 and not USE_DOT:
-            # U does not depend on phase 1: when this program's first U tile fits in registers
-            # next to phase 1's, its HBM fetch overlaps the whole shrink.
-            um0 = (pid % n_mb) * BLOCK_M2 + ar_m2
-            u_nxt = tl.load(
-                u_ptr + um0[:, None] * u_row + ar_r2[None, :],
-                mask=(um0[:, None] < tl.where(steps2 > 0, M, 0)) & (ar_r2[None, :] < R),
-                other=0.0,
-            )
+            # U does not depend on phase 1: when this program's first U tiles fit in registers
+            # next to phase 1's, their HBM fetch overlaps the whole shrink.
+            u_a, u_b, u_c = _lowrank_matmul_u_head(u_ptr, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                                                   BLOCK_M2, BLOCK_R2, PREFETCH)
 
         # ---------------- phase 1: ws[ks, t, r] = x[t, K_ks] . V[r, K_ks] -----------------
         if PHASE != 2:
@@ -150,99 +274,86 @@ if _HAS_TRITON:
             n_ks = k_span // BLOCK_K1
             n_items = n_tb * n_rb * KSPLIT
             steps = tl.cdiv(tl.maximum(n_items - p1_pid, 0), p1_nprog) * n_ks
-            # Software prefetch: the tiles of step s+1 are requested before step s is reduced
-            # (the GEMV loop has no tl.dot, so Triton's pipeliner would not do it).  Liveness
-            # is folded into the scalar K bound (0 when dead) because scalar terms inside a
-            # mask expression trip the interpreter.
-            # The tl.dot variant instead leaves its loads in the loop for Triton's pipeliner
-            # (cp.async into shared memory): register double-buffers of dot operands spill.
-            if not USE_DOT:
-                ks0 = p1_pid % KSPLIT
-                rb0 = (p1_pid // KSPLIT) % n_rb
-                khi0 = tl.where(steps > 0, tl.minimum(N, (ks0 + 1) * k_span), 0)
-                vk0 = ks0 * k_span + ar_k1
-                vr0 = rb0 * BLOCK_R1 + ar_r1
-                v_nxt = tl.load(
-                    v_ptr + vr0[:, None] * v_row + vk0[None, :],
-                    mask=(vr0[:, None] < R) & (vk0[None, :] < khi0),
-                    other=0.0,
-                )
-                x_nxt = _lowrank_matmul_load_x(x_ptr, p1_pid // (KSPLIT * n_rb), vk0, khi0, T, stride_xt,
-                                               BLOCK_T, ONE_ROW)
             if ONE_ROW:
                 acc = tl.zeros([BLOCK_R1], dtype=tl.float32)
             else:
                 acc = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
-            for s in range(0, steps):
-                item = p1_pid + (s // n_ks) * p1_nprog
-                kstep = s % n_ks
-                ks = item % KSPLIT
-                rb = (item // KSPLIT) % n_rb
-                tb = item // (KSPLIT * n_rb)
-                if USE_DOT:
-                    khi = tl.minimum(N, (ks + 1) * k_span)
-                    vk = ks * k_span + kstep * BLOCK_K1 + ar_k1
-                    vr = rb * BLOCK_R1 + ar_r1
-                    v_cur = tl.load(v_ptr + vr[:, None] * v_row + vk[None, :],
-                                    mask=(vr[:, None] < R) & (vk[None, :] < khi), other=0.0)
-                    x_cur = _lowrank_matmul_load_x(x_ptr, tb, vk, khi, T, stride_xt, BLOCK_T, ONE_ROW)
-                else:
+            if USE_DOT:
+                # The tl.dot variant leaves its loads in the loop for Triton's pipeliner
+                # (cp.async into shared memory): register double-buffers of dot operands spill.
+                for s in range(0, steps):
+                    v_cur, x_cur = _lowrank_matmul_v_tile(x_ptr, v_ptr, s, steps, p1_pid, p1_nprog, n_ks, n_rb,
+                                                          k_span, T, N, R, stride_xt, v_row,
+                                                          KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1, ONE_ROW)
+                    acc = tl.dot(x_cur, tl.trans(v_cur), acc, input_precision=INPUT_PRECISION)
+                    acc = _lowrank_matmul_p1_flush(acc, s, steps, p1_pid, p1_nprog, n_ks, n_rb, ws_ptr, T, R, TR,
+                                                   KSPLIT, BLOCK_T, BLOCK_R1, ONE_ROW)
+            elif PREFETCH == 1:
+                # Software prefetch: the tiles of step s+1 are requested before step s is reduced
+                # (the GEMV loop has no tl.dot, so Triton's pipeliner would not do it).
+                v_nxt, x_nxt = _lowrank_matmul_v_tile(x_ptr, v_ptr, 0, steps, p1_pid, p1_nprog, n_ks, n_rb,
+                                                      k_span, T, N, R, stride_xt, v_row,
+                                                      KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1, ONE_ROW)
+                for s in range(0, steps):
                     v_cur = v_nxt
                     x_cur = x_nxt
-                    s1 = s + 1
-                    item1 = p1_pid + (s1 // n_ks) * p1_nprog
-                    ks1 = item1 % KSPLIT
-                    khi1 = tl.where(s1 < steps, tl.minimum(N, (ks1 + 1) * k_span), 0)
-                    vk1 = ks1 * k_span + (s1 % n_ks) * BLOCK_K1 + ar_k1
-                    vr1 = ((item1 // KSPLIT) % n_rb) * BLOCK_R1 + ar_r1
-                    v_nxt = tl.load(
-                        v_ptr + vr1[:, None] * v_row + vk1[None, :],
-                        mask=(vr1[:, None] < R) & (vk1[None, :] < khi1),
-                        other=0.0,
-                    )
-                    x_nxt = _lowrank_matmul_load_x(x_ptr, item1 // (KSPLIT * n_rb), vk1, khi1, T, stride_xt,
-                                                   BLOCK_T, ONE_ROW)
-                if USE_DOT:
-                    acc = tl.dot(x_cur, tl.trans(v_cur), acc, input_precision=INPUT_PRECISION)
-                elif ONE_ROW:
-                    acc += tl.sum(v_cur.to(tl.float32) * x_cur.to(tl.float32)[None, :], axis=1)
-                else:
-                    prod = x_cur.to(tl.float32)[:, None, :] * v_cur.to(tl.float32)[None, :, :]
-                    acc += tl.sum(prod, axis=2)
-                if kstep == n_ks - 1:
-                    wr = rb * BLOCK_R1 + ar_r1
-                    if ONE_ROW:
-                        tl.store(ws_ptr + ks * TR + tb * R + wr, acc, mask=wr < R)
-                        acc = tl.zeros([BLOCK_R1], dtype=tl.float32)
-                    else:
-                        wt = tb * BLOCK_T + ar_t
-                        tl.store(
-                            ws_ptr + ks * TR + wt[:, None] * R + wr[None, :],
-                            acc,
-                            mask=(wt[:, None] < T) & (wr[None, :] < R),
-                        )
-                        acc = tl.zeros([BLOCK_T, BLOCK_R1], dtype=tl.float32)
+                    v_nxt, x_nxt = _lowrank_matmul_v_tile(x_ptr, v_ptr, s + 1, steps, p1_pid, p1_nprog, n_ks,
+                                                          n_rb, k_span, T, N, R, stride_xt, v_row,
+                                                          KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1, ONE_ROW)
+                    acc = _lowrank_matmul_fma(acc, v_cur, x_cur, ONE_ROW)
+                    acc = _lowrank_matmul_p1_flush(acc, s, steps, p1_pid, p1_nprog, n_ks, n_rb, ws_ptr, T, R, TR,
+                                                   KSPLIT, BLOCK_T, BLOCK_R1, ONE_ROW)
+            else:
+                # PREFETCH == 2: three tile buffers a, b, c and the loop unrolled by three.  Each
+                # buffer is refilled (step s + 3) right after it is reduced, so while one is being
+                # reduced the other two are in flight.  Loading into the buffer a tile is reduced
+                # from needs no register copy at the back edge: a copy of a loaded register
+                # waits for the load, which would cut the lookahead back to one tile.
+                v_a, x_a = _lowrank_matmul_v_tile(x_ptr, v_ptr, 0, steps, p1_pid, p1_nprog, n_ks, n_rb, k_span,
+                                                  T, N, R, stride_xt, v_row, KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1,
+                                                  ONE_ROW)
+                v_b, x_b = _lowrank_matmul_v_tile(x_ptr, v_ptr, 1, steps, p1_pid, p1_nprog, n_ks, n_rb, k_span,
+                                                  T, N, R, stride_xt, v_row, KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1,
+                                                  ONE_ROW)
+                v_c, x_c = _lowrank_matmul_v_tile(x_ptr, v_ptr, 2, steps, p1_pid, p1_nprog, n_ks, n_rb, k_span,
+                                                  T, N, R, stride_xt, v_row, KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1,
+                                                  ONE_ROW)
+                for s in range(0, steps, 3):
+                    acc = _lowrank_matmul_fma(acc, v_a, x_a, ONE_ROW)
+                    acc = _lowrank_matmul_p1_flush(acc, s, steps, p1_pid, p1_nprog, n_ks, n_rb, ws_ptr, T, R, TR,
+                                                   KSPLIT, BLOCK_T, BLOCK_R1, ONE_ROW)
+                    v_a, x_a = _lowrank_matmul_v_tile(x_ptr, v_ptr, s + 3, steps, p1_pid, p1_nprog, n_ks, n_rb,
+                                                      k_span, T, N, R, stride_xt, v_row,
+                                                      KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1, ONE_ROW)
+                    acc = _lowrank_matmul_fma(acc, v_b, x_b, ONE_ROW)
+                    acc = _lowrank_matmul_p1_flush(acc, s + 1, steps, p1_pid, p1_nprog, n_ks, n_rb, ws_ptr, T, R,
+                                                   TR, KSPLIT, BLOCK_T, BLOCK_R1, ONE_ROW)
+                    v_b, x_b = _lowrank_matmul_v_tile(x_ptr, v_ptr, s + 4, steps, p1_pid, p1_nprog, n_ks, n_rb,
+                                                      k_span, T, N, R, stride_xt, v_row,
+                                                      KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1, ONE_ROW)
+                    acc = _lowrank_matmul_fma(acc, v_c, x_c, ONE_ROW)
+                    acc = _lowrank_matmul_p1_flush(acc, s + 2, steps, p1_pid, p1_nprog, n_ks, n_rb, ws_ptr, T, R,
+                                                   TR, KSPLIT, BLOCK_T, BLOCK_R1, ONE_ROW)
+                    v_c, x_c = _lowrank_matmul_v_tile(x_ptr, v_ptr, s + 5, steps, p1_pid, p1_nprog, n_ks, n_rb,
+                                                      k_span, T, N, R, stride_xt, v_row,
+                                                      KSPLIT, BLOCK_T, BLOCK_R1, BLOCK_K1, ONE_ROW)
 
         # ---------------- phase 2: y[t, m] = sum_ks ws[ks, t, :] . U[m, :] + b[m] ----------
         if PHASE != 1:
             if not EARLY_U and not USE_DOT:
-                # Otherwise request the first U tile at least before the barrier, so its HBM
+                # Otherwise request the first U tiles at least before the barrier, so their HBM
                 # latency overlaps the wait.
-                um0 = (pid % n_mb) * BLOCK_M2 + ar_m2
-                u_nxt = tl.load(
-                    u_ptr + um0[:, None] * u_row + ar_r2[None, :],
-                    mask=(um0[:, None] < tl.where(steps2 > 0, M, 0)) & (ar_r2[None, :] < R),
-                    other=0.0,
-                )
+                u_a, u_b, u_c = _lowrank_matmul_u_head(u_ptr, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                                                       BLOCK_M2, BLOCK_R2, PREFETCH)
             if PHASE == 3:
                 tl.debug_barrier()  # this program's own ws stores are visible to all its threads
             if PHASE == 0:
                 # Grid-wide sense-reversing barrier: cnt_ptr[0] counts arrivals, cnt_ptr[1] is
                 # the generation.  The last arriver resets the count and bumps the generation;
                 # the others spin until it changes.  Launches of any grid size can share the
-                # pair because it is back to {0, g+1} when a launch ends.  All programs are
-                # co-resident (the launcher starts at most one per SM), so spinning cannot
-                # deadlock.
+                # pair because it is back to {0, g+1} when a launch ends.  All programs must be
+                # co-resident for the spin not to deadlock: the launcher starts one per SM, or
+                # more only within the compiled kernel's occupancy (see _launch_fused).
                 gen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire", scope="gpu")
                 tl.debug_barrier()  # every thread's ws stores happen-before the release below
                 old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
@@ -258,65 +369,51 @@ if _HAS_TRITON:
                 acc2 = tl.zeros([BLOCK_M2], dtype=tl.float32)
             else:
                 acc2 = tl.zeros([BLOCK_T, BLOCK_M2], dtype=tl.float32)
-            for s2 in range(0, steps2):
-                item2 = pid + (s2 // n_rs) * nprog
-                rstep = s2 % n_rs
-                mb = item2 % n_mb
-                tb2 = item2 // n_mb
-                tr = rstep * BLOCK_R2 + ar_r2
-                if USE_DOT:
-                    um = mb * BLOCK_M2 + ar_m2
+            if USE_DOT:
+                for s2 in range(0, steps2):
+                    um = ((pid + (s2 // n_rs) * nprog) % n_mb) * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+                    tr = (s2 % n_rs) * BLOCK_R2 + tl.arange(0, BLOCK_R2)
                     u_cur = tl.load(u_ptr + um[:, None] * u_row + tr[None, :],
                                     mask=(um[:, None] < M) & (tr[None, :] < R), other=0.0)
-                else:
-                    u_cur = u_nxt
-                    s21 = s2 + 1
-                    um1 = ((pid + (s21 // n_rs) * nprog) % n_mb) * BLOCK_M2 + ar_m2
-                    ur1 = (s21 % n_rs) * BLOCK_R2 + ar_r2
-                    u_nxt = tl.load(
-                        u_ptr + um1[:, None] * u_row + ur1[None, :],
-                        mask=(um1[:, None] < tl.where(s21 < steps2, M, 0)) & (ur1[None, :] < R),
-                        other=0.0,
-                    )
-                # ws was written by other programs in this launch: bypass L1 (.cg) so no stale
-                # line can be read even if the acquire did not invalidate it.
-                if ONE_ROW:
-                    t_ptrs = ws_ptr + tb2 * R + tr
-                    tt = tl.load(t_ptrs, mask=tr < R, other=0.0, cache_modifier=".cg")
-                    for kk in tl.static_range(1, KSPLIT):
-                        tt += tl.load(t_ptrs + kk * TR, mask=tr < R, other=0.0, cache_modifier=".cg")
-                    acc2 += tl.sum(u_cur.to(tl.float32) * tt[None, :], axis=1)
-                else:
-                    tt_rows = tb2 * BLOCK_T + ar_t
-                    t_ptrs = ws_ptr + tt_rows[:, None] * R + tr[None, :]
-                    t_mask = (tt_rows[:, None] < T) & (tr[None, :] < R)
-                    tt = tl.load(t_ptrs, mask=t_mask, other=0.0, cache_modifier=".cg")
-                    for kk in tl.static_range(1, KSPLIT):
-                        tt += tl.load(t_ptrs + kk * TR, mask=t_mask, other=0.0, cache_modifier=".cg")
-                    if USE_DOT:
-                        acc2 = tl.dot(tt.to(u_cur.dtype), tl.trans(u_cur), acc2,
-                                      input_precision=INPUT_PRECISION)
-                    else:
-                        acc2 += tl.sum(tt[:, None, :] * u_cur.to(tl.float32)[None, :, :], axis=2)
-                if rstep == n_rs - 1:
-                    ym = mb * BLOCK_M2 + ar_m2
-                    if HAS_BIAS:
-                        bias = tl.load(b_ptr + ym, mask=ym < M, other=0.0).to(tl.float32)
-                    if ONE_ROW:
-                        if HAS_BIAS:
-                            acc2 += bias
-                        tl.store(y_ptr + tb2 * stride_yt + ym, acc2.to(y_ptr.dtype.element_ty), mask=ym < M)
-                        acc2 = tl.zeros([BLOCK_M2], dtype=tl.float32)
-                    else:
-                        if HAS_BIAS:
-                            acc2 += bias[None, :]
-                        yt = tb2 * BLOCK_T + ar_t
-                        tl.store(
-                            y_ptr + yt[:, None] * stride_yt + ym[None, :],
-                            acc2.to(y_ptr.dtype.element_ty),
-                            mask=(yt[:, None] < T) & (ym[None, :] < M),
-                        )
-                        acc2 = tl.zeros([BLOCK_T, BLOCK_M2], dtype=tl.float32)
+                    tt = _lowrank_matmul_t_tile(ws_ptr, s2, steps2, pid, nprog, n_rs, n_mb, T, R, TR,
+                                                KSPLIT, BLOCK_T, BLOCK_R2, ONE_ROW)
+                    acc2 = tl.dot(tt.to(u_cur.dtype), tl.trans(u_cur), acc2, input_precision=INPUT_PRECISION)
+                    acc2 = _lowrank_matmul_p2_flush(acc2, s2, steps2, pid, nprog, n_rs, n_mb, b_ptr, y_ptr, T, M,
+                                                    stride_yt, HAS_BIAS, BLOCK_T, BLOCK_M2, ONE_ROW)
+            elif PREFETCH == 1:
+                for s2 in range(0, steps2):
+                    u_cur = u_a
+                    u_a = _lowrank_matmul_u_tile(u_ptr, s2 + 1, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                                                 BLOCK_M2, BLOCK_R2)
+                    tt = _lowrank_matmul_t_tile(ws_ptr, s2, steps2, pid, nprog, n_rs, n_mb, T, R, TR,
+                                                KSPLIT, BLOCK_T, BLOCK_R2, ONE_ROW)
+                    acc2 = _lowrank_matmul_fma(acc2, u_cur, tt, ONE_ROW)
+                    acc2 = _lowrank_matmul_p2_flush(acc2, s2, steps2, pid, nprog, n_rs, n_mb, b_ptr, y_ptr, T, M,
+                                                    stride_yt, HAS_BIAS, BLOCK_T, BLOCK_M2, ONE_ROW)
+            else:
+                # PREFETCH == 2: the three-buffer loop of phase 1 (see there) over U tiles.
+                for s2 in range(0, steps2, 3):
+                    tt = _lowrank_matmul_t_tile(ws_ptr, s2, steps2, pid, nprog, n_rs, n_mb, T, R, TR,
+                                                KSPLIT, BLOCK_T, BLOCK_R2, ONE_ROW)
+                    acc2 = _lowrank_matmul_fma(acc2, u_a, tt, ONE_ROW)
+                    acc2 = _lowrank_matmul_p2_flush(acc2, s2, steps2, pid, nprog, n_rs, n_mb, b_ptr, y_ptr, T, M,
+                                                    stride_yt, HAS_BIAS, BLOCK_T, BLOCK_M2, ONE_ROW)
+                    u_a = _lowrank_matmul_u_tile(u_ptr, s2 + 3, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                                                 BLOCK_M2, BLOCK_R2)
+                    tt = _lowrank_matmul_t_tile(ws_ptr, s2 + 1, steps2, pid, nprog, n_rs, n_mb, T, R, TR,
+                                                KSPLIT, BLOCK_T, BLOCK_R2, ONE_ROW)
+                    acc2 = _lowrank_matmul_fma(acc2, u_b, tt, ONE_ROW)
+                    acc2 = _lowrank_matmul_p2_flush(acc2, s2 + 1, steps2, pid, nprog, n_rs, n_mb, b_ptr, y_ptr, T,
+                                                    M, stride_yt, HAS_BIAS, BLOCK_T, BLOCK_M2, ONE_ROW)
+                    u_b = _lowrank_matmul_u_tile(u_ptr, s2 + 4, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                                                 BLOCK_M2, BLOCK_R2)
+                    tt = _lowrank_matmul_t_tile(ws_ptr, s2 + 2, steps2, pid, nprog, n_rs, n_mb, T, R, TR,
+                                                KSPLIT, BLOCK_T, BLOCK_R2, ONE_ROW)
+                    acc2 = _lowrank_matmul_fma(acc2, u_c, tt, ONE_ROW)
+                    acc2 = _lowrank_matmul_p2_flush(acc2, s2 + 2, steps2, pid, nprog, n_rs, n_mb, b_ptr, y_ptr, T,
+                                                    M, stride_yt, HAS_BIAS, BLOCK_T, BLOCK_M2, ONE_ROW)
+                    u_c = _lowrank_matmul_u_tile(u_ptr, s2 + 5, steps2, pid, nprog, n_rs, n_mb, M, R, u_row,
+                                                 BLOCK_M2, BLOCK_R2)
 
     @triton.jit(do_not_specialize=["M"])
     def _lowrank_matmul_gemm_kernel(
@@ -456,6 +553,21 @@ FUSED_DEFAULTS: dict[str, Any] = {
     "sync": "barrier",  # "two_launch": phases as two launches; "local": shrink per program
     "early_u": False,
     "max_programs": None,  # cap on the grid (tests use it to give programs several items)
+    # Barrier mode only: launch up to this many programs per SM.  More resident programs keep
+    # more weight tiles in flight per SM (one program holds one tile), but every program must
+    # be co-resident or the grid barrier deadlocks, so the launcher clamps the request to the
+    # compiled kernel's occupancy (see _resident_programs) and falls back to 1 when unknown.
+    "programs_per_sm": 1,
+    # Barrier mode only: launch with CUDA's cooperative attribute, under which the driver
+    # refuses (raises) a grid that cannot be co-resident instead of letting it hang, even
+    # when other streams occupy SMs.  None: on exactly when more than one program per SM is
+    # requested (the historical one-per-SM launch stays a plain launch).
+    "cooperative": None,
+    # GEMV path: weight tiles in flight per program.  1: the next tile is requested before
+    # the current one is reduced.  2: two tiles ahead, with the loop unrolled by two so
+    # that each tile is loaded into the register buffer it is consumed from (a rotating
+    # buffer would need a register copy of a load still in flight, which waits for it).
+    "prefetch": 1,
 }
 
 
@@ -475,18 +587,157 @@ def _fused_params(T: int, N: int, M: int, R: int, cfg: dict[str, Any], nsm: int)
     bm2 = max(lo, min(_next_pow2(c["block_m2"]), _next_pow2(M)))
     br2 = max(16, min(_next_pow2(c["block_r2"]), _next_pow2(R)))
     n_items1 = math.ceil(T / bt) * math.ceil(R / br1)
+    barrier = c["sync"] == "barrier"
+    pps = int(c["programs_per_sm"] if c["programs_per_sm"] is not None else 1)
+    if pps < 1:
+        raise ValueError(f"programs_per_sm must be >= 1, got {c['programs_per_sm']!r}")
+    prefetch = int(c["prefetch"])
+    if prefetch not in (1, 2):
+        raise ValueError(f"prefetch must be 1 or 2, got {c['prefetch']!r}")
+    # Only the persistent barrier grid is sized per SM; the other modes launch one program per
+    # work item, so normalise the per-SM options there (equal configs then dedupe in the tuner).
+    pps = pps if barrier else 1
+    coop = c["cooperative"] if barrier else False
+    coop = (pps > 1) if coop is None else bool(coop)
     ksplit = c["ksplit"]
     if ksplit is None:
+        # Enough K splits that phase 1 has about one item per requested program.
         ksplit = 1
-        while ksplit < 8 and n_items1 * ksplit * 2 <= nsm and math.ceil(N / (ksplit * 2)) >= bk1:
+        while ksplit < 8 and n_items1 * ksplit * 2 <= nsm * pps and math.ceil(N / (ksplit * 2)) >= bk1:
             ksplit *= 2
     ksplit = max(1, min(int(ksplit), math.ceil(N / bk1)))
     return {
         "use_dot": bool(use_dot), "block_t": bt, "block_r1": br1, "block_k1": bk1, "ksplit": ksplit,
         "block_m2": bm2, "block_r2": br2, "num_warps": int(c["num_warps"]),
         "num_stages": int(c["num_stages"]), "sync": c["sync"], "early_u": bool(c["early_u"]),
-        "max_programs": c["max_programs"],
+        "max_programs": c["max_programs"], "programs_per_sm": pps, "cooperative": coop,
+        "prefetch": 1 if use_dot else prefetch,
     }
+
+
+def _fused_meta(p: dict[str, Any], dtype: torch.dtype, has_bias: bool, va: int, ua: int) -> dict[str, Any]:
+    """Constexpr and launch options of the fused kernel for resolved params ``p`` (``_fused_params``)."""
+    return dict(
+        HAS_BIAS=has_bias, USE_DOT=p["use_dot"], KSPLIT=p["ksplit"], BLOCK_T=p["block_t"],
+        BLOCK_R1=p["block_r1"], BLOCK_K1=p["block_k1"], BLOCK_M2=p["block_m2"], BLOCK_R2=p["block_r2"],
+        V_ALIGN=va, U_ALIGN=ua, INPUT_PRECISION=_input_precision(dtype), EARLY_U=p["early_u"],
+        PREFETCH=p["prefetch"], num_warps=p["num_warps"], num_stages=p["num_stages"],
+    )
+
+
+# Resident blocks per SM where torch's device properties do not say: 32 on sm_70/80/90/100,
+# 16-24 on the other parts of those generations, so take 16 for anything not listed.
+_MAX_BLOCKS_PER_SM = {(7, 0): 32, (8, 0): 32, (9, 0): 32, (10, 0): 32}
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _blocks_per_sm(n_regs: int, shared: int, num_warps: int, *, regs_per_sm: int = 65536,
+                   threads_per_sm: int = 2048, smem_per_sm: int = 233472, max_blocks: int = 32,
+                   warp_size: int = 32) -> int:
+    """How many programs of one kernel fit on an SM at once (0: not even one).
+
+    Counted as CUDA's occupancy calculator does (cuda_occupancy.h): registers are allocated
+    per warp in units of 256 from 4 sub-partitions of ``regs_per_sm / 4`` each; every block
+    also takes 1 KB of system shared memory, allocated in 128-byte units; and both the warps
+    (``threads_per_sm / 32``) and the blocks per SM are capped.  Defaults are H100 (sm_90).
+    """
+    n_regs, shared, num_warps = int(n_regs), int(shared), int(num_warps)
+    if n_regs > 255 or num_warps < 1:
+        return 0
+    parts = 4
+    regs_per_warp = -(-max(n_regs, 1) * warp_size // 256) * 256
+    if regs_per_warp * (-(-num_warps // parts) * parts) > regs_per_sm:
+        return 0
+    by_regs = ((regs_per_sm // parts) // regs_per_warp) * parts // num_warps
+    by_threads = threads_per_sm // (num_warps * warp_size)
+    by_smem = smem_per_sm // (-(-(shared + 1024) // 128) * 128)
+    return max(0, min(by_regs, by_threads, by_smem, max_blocks))
+
+
+_CUDA_LIB: list = []
+
+
+def _driver_blocks_per_sm(function: Any, threads: int, shared: int) -> int | None:
+    """``cuOccupancyMaxActiveBlocksPerMultiprocessor`` of a loaded kernel (None where unavailable).
+
+    This is the number the driver itself checks a cooperative launch against.
+    """
+    if not isinstance(function, int) or function == 0:
+        return None
+    try:
+        import ctypes
+
+        if not _CUDA_LIB:
+            _CUDA_LIB.append(ctypes.CDLL("libcuda.so.1"))
+        n = ctypes.c_int(0)
+        rc = _CUDA_LIB[0].cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(n), ctypes.c_void_p(function), ctypes.c_int(threads), ctypes.c_size_t(shared))
+    except Exception:  # noqa: BLE001 - no driver library: our own count stands alone
+        return None
+    return int(n.value) if rc == 0 else None
+
+
+def _kernel_blocks_per_sm(compiled: Any, props: Any) -> int | None:
+    """Resident programs per SM of a compiled Triton kernel, or None if its metadata is unreadable.
+
+    ``n_regs`` only exists once the binary is loaded (``CompiledKernel._init_handles`` in triton
+    3.x, which ``warmup`` does not call); ``shared`` and ``num_warps`` are in its metadata.  The
+    driver's own answer, where it can be had, caps ours (they should agree).
+    """
+    try:
+        init = getattr(compiled, "_init_handles", None)
+        if init is not None:
+            init()
+        n_regs = int(compiled.n_regs)
+        shared = int(compiled.metadata.shared)
+        warps = int(compiled.metadata.num_warps)
+    except Exception:  # noqa: BLE001 - any missing attribute means "unknown"
+        return None
+    if n_regs <= 0 or warps <= 0 or shared < 0:
+        return None
+    warp_size = int(getattr(props, "warp_size", 32) or 32)
+    occ = _blocks_per_sm(
+        n_regs, shared, warps,
+        regs_per_sm=int(getattr(props, "regs_per_multiprocessor", 0) or 65536),
+        threads_per_sm=int(getattr(props, "max_threads_per_multi_processor", 0) or 1024),
+        smem_per_sm=int(getattr(props, "shared_memory_per_multiprocessor", 0) or 102400),
+        max_blocks=_MAX_BLOCKS_PER_SM.get((getattr(props, "major", 0), getattr(props, "minor", 0)), 16),
+        warp_size=warp_size,
+    )
+    drv = _driver_blocks_per_sm(getattr(compiled, "function", None), warps * warp_size, shared)
+    return occ if drv is None else min(occ, drv)
+
+
+def _resident_programs(device: torch.device, spec: tuple, warm: Any) -> int:
+    """Fused barrier-kernel programs that can be resident on one SM at once (>= 1), cached.
+
+    ``spec`` must determine the compiled kernel (constexprs, dtypes and everything Triton
+    specializes on: integer arguments and 16-byte pointer alignment), because the register
+    count, hence the occupancy, can differ between specializations.  ``warm()`` compiles the
+    kernel without launching it and returns Triton's compiled-kernel object.  Anything that
+    cannot be read gives 1: one program per SM is always resident once the kernel launches.
+    """
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (idx, spec)
+    n = _RESIDENT.get(key)
+    if n is None:
+        try:
+            occ = _kernel_blocks_per_sm(warm(), torch.cuda.get_device_properties(idx))
+        except Exception:  # noqa: BLE001 - compile errors resurface at the launch itself
+            occ = None
+        n = max(1, occ or 1)
+        _RESIDENT[key] = n
+    return n
+
+
+def _barrier_programs(want: int, nsm: int, programs_per_sm: int, resident: Callable[[], int]) -> int:
+    """Grid size of the barrier kernel: at most ``want``, and never more programs than can all
+    be resident at once.  ``resident()`` (programs per SM the kernel's resources allow, >= 1)
+    is consulted only when more than one program per SM is requested and useful."""
+    per_sm = 1
+    if programs_per_sm > 1 and want > nsm:
+        per_sm = max(1, min(programs_per_sm, resident()))
+    return max(1, min(want, nsm * per_sm))
 
 
 def _launch_fused(
@@ -503,22 +754,31 @@ def _launch_fused(
     items1 = n_tb * math.ceil(R / p["block_r1"]) * ks
     items2 = n_tb * math.ceil(M / p["block_m2"])
     va, ua = _pow2_align(V.stride(0), 8), _pow2_align(U.stride(0), 8)
-    meta = dict(
-        HAS_BIAS=bias is not None, USE_DOT=p["use_dot"], KSPLIT=ks, BLOCK_T=p["block_t"],
-        BLOCK_R1=p["block_r1"], BLOCK_K1=p["block_k1"], BLOCK_M2=p["block_m2"], BLOCK_R2=p["block_r2"],
-        V_ALIGN=va, U_ALIGN=ua, INPUT_PRECISION=_input_precision(x2.dtype), EARLY_U=p["early_u"],
-        num_warps=p["num_warps"], num_stages=p["num_stages"],
-    )
+    meta = _fused_meta(p, x2.dtype, bias is not None, va, ua)
     cap = p["max_programs"] or (1 << 30)
     b = bias if bias is not None else y2  # never read when HAS_BIAS is False
     args = (x2, V, U, b, y2, ws)
     tail = (T, N, R, M, x2.stride(0), V.stride(0) // va, U.stride(0) // ua, y2.stride(0))
     if p["sync"] == "barrier":
-        # Persistent grid: at most one program per SM so every program is resident and the
-        # grid barrier cannot deadlock.  The interpreter runs programs one after another, so
-        # it gets exactly one program.
-        nprog = 1 if interp else max(1, min(nsm, cap, max(items1, items2)))
+        # Persistent grid: every program must be resident at once, or programs spinning in the
+        # grid barrier would wait forever for programs that cannot start.  One program per SM
+        # always fits.  More (programs_per_sm > 1) are launched only up to the occupancy of the
+        # compiled kernel (registers, shared memory, warps and blocks per SM), read from its
+        # metadata once per specialization; unreadable metadata means one per SM.  The
+        # interpreter runs programs one after another, so it gets exactly one program.
+        want = max(1, min(cap, max(items1, items2)))
         cnt = _barrier_counter(x2.device)
+        if p["cooperative"] and not interp:
+            meta["launch_cooperative_grid"] = True
+
+        def resident() -> int:
+            spec = (tuple(sorted(meta.items())), x2.dtype, tail[1:],
+                    tuple(t.data_ptr() % 16 == 0 for t in (x2, V, U, b, y2)))
+            return _resident_programs(
+                x2.device, spec,
+                lambda: _lowrank_matmul_fused_kernel.warmup(*args, cnt, *tail, PHASE=0, grid=(1,), **meta))
+
+        nprog = 1 if interp else _barrier_programs(want, nsm, p["programs_per_sm"], resident)
         _lowrank_matmul_fused_kernel[(nprog,)](*args, cnt, *tail, PHASE=0, **meta)
     elif p["sync"] == "two_launch":
         cnt = ws  # unused by PHASE 1/2
@@ -648,6 +908,7 @@ CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "h100_lowrank_matmul
 T_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 _TABLE: dict | None = None
 _CHOICE_CACHE: dict[tuple, tuple[str, dict]] = {}
+_DENSE_CACHE: dict[tuple, bool] = {}
 _DEFAULT_BACKEND = os.environ.get("LOWRANK_MATMUL_BACKEND", "auto")
 
 
@@ -689,8 +950,10 @@ def fused_candidates(T: int) -> list[dict[str, Any]]:
     """Small per-regime list of fused configs (used by the tuner and by opt-in autotuning).
 
     Chosen from ptxas reports (no spills at these tile sizes) and the first H100 sweep: the
-    FMA (GEMV) variants keep one ~16-32 KB weight tile per program in flight; the tl.dot
+    FMA (GEMV) variants keep one ~16-32 KB weight tile per program in flight (two ahead
+    with ``prefetch=2``), several programs per SM with ``programs_per_sm``; the tl.dot
     variants rely on Triton's cp.async pipeline instead of register double-buffers.
+    ``_default_choice`` takes the first entry, so new entries go at the end.
     """
     if T == 1:
         return [
@@ -699,6 +962,16 @@ def fused_candidates(T: int) -> list[dict[str, Any]]:
             _gemv_cfg(8, 2048, 16, 1024, 8),
             dict(_gemv_cfg(2, 4096, 8, 1024, 4), sync="two_launch"),
             dict(_gemv_cfg(4, 2048, 16, 512, 8), sync="two_launch"),
+            # Several programs per SM (barrier grid clamped to the kernel's occupancy), so that
+            # each SM has several weight tiles in flight; the smaller tiles give every program
+            # about one work item at 4096^2.  Registers (ptxas 13.4, sm_90a) -> programs/SM:
+            # 80 -> 3, 64 -> 4, 128 -> 4, 72 -> 7, 121 -> 4, 126 -> 2.
+            dict(_gemv_cfg(4, 2048, 16, 512, 8), programs_per_sm=2),
+            dict(_gemv_cfg(2, 4096, 8, 1024, 8), programs_per_sm=3),
+            dict(_gemv_cfg(2, 4096, 8, 1024, 4), programs_per_sm=4),
+            dict(_gemv_cfg(2, 2048, 8, 512, 4), programs_per_sm=4),
+            dict(_gemv_cfg(2, 2048, 8, 512, 4), programs_per_sm=4, prefetch=2),
+            dict(_gemv_cfg(4, 2048, 16, 512, 8), programs_per_sm=2, prefetch=2),
         ]
     if T <= 8:
         return [
@@ -812,6 +1085,56 @@ def _select(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str,
         choice = _default_choice(T, N, M, R)
     _CHOICE_CACHE[key] = choice
     return choice
+
+
+def _table_applies(device: torch.device) -> bool:
+    match = _load_table().get("gpu_match", "H100")
+    return device.type == "cuda" and match.lower() in torch.cuda.get_device_name(device).lower()
+
+
+def predicted_ms(T: int, N: int, M: int, R: int | None, model: dict | None = None) -> float | None:
+    """Latency-model estimate (ms) of the factorized dispatch (``R``) or of dense (``R=None``).
+
+    The table's ``latency_model`` holds, per T bucket, ``ms = c0 + c1 * bytes + c2 * flops`` fitted
+    by least squares to one H100 sweep (``bench.tune_lowrank --merge-dense``): ``c0`` captures the
+    launch cost that dominates small layers, ``c1``/``c2`` the bandwidth- and compute-bound terms.
+    Ranks that are not multiples of 8 (ragged rows, slow in every GEMM library) have their own fit.
+    """
+    model = model if model is not None else _load_table().get("latency_model")
+    if not model:
+        return None
+    kind = "dense" if R is None else ("lowrank" if R % 8 == 0 else "lowrank_ragged")
+    coeffs = model[str(_bucket(T, [int(k) for k in model]))][kind]
+    width = M * N if R is None else R * (M + N)
+    nbytes = 2.0 * (width + T * (M + N))
+    flops = 2.0 * T * width
+    return coeffs[0] + coeffs[1] * nbytes + coeffs[2] * flops
+
+
+@torch.compiler.assume_constant_result
+def dense_is_faster(T: int, N: int, M: int, R: int, device: torch.device) -> bool:
+    """Whether one dense GEMM with ``W = U @ V`` beats the factorized dispatch at ``T`` rows.
+
+    Tuned shapes use the measured side-by-side timings in the shipped table (``dense_ms`` against
+    ``sweep_ms``, the dispatch's time in the same sweep); other shapes use ``predicted_ms``.  Off the
+    table's GPU (or on CPU) the answer is False: nothing was measured there.  Constant for given
+    arguments, so ``torch.compile`` evaluates it once at trace time.
+    """
+    key = (T if T <= 16 else _bucket(T, list(T_BUCKETS)), N, M, R, device.type, device.index)
+    hit = _DENSE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    answer = False
+    if _table_applies(device):
+        entry = _load_table().get("entries", {}).get(config_key(N, M, R))
+        if entry and all("dense_ms" in v and "sweep_ms" in v for v in entry.values()):
+            b = str(_bucket(T, [int(k) for k in entry]))
+            answer = entry[b]["dense_ms"] < entry[b]["sweep_ms"]
+        else:
+            dense, factored = predicted_ms(T, N, M, None), predicted_ms(T, N, M, R)
+            answer = dense is not None and factored is not None and dense < factored
+    _DENSE_CACHE[key] = answer
+    return answer
 
 
 def _run(backend: str, cfg: dict | None, x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None,
@@ -972,6 +1295,21 @@ def _lowrank_matmul_backward(ctx: Any, grad: Tensor) -> tuple:
 _lowrank_matmul_op.register_autograd(_lowrank_matmul_backward, setup_context=_lowrank_matmul_setup_context)
 
 
+def _dense_linear(x: Tensor, W: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    if out is None:
+        return F.linear(x, W, bias)
+    M = W.shape[0]
+    if out.shape != (*x.shape[:-1], M) or out.dtype != x.dtype or out.device != x.device \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(*x.shape[:-1], M)} {x.dtype} tensor on {x.device}")
+    x2, y2 = x.reshape(-1, x.shape[-1]), out.view(-1, M)
+    if bias is not None:
+        torch.addmm(bias, x2, W.t(), out=y2)
+    else:
+        torch.mm(x2, W.t(), out=y2)
+    return out
+
+
 def lowrank_matmul(
     x: Tensor,
     U: Tensor,
@@ -980,12 +1318,16 @@ def lowrank_matmul(
     *,
     backend: str | None = None,
     out: Tensor | None = None,
+    dense_weight: Tensor | None = None,
 ) -> Tensor:
     """``y = x @ V.T @ U.T + bias`` for ``x [..., in]``, ``V [r, in]``, ``U [out, r]``, ``bias [out]``.
 
     Differentiable (grads for x, U, V, bias) and traceable by ``torch.compile(fullgraph=True)``
     through the ``lowrank::lowrank_matmul`` custom op.  ``out=`` (inference only) writes into
-    a preallocated contiguous buffer.  Raises ``ValueError`` on shape/dtype/device mismatch.
+    a preallocated contiguous buffer.  ``dense_weight`` (``[out, in]``, equal to ``U @ V``; the
+    caller keeps it in sync) lets the ``auto`` dispatch run one dense GEMM instead where
+    ``dense_is_faster``; never under autograd, whose gradients belong to U and V.  Raises
+    ``ValueError`` on shape/dtype/device mismatch.
     """
     backend = backend or _DEFAULT_BACKEND
     if backend not in BACKENDS:
@@ -994,6 +1336,15 @@ def lowrank_matmul(
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or U.requires_grad or V.requires_grad or (bias is not None and bias.requires_grad)
     )
+    if dense_weight is not None:
+        if dense_weight.shape != (U.shape[0], V.shape[1]) or dense_weight.dtype != x.dtype \
+                or dense_weight.device != x.device:
+            raise ValueError(f"dense_weight must be {(U.shape[0], V.shape[1])} {x.dtype} on {x.device}, got "
+                             f"{tuple(dense_weight.shape)} {dense_weight.dtype} on {dense_weight.device}")
+        T = x.numel() // x.shape[-1]
+        if (not needs_grad and backend == "auto" and T > 0
+                and dense_is_faster(T, V.shape[1], U.shape[0], U.shape[1], x.device)):
+            return _dense_linear(x, dense_weight, bias, out)
     if out is not None:
         if needs_grad:
             raise ValueError("out= is inference-only; it does not support autograd")

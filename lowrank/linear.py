@@ -12,13 +12,19 @@ optimal even after `merge_lora` has appended non-orthogonal directions.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from kernels import lowrank_matmul
+from kernels.lowrank_matmul import dense_is_faster
 
-__all__ = ["LowRankLinear", "balanced_factors", "svd_factors"]
+__all__ = ["DECODE_TOKENS", "LowRankLinear", "balanced_factors", "svd_factors"]
+
+# Row counts a decode server sees (batch sizes); the default for `enable_dense_fallback`.
+DECODE_TOKENS: tuple[int, ...] = (1, 4, 16)
 
 
 def svd_factors(weight: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
@@ -80,6 +86,10 @@ class LowRankLinear(nn.Module):
         self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.V = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # Optional dense copy U·V for the shapes where one dense GEMM is faster (see
+        # enable_dense_fallback); non-persistent, so checkpoints never carry it.
+        self.register_buffer("dense_weight", None, persistent=False)
+        self._dense_versions: tuple[int, int] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -173,6 +183,51 @@ class LowRankLinear(nn.Module):
         self.U = nn.Parameter(U.to(dtype).contiguous(), requires_grad=self.U.requires_grad)
         self.V = nn.Parameter(V.to(dtype).contiguous(), requires_grad=self.V.requires_grad)
         self.rank = U.shape[1]
+        self.disable_dense_fallback()  # the old dense copy no longer equals U·V
+
+    # ------------------------------------------------------------------ dense fallback
+    @torch.no_grad()
+    def enable_dense_fallback(self, tokens: Iterable[int] = DECODE_TOKENS, *, force: bool = False) -> bool:
+        """Keep a dense copy W = U·V if one dense GEMM beats the factorized kernels at any of `tokens`.
+
+        Small layers (SmolLM2's 576-wide projections on an H100) are bound by launch latency, so
+        a rank-50% factorization saves bytes but not time; `kernels.dense_is_faster` decides per
+        row count from the shipped measurements, and the forward pass then picks per call. The
+        copy costs out·in extra weights, so call this only where speed matters more than memory.
+        `force=True` keeps the copy regardless (the dispatch still picks per call). Returns whether
+        a copy is held. Changing U or V afterwards (in place or via `truncate`/`merge_lora`) drops it.
+        """
+        tokens = [int(t) for t in tokens]
+        if not tokens or any(t <= 0 for t in tokens):
+            raise ValueError(f"tokens must be positive row counts, got {tokens}")
+        device = self.U.device
+        wanted = force or any(
+            dense_is_faster(t, self.in_features, self.out_features, self.rank, device) for t in tokens
+        )
+        if not wanted:
+            self.disable_dense_fallback()
+            return False
+        self.dense_weight = (self.U.float() @ self.V.float()).to(self.U.dtype)
+        self._dense_versions = (self.U._version, self.V._version)
+        return True
+
+    def disable_dense_fallback(self) -> None:
+        """Drop the dense copy (if any); the layer goes back to factors only."""
+        self.dense_weight = None
+        self._dense_versions = None
+
+    def _fresh_dense_weight(self) -> Tensor | None:
+        if self.dense_weight is None:
+            return None
+        # In-place updates of U or V (an optimizer step, load_state_dict) bump their version
+        # counters; the copy would then silently compute an old function. Not checked under
+        # torch.compile, where version counters are not traceable.
+        if not torch.compiler.is_compiling() and self._dense_versions != (self.U._version, self.V._version):
+            warnings.warn(f"{type(self).__name__}: U or V changed after enable_dense_fallback; dropping the dense "
+                          "copy (call enable_dense_fallback again)", stacklevel=3)
+            self.disable_dense_fallback()
+            return None
+        return self.dense_weight
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: Tensor) -> Tensor:
@@ -182,7 +237,7 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"input dtype {x.dtype} differs from the weights' dtype {self.U.dtype}; cast explicitly")
         if x.device != self.U.device:
             raise ValueError(f"input is on device {x.device} but the weights are on device {self.U.device}")
-        return lowrank_matmul(x, self.U, self.V, self.bias)
+        return lowrank_matmul(x, self.U, self.V, self.bias, dense_weight=self._fresh_dense_weight())
 
     @property
     def weight_parameters(self) -> int:
@@ -195,6 +250,7 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, params={self.weight_parameters}/{dense} "
             f"({100.0 * self.weight_parameters / dense:.1f}% of dense)"
+            + (", dense fallback" if self.dense_weight is not None else "")
         )
 
 

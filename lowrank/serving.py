@@ -24,9 +24,24 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedDecoder", "DecodeStats", "capture_cuda_graph"]
+__all__ = ["GraphedDecoder", "DecodeStats", "capture_cuda_graph", "enable_dense_fallback"]
 
 T = TypeVar("T")
+
+
+def enable_dense_fallback(model: nn.Module, tokens: Sequence[int] | None = None) -> dict[str, bool]:
+    """Give every `LowRankLinear` of `model` a dense copy where one dense GEMM is faster at `tokens` rows.
+
+    `tokens`: the row counts the server runs (decode batch sizes, prefill lengths; default
+    `lowrank.linear.DECODE_TOKENS`). Returns {layer name: whether it now holds a dense copy}. The
+    model computes the same function; it holds more weights (out·in per converted layer), so this
+    trades the memory saving for speed on layers too small for the factorized kernels to win.
+    """
+    from lowrank.linear import DECODE_TOKENS, LowRankLinear
+
+    tokens = tuple(tokens) if tokens is not None else DECODE_TOKENS
+    return {name: module.enable_dense_fallback(tokens)
+            for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 
 def capture_cuda_graph(fn: Callable[[], T], warmup: Sequence[Callable[[], object]] = ()) -> tuple[object, T]:

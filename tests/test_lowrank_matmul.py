@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,11 +24,14 @@ from kernels.lowrank_matmul import (
     CONFIG_PATH,
     T_BUCKETS,
     _bucket,
+    fused_candidates,
     lowrank_matmul,
     lowrank_matmul_launch,
     lowrank_matmul_ref,
     pad_rank,
 )
+
+_lm = sys.modules["kernels.lowrank_matmul"]  # the package re-exports a function of that name
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
@@ -129,6 +133,23 @@ FUSED_VARIANTS = {
                              "block_r1": 4, "block_k1": 16, "block_m2": 8, "block_r2": 16},
     "dot_two_launch": {"use_dot": True, "sync": "two_launch", "max_programs": 2, "block_t": 16,
                        "block_r1": 16, "block_k1": 16, "block_m2": 16, "block_r2": 16, "ksplit": 2},
+    # Several programs per SM: the interpreter runs the barrier grid as one program, so this
+    # checks that the option parses and the launch path (cooperative flag included) works.
+    "programs_per_sm4": {"use_dot": False, "programs_per_sm": 4, "block_r1": 2, "block_k1": 16,
+                         "block_m2": 8, "block_r2": 16},
+    "programs_per_sm3_no_coop": {"programs_per_sm": 3, "cooperative": False, "block_r2": 16},
+    # Prefetch 2 (three tile buffers, loop unrolled by three): step counts that are not
+    # multiples of three leave dead steps, which must load nothing and store nothing.
+    "prefetch2": {"use_dot": False, "prefetch": 2, "block_r1": 2, "block_k1": 16, "block_m2": 2,
+                  "block_r2": 16},
+    "prefetch2_early_u": {"use_dot": False, "prefetch": 2, "early_u": True, "block_r1": 4, "block_k1": 32,
+                          "block_m2": 2, "block_r2": 8},
+    "prefetch2_two_launch_multi_item": {"use_dot": False, "prefetch": 2, "sync": "two_launch", "max_programs": 3,
+                                        "block_r1": 2, "block_k1": 16, "block_m2": 8, "block_r2": 16, "ksplit": 2},
+    "prefetch2_rows4_two_launch": {"use_dot": False, "prefetch": 2, "block_t_fma": 4, "sync": "two_launch",
+                                   "max_programs": 2, "block_r1": 4, "block_k1": 16, "block_m2": 8, "block_r2": 8},
+    "prefetch2_local": {"use_dot": False, "prefetch": 2, "sync": "local", "max_programs": 2, "block_m2": 8,
+                        "block_r1": 2, "block_k1": 32, "block_r2": 8},
 }
 
 
@@ -139,6 +160,121 @@ def test_fused_variants(variant, T):
     dtype = TRITON_DTYPES[0]
     x, U, V, b = _inputs((T,), 77, 45, 13, dtype, TRITON_DEVICE, seed=7 * T + len(variant))
     _assert_close(_run("triton_fused", x, U, V, b, FUSED_VARIANTS[variant]), x, U, V, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", [c for c in fused_candidates(1)
+                                 if c.get("programs_per_sm", 1) > 1 or c.get("prefetch", 1) > 1],
+                         ids=lambda c: f"pps{c.get('programs_per_sm', 1)}-pf{c.get('prefetch', 1)}")
+def test_fused_t1_candidates_small_layer(cfg):
+    """The shipped multi-program / prefetch-2 T=1 candidates on a small layer (tiles clipped)."""
+    dtype = TRITON_DTYPES[0]
+    x, U, V, b = _inputs((1,), 77, 45, 13, dtype, TRITON_DEVICE, seed=5)
+    _assert_close(_run("triton_fused", x, U, V, b, cfg), x, U, V, b)
+
+
+# ------------------------------------------------------------------ barrier occupancy (pure Python)
+@pytest.mark.parametrize("regs,shared,warps,expected", [
+    (80, 1024, 8, 3),  # 2560 regs/warp: 6 warps per sub-partition -> 24 warps -> 3 programs
+    (128, 4096, 4, 4),
+    (72, 2048, 4, 7),
+    (64, 4096, 8, 4),
+    (126, 1024, 8, 2),
+    (128, 0, 2, 8),  # cuda_occupancy.h's register limit: 4 warps per sub-partition -> 16 warps
+    (40, 0, 1, 32),  # 48 warps by registers, capped at 32 blocks per SM
+    (32, 0, 32, 2),  # 2048 threads per SM
+    (32, 100_000, 4, 2),  # (100000 + 1024 reserved) rounded to 128 B: 2 per 228 KB
+    (255, 0, 8, 1),
+    (255, 0, 16, 0),  # 255 regs x 512 threads > 64 K registers: cannot launch at all
+    (256, 0, 1, 0),  # over the 255 registers per thread limit
+])
+def test_blocks_per_sm_h100(regs, shared, warps, expected):
+    assert _lm._blocks_per_sm(regs, shared, warps) == expected
+
+
+def _fake_props(**kw):
+    base = dict(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                shared_memory_per_multiprocessor=233472, major=9, minor=0, warp_size=32)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _fake_kernel(n_regs, shared=1024, num_warps=8):
+    k = SimpleNamespace(metadata=SimpleNamespace(shared=shared, num_warps=num_warps), function=None)
+    k._init_handles = lambda: setattr(k, "n_regs", n_regs)  # triton sets n_regs when loading the binary
+    return k
+
+
+def test_kernel_blocks_per_sm_reads_metadata_and_falls_back():
+    assert _lm._kernel_blocks_per_sm(_fake_kernel(80), _fake_props()) == 3
+    # Device limits come from the properties: half the registers, half the programs (rounded).
+    assert _lm._kernel_blocks_per_sm(_fake_kernel(80), _fake_props(regs_per_multiprocessor=32768)) == 1
+    # An unknown part is assumed to allow only 16 blocks per SM.
+    assert _lm._kernel_blocks_per_sm(_fake_kernel(16, 0, 1), _fake_props(major=8, minor=6)) == 16
+    # Unreadable metadata -> None (the launcher then uses one program per SM).
+    assert _lm._kernel_blocks_per_sm(SimpleNamespace(metadata=None), _fake_props()) is None
+    broken = _fake_kernel(80)
+    broken._init_handles = lambda: (_ for _ in ()).throw(RuntimeError("no driver"))
+    assert _lm._kernel_blocks_per_sm(broken, _fake_props()) is None
+    assert _lm._kernel_blocks_per_sm(_fake_kernel(0), _fake_props()) is None
+
+
+def test_resident_programs_caches_and_falls_back_to_one(monkeypatch):
+    monkeypatch.setattr(_lm, "_RESIDENT", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda idx: _fake_props())
+    dev = torch.device("cuda", 0)
+    calls = []
+
+    def warm(n_regs):
+        calls.append(n_regs)
+        return _fake_kernel(n_regs)
+
+    assert _lm._resident_programs(dev, ("a",), lambda: warm(80)) == 3
+    assert _lm._resident_programs(dev, ("a",), lambda: warm(255)) == 3  # cached per (device, spec)
+    assert _lm._resident_programs(dev, ("b",), lambda: warm(126)) == 2
+    assert calls == [80, 126]
+
+    def fail():
+        raise RuntimeError("compile error")
+
+    assert _lm._resident_programs(dev, ("c",), fail) == 1
+    assert _lm._resident_programs(dev, ("d",), lambda: SimpleNamespace()) == 1
+    assert _lm._resident_programs(dev, ("e",), lambda: _fake_kernel(255, 0, 16)) == 1  # 0 -> 1
+
+
+def test_barrier_programs_never_exceed_residency():
+    never = lambda: pytest.fail("occupancy read although one program per SM was asked for")  # noqa: E731
+    assert _lm._barrier_programs(1000, 132, 1, never) == 132
+    assert _lm._barrier_programs(100, 132, 4, never) == 100  # fewer items than SMs
+    assert _lm._barrier_programs(256, 132, 2, lambda: 3) == 256
+    assert _lm._barrier_programs(1000, 132, 4, lambda: 3) == 396  # clamped to the occupancy
+    assert _lm._barrier_programs(1000, 132, 2, lambda: 7) == 264
+    assert _lm._barrier_programs(1000, 132, 4, lambda: 0) == 132  # unknown / nonsense -> 1 per SM
+
+
+def test_fused_params_programs_per_sm_options():
+    fp = _lm._fused_params
+    p = fp(1, 4096, 4096, 1024, {"programs_per_sm": 3}, 132)
+    assert p["programs_per_sm"] == 3 and p["cooperative"] is True and p["prefetch"] == 1
+    p = fp(1, 4096, 4096, 1024, {}, 132)
+    assert p["programs_per_sm"] == 1 and p["cooperative"] is False
+    p = fp(1, 4096, 4096, 1024, {"programs_per_sm": 2, "cooperative": False}, 132)
+    assert p["cooperative"] is False
+    # Other sync modes size their grid by work items: the per-SM options are normalised away.
+    p = fp(1, 4096, 4096, 1024, {"programs_per_sm": 4, "cooperative": True, "sync": "two_launch"}, 132)
+    assert p["programs_per_sm"] == 1 and p["cooperative"] is False
+    # The automatic K split aims at one phase-1 item per requested program.
+    assert fp(1, 4096, 4096, 1024, {"block_r1": 8}, 132)["ksplit"] == 1
+    assert fp(1, 4096, 4096, 1024, {"block_r1": 8, "programs_per_sm": 2}, 132)["ksplit"] == 2
+    # Prefetch depth applies to the GEMV path only.
+    assert fp(1, 4096, 4096, 1024, {"prefetch": 2}, 132)["prefetch"] == 2
+    assert fp(32, 4096, 4096, 1024, {"prefetch": 2}, 132)["prefetch"] == 1  # tl.dot path
+    for bad in ({"programs_per_sm": 0}, {"prefetch": 3}):
+        with pytest.raises(ValueError):
+            fp(1, 64, 64, 16, bad, 132)
+    for cfg in fused_candidates(1):
+        assert set(cfg) <= set(_lm.FUSED_DEFAULTS), cfg
+        for n, m, r in LLAMA:
+            fp(1, n, m, r, cfg, 132)
 
 
 GEMM_VARIANTS = {
@@ -382,6 +518,13 @@ def test_gpu_llama_shapes_auto(shape, T, dtype):
     ("triton_fused", {"sync": "two_launch"}),
     ("triton_fused", {"early_u": True, "block_r2": 1024, "num_warps": 16}),
     ("triton_fused", {"use_dot": True}),
+    # Several programs per SM (T=17: tl.dot tiles with ~100 KB of shared memory, so the
+    # occupancy clamp comes from shared memory rather than registers).
+    ("triton_fused", {"programs_per_sm": 4, "block_r1": 2, "block_k1": 2048, "block_m2": 8, "block_r2": 512,
+                      "num_warps": 4}),
+    ("triton_fused", {"programs_per_sm": 4, "prefetch": 2, "block_r1": 2, "block_k1": 2048, "block_m2": 8,
+                      "block_r2": 512, "num_warps": 4}),
+    ("triton_fused", {"programs_per_sm": 3, "cooperative": False}),
     ("triton_gemm", None),
     ("two_gemm", {"gemm1": {"block_m": 64, "block_n": 64, "block_k": 64, "split_k": 4}, "gemm2": "cublas"}),
 ])
@@ -428,6 +571,33 @@ def test_gpu_cuda_graph_capture(T):
         g.replay()
         torch.cuda.synchronize()
         _assert_close(static_y.clone(), new_x, U, V, b)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cooperative", [True, False])
+def test_gpu_multi_program_barrier_in_cuda_graph(cooperative):
+    """programs_per_sm > 1: the grid stays within the driver's occupancy and survives graph replay."""
+    cfg = {"programs_per_sm": 4, "cooperative": cooperative, "block_r1": 2, "block_k1": 2048, "block_m2": 8,
+           "block_r2": 512, "num_warps": 4}
+    x, U, V, b = _inputs((1,), 4096, 11008, 1472, torch.bfloat16, "cuda", seed=3)
+    _lm._RESIDENT.clear()
+    y = _run("triton_fused", x, U, V, b, cfg)
+    torch.cuda.synchronize()
+    _assert_close(y, x, U, V, b)
+    (resident,) = _lm._RESIDENT.values()
+    assert 1 <= resident <= 32
+    static_x = x.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = lowrank_matmul_launch(static_x, U, V, b, backend="triton_fused", config=cfg)
+    for seed in range(3):
+        static_x.copy_(torch.randn(x.shape, generator=torch.Generator(device="cuda").manual_seed(seed),
+                                   device="cuda", dtype=x.dtype))
+        static_y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        _assert_close(static_y.clone(), static_x, U, V, b)
 
 
 @gpu
