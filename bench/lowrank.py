@@ -246,11 +246,15 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global PARAM_FRACTIONS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="LLaMA shapes, 50%% ranks, T in {1,16,256,8192}")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--budget-s", type=float, default=None, help="stop the sweep after this many seconds")
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma list from {', '.join(n for n, _, _ in SHAPES)} (default all)")
+    ap.add_argument("--fractions", default=None, help="comma list of parameter fractions (default 0.25,0.5,0.75)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.lowrank needs a CUDA GPU")
@@ -258,8 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     shapes, t_values = SHAPES, T_VALUES
     if args.quick:
         shapes, t_values = SHAPES[:3], [1, 16, 256, 8192]
-        global PARAM_FRACTIONS
         PARAM_FRACTIONS = [0.5]
+    if args.shapes:
+        wanted = [v for v in args.shapes.split(",") if v]
+        unknown = sorted(set(wanted) - {n for n, _, _ in SHAPES})
+        if unknown:
+            raise SystemExit(f"unknown shape(s) {unknown}; choose from {[n for n, _, _ in SHAPES]}")
+        shapes = [s for s in shapes if s[0] in wanted]
+    if args.fractions:
+        PARAM_FRACTIONS = [float(v) for v in args.fractions.split(",") if v]
     deadline = time.time() + args.budget_s if args.budget_s else None
     records = run_sweep(shapes, t_values, dtype, deadline)
     name = f"lowrank_{gpu_slug()}"
