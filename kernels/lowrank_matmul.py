@@ -1126,10 +1126,13 @@ def dense_is_faster(T: int, N: int, M: int, R: int, device: torch.device) -> boo
         return hit
     answer = False
     if _table_applies(device):
-        entry = _load_table().get("entries", {}).get(config_key(N, M, R))
-        if entry and all("dense_ms" in v and "sweep_ms" in v for v in entry.values()):
-            b = str(_bucket(T, [int(k) for k in entry]))
-            answer = entry[b]["dense_ms"] < entry[b]["sweep_ms"]
+        entry = _load_table().get("entries", {}).get(config_key(N, M, R)) or {}
+        measured = {int(t): v for t, v in entry.items() if "dense_ms" in v and "sweep_ms" in v}
+        b = _bucket(T, list(measured)) if measured else None
+        # A measured point decides only near its own T (within 2x): some entries were tuned at
+        # small T only, and the balance flips between decode and prefill.
+        if b is not None and abs(math.log2(b) - math.log2(max(T, 1))) <= 1.0:
+            answer = measured[b]["dense_ms"] < measured[b]["sweep_ms"]
         else:
             dense, factored = predicted_ms(T, N, M, None), predicted_ms(T, N, M, R)
             answer = dense is not None and factored is not None and dense < factored

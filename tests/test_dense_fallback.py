@@ -96,6 +96,8 @@ def test_decision_from_measured_entries(monkeypatch):
     assert LM.dense_is_faster(2, 576, 576, 128, dev)  # nearest bucket in log2
     assert not LM.dense_is_faster(8192, 576, 576, 128, dev)
     assert not LM.dense_is_faster(4000, 576, 576, 128, dev)
+    # far from both measured T (1 and 8192) and no latency model: no evidence, no fallback
+    assert not LM.dense_is_faster(64, 576, 576, 128, dev)
     # untuned shape without a latency model: no evidence, no fallback
     assert not LM.dense_is_faster(1, 576, 1536, 192, dev)
 
@@ -119,6 +121,21 @@ def test_decision_from_latency_model(monkeypatch):
     assert not LM.dense_is_faster(1, 4096, 4096, 1024, dev)
     # a ragged rank uses its own (slower) fit
     assert LM.predicted_ms(1, 4096, 4096, 1023) > LM.predicted_ms(1, 4096, 4096, 1024)
+
+
+def test_measured_point_only_decides_near_its_t(monkeypatch):
+    # tuned at T=1 and 4 only (dense faster there); the model says factorized wins at 8192
+    entries = {"1536x576r192": {"1": {"backend": "triton_fused", "dense_ms": 0.004, "sweep_ms": 0.005},
+                                "4": {"backend": "two_gemm", "dense_ms": 0.004, "sweep_ms": 0.007}}}
+    model = {"1": {"dense": [1e-3, 0.0, 0.0], "lowrank": [2e-3, 0.0, 0.0], "lowrank_ragged": [2e-3, 0.0, 0.0]},
+             "8192": {"dense": [2e-2, 0.0, 0.0], "lowrank": [1e-2, 0.0, 0.0], "lowrank_ragged": [1e-2, 0.0, 0.0]}}
+    monkeypatch.setattr(LM, "_TABLE", _table(entries, model))
+    monkeypatch.setattr(LM, "_DENSE_CACHE", {})
+    monkeypatch.setattr(LM, "_table_applies", lambda device: True)
+    dev = torch.device("cuda", 0)
+    assert LM.dense_is_faster(1, 1536, 576, 192, dev)
+    assert LM.dense_is_faster(8, 1536, 576, 192, dev)  # within 2x of the T=4 point
+    assert not LM.dense_is_faster(8192, 1536, 576, 192, dev)  # the latency model decides
 
 
 def test_fit_relative_recovers_exact_model():
