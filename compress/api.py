@@ -1,7 +1,14 @@
-"""The Python API behind ``python -m compress``: score a model with a method, then materialize a size."""
+"""The Python API behind ``python -m compress``: score a model with a method, then materialize a size.
+
+``offload=True`` (svd, svd-llm, asvd, minify, surgeon): the model's weights stay in CPU memory and
+the method streams it through `execution_device` one decoder block at a time
+(`compress.streaming`, docs/scaling.md). Load the model on the CPU for it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,16 +17,33 @@ from torch import nn
 
 from compress.data import calibration_batches, load_text
 from compress.errors import UserError
-from compress.methods import get_method
+from compress.methods import MethodSpec, get_method
+from compress.streaming import offloaded
 from lowrank.surgery import SizeReport, size_report
 
-__all__ = ["CompressResult", "check_size", "compress", "score"]
+__all__ = ["CompressResult", "check_offload", "check_size", "compress", "score"]
 
 
 def check_size(size: float) -> float:
     if not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
         raise UserError(f"--size must be a fraction in (0, 1], got {size}")
     return float(size)
+
+
+def check_offload(spec: MethodSpec, offload: Any) -> bool:
+    """`offload` as a bool, refused (naming the methods that have it) where `spec` cannot stream."""
+    if offload is None:
+        return False
+    if not isinstance(offload, bool):
+        raise UserError(f"offload must be true or false, got {offload!r}")
+    if offload and "offload" not in {f.name for f in dataclasses.fields(spec.config_cls)}:
+        from compress.methods import available_methods
+
+        able = [n for n, s in available_methods().items()
+                if "offload" in {f.name for f in dataclasses.fields(s.config_cls)}]
+        raise UserError(f"method {spec.name!r} cannot run with --offload (CPU-offloaded weights); "
+                        f"methods that can: {', '.join(able)}")
+    return offload
 
 
 @dataclass
@@ -40,8 +64,12 @@ def score(
     seed: int = 0,
     **config_overrides: Any,
 ) -> Any:
-    """Run a method's calibration/scoring and return its Plan (materializable at any size)."""
+    """Run a method's calibration/scoring and return its Plan (materializable at any size).
+
+    `offload=True` among the overrides streams the model from CPU memory (methods that support it).
+    """
     spec = get_method(method)
+    check_offload(spec, config_overrides.get("offload"))
     config = spec.make_config(**config_overrides)
     chunks = None
     if spec.needs_calibration:
@@ -58,10 +86,19 @@ def compress(
     size: float = 0.8,
     *,
     rank_multiple: int = 1,
+    offload: bool = False,
+    execution_device: str | torch.device | None = None,
     **score_kwargs: Any,
 ) -> CompressResult:
-    """Score `model` with `method` and materialize it, in place, at `size` of its targeted linear parameters."""
+    """Score `model` with `method` and materialize it, in place, at `size` of its targeted linear parameters.
+
+    `offload`: weights in CPU memory, streamed block by block through `execution_device`
+    (default: the current CUDA device, else the CPU) for scoring and materialization alike.
+    """
     size = check_size(size)
-    plan = score(model, tokenizer, method, **score_kwargs)
-    ranks = plan.materialize_(model, size, rank_multiple=rank_multiple)
+    offload = check_offload(get_method(method), offload)
+    stream = offloaded(model, execution_device) if offload else contextlib.nullcontext()
+    with stream:
+        plan = score(model, tokenizer, method, offload=offload or None, **score_kwargs)
+        ranks = plan.materialize_(model, size, rank_multiple=rank_multiple)
     return CompressResult(plan, size_report(model, getattr(model, "_lowrank_dense_shapes", None)), ranks)

@@ -3,6 +3,12 @@
 Every Gram matrix comes from `kernels.gram_accumulate`. Layers that read the very same input
 tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one Gram: the hook
 sees that the tensor object is the one the previous layer just accumulated and skips it.
+
+Two orders: `collect_input_grams` runs each batch through the whole model (every layer's Gram
+is alive at once, on one device); `blockwise_input_grams` runs every batch through one decoder
+block before the next (the block-sequential order of SVD-LLM's update), so only one block's
+Grams and, under `compress.streaming.offloaded`, one block's weights are on the accelerator at a
+time. Both give the same Grams: each is accumulated over the same batches in the same order.
 """
 
 from __future__ import annotations
@@ -10,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from compress.streaming import execution_device, held, recomputing
 from kernels import gram_accumulate
+from lowrank.surgery import decoder_layers
 
-__all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "activation_gradients", "collect_input_grams", "collect_kfac",
-           "gram_rows", "iterate_batches"]
+__all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "activation_gradients", "block_output",
+           "blockwise_input_grams", "collect_input_grams", "collect_kfac", "first_block_inputs", "gram_rows",
+           "iterate_batches"]
 
 
 def iterate_batches(
@@ -57,7 +67,7 @@ def collect_input_grams(
     """Accumulate G = Σ xᵀx (fp32) of the inputs of each named linear over all calibration chunks."""
     names = list(layer_names)
     modules = {name: model.get_submodule(name) for name in names}
-    device = next(model.parameters()).device
+    device = execution_device(model)
     gram_device = torch.device(gram_device) if gram_device is not None else device
     grams = InputGrams()
     grams.shared = {}
@@ -97,6 +107,136 @@ def collect_input_grams(
         raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
     grams.tokens = tokens
     return grams
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the first decoder block's inputs are captured."""
+
+
+def block_output(out: Any) -> Tensor:
+    """The hidden states a decoder block returns (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def first_block_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> Iterator[tuple[Tensor, dict]]:
+    """(hidden states, keyword arguments) that the first decoder block receives, per batch.
+
+    The forward stops at the first block, so only the embeddings run. Replaying
+    `block(hidden, **kwargs)` block after block reproduces the model's own hidden states.
+    """
+    _, blocks = decoder_layers(model)
+    device = execution_device(model)
+    seen: list[tuple[Tensor, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        seen.append((hidden.detach(), rest))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in iterate_batches(ids, batch_size, device, progress=False):
+            try:
+                with torch.no_grad():
+                    model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            yield seen.pop()
+    finally:
+        handle.remove()
+
+
+def _block_of(name: str, prefix: str) -> int:
+    if not name.startswith(prefix + "."):
+        raise ValueError(f"{name} is not inside the decoder blocks ({prefix})")
+    return int(name[len(prefix) + 1:].split(".", 1)[0])
+
+
+def blockwise_input_grams(
+    model: nn.Module,
+    chunks: Tensor,
+    layer_names: Iterable[str],
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "calibrate (blockwise)",
+) -> Iterator[tuple[int, InputGrams]]:
+    """`collect_input_grams`, one decoder block at a time: yields (block index, that block's Grams).
+
+    Every batch goes through block i (hooks accumulate the Grams of its named layers), then
+    the outputs become block i+1's inputs. The Grams are on the execution device, and under
+    `compress.streaming.offloaded` the block stays `held` there until the consumer resumes the
+    iteration: per-layer math on the yielded Grams reads the block's weights on that device,
+    and nothing else of the model is there. The hidden states of all calibration sequences
+    stay on the execution device (n·seq_len·hidden values, twice during a block).
+    `tokens` of every yielded InputGrams is the whole calibration set's token count.
+    """
+    names = list(layer_names)
+    prefix, blocks = decoder_layers(model)
+    by_block: dict[int, list[str]] = {}
+    for name in names:
+        by_block.setdefault(_block_of(name, prefix), []).append(name)
+    if not by_block:
+        return
+    inputs = list(first_block_inputs(model, chunks, batch_size))
+    hidden = [x for x, _ in inputs]
+    kwargs = [kw for _, kw in inputs]
+    del inputs
+    tokens = int(chunks.numel())
+    last_block = max(by_block)
+    indices: Iterable[int] = range(last_block + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc=desc, unit="block", leave=False)
+    for i in indices:
+        block = blocks[i]
+        with held(block):
+            wanted = by_block.get(i, [])
+            grams = InputGrams()
+            grams.shared = {}
+            grams.tokens = tokens
+            last_input: list[Tensor | None] = [None]
+            last_owner: list[str | None] = [None]
+
+            def make_hook(name: str, grams: InputGrams = grams, last_input: list = last_input,
+                          last_owner: list = last_owner):
+                def hook(module: nn.Module, args: tuple) -> None:
+                    x = args[0]
+                    if x is last_input[0]:
+                        grams.shared[name] = last_owner[0]
+                        return
+                    last_input[0], last_owner[0] = x, name
+                    rows = gram_rows(x)
+                    if name not in grams:
+                        grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
+                                                  device=rows.device)
+                    gram_accumulate(grams[name], rows)
+
+                return hook
+
+            handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in wanted]
+            try:
+                with torch.no_grad():
+                    for b, kw in enumerate(kwargs):
+                        out = block_output(block(hidden[b], **kw))
+                        last_input[0] = None
+                        # Only a later block with targets needs this block's outputs.
+                        hidden[b] = out if i < last_block else hidden[b]
+            finally:
+                for handle in handles:
+                    handle.remove()
+                last_input[0] = None
+            if not wanted:
+                continue
+            for follower, owner in grams.shared.items():
+                grams[follower] = grams[owner]
+            missing = [n for n in wanted if n not in grams]
+            if missing:
+                raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
+            yield i, grams
+            del grams
 
 
 FISHER_LABELS = ("model", "data")
@@ -180,7 +320,7 @@ def collect_kfac(
         raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
     names = list(layer_names)
     modules = {name: model.get_submodule(name) for name in names}
-    device = next(model.parameters()).device
+    device = execution_device(model)
     factors = KfacFactors()
     last_input: list[Tensor | None] = [None]
     last_owner: list[str | None] = [None]
@@ -193,6 +333,8 @@ def collect_kfac(
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if recomputing():  # a checkpointed block re-running for the backward: already recorded
+                return
             x = args[0]
             if x is last_input[0]:
                 shared[name] = last_owner[0]

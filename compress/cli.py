@@ -24,13 +24,20 @@ from compress.errors import UserError
 SUBCOMMANDS = ("materialize", "eval", "curve", "bench")
 
 
+def _launched_rank() -> int:
+    """This process's rank when started by torchrun / accelerate launch with several processes, else 0."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def _device(arg: str) -> str:
     import torch
 
     if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
     if arg.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {arg} requested but CUDA is not available")
+    if arg == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per launched process
     return arg
 
 
@@ -100,8 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ACIP: training checkpoints go here (default: <--save-plan>/checkpoint)")
     p.add_argument("--resume", action="store_true",
                    help="ACIP: continue from the checkpoint in --checkpoint-dir")
+    _offload_arg(p)
     _eval_args(p)
     return p
+
+
+def _offload_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", action="store_true",
+                   help="keep the weights in CPU memory and stream the model through --device one decoder block "
+                        "at a time (svd, svd-llm, asvd, minify, surgeon): accelerator memory is one block plus "
+                        "activations, whatever the model's size (docs/scaling.md)")
+
+
+def _load_for(args: argparse.Namespace, device: str):
+    """(model, tokenizer) on `device`, or in CPU memory, in `device`'s dtype, for --offload."""
+    from compress.model import load_model, resolve_dtype
+
+    if getattr(args, "offload", False):
+        return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
+    return load_model(args.model, dtype=args.dtype, device=device)
+
+
+def _streamed(model, args: argparse.Namespace, device: str):
+    """`compress.streaming.offloaded(model, device)` for --offload, else a no-op context."""
+    import contextlib
+
+    if not getattr(args, "offload", False):
+        return contextlib.nullcontext()
+    from compress.streaming import offloaded
+
+    return offloaded(model, device)
 
 
 def _scoremap_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +182,7 @@ def _materialize_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks to a multiple of this")
     _scoremap_args(p)
+    _offload_arg(p)
     return p
 
 
@@ -242,13 +278,13 @@ def _print_json(result: dict[str, Any], out: Path | None) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from compress.api import check_size, score
+    from compress.api import check_offload, check_size
     from compress.methods import get_method
-    from compress.model import load_model
-    from lowrank import save_pretrained, size_report
+    from lowrank import save_pretrained
 
     size = check_size(args.size)
     spec = get_method(args.method)
+    check_offload(spec, args.offload)
     out = _writable_dir(args.out) if args.out else None
     if args.calib_samples <= 0 or args.seq_len < 2:
         raise UserError("--calib-samples must be positive and --seq-len at least 2")
@@ -257,10 +293,32 @@ def run_compress(args: argparse.Namespace) -> int:
         from compress.data import load_text
 
         load_text(args.data, "calib")  # fail fast on a bad data file, before any heavy work
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = _load_for(args, device)
+    with _streamed(model, args, device):  # --offload: every forward below streams from CPU memory
+        result = _compress_loaded(model, tokenizer, args, size, device)
+    if _launched_rank() > 0:
+        return 0  # distributed scoring: rank 0 saves and reports
+    if out is not None:
+        save_pretrained(model, out, tokenizer, extra_metadata={"method": args.method, "size": size})
+        result["out"] = str(out)
+    _print_json(result, out)
+    return 0
+
+
+def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, device: str) -> dict[str, Any]:
+    """Dense evaluation, scoring, materialization and compressed evaluation of a loaded model."""
+    from compress.api import score
+    from lowrank import size_report
+
     dense = size_report(model)
     result: dict[str, Any] = {"model": str(args.model or "smollm2-135m"), "method": args.method, "size": size,
                               "device": device, "dtype": str(next(model.parameters()).dtype)}
+    if args.offload:
+        result["offload"] = True
+    # Under torchrun / accelerate launch all processes score together (ACIP: FSDP, docs/acip.md),
+    # then rank 0 alone materializes, evaluates and saves. Every rank runs the dense evaluation
+    # so that all reach the scoring's first collective together (its timeout is minutes).
+    follower = _launched_rank() > 0
     if not args.no_eval:
         eval_text, eval_len = _eval_text_and_len(args, args.data)
         result["eval_seq_len"] = eval_len
@@ -271,9 +329,13 @@ def run_compress(args: argparse.Namespace) -> int:
     checkpoint_dir = args.checkpoint_dir
     if checkpoint_dir is None and args.save_plan:
         checkpoint_dir = str(Path(args.save_plan) / "checkpoint")
+    if args.offload:
+        opts.setdefault("offload", True)
     plan = score(model, tokenizer, args.method, data=args.data, seq_len=args.seq_len,
                  num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size,
                  checkpoint_dir=checkpoint_dir, resume=args.resume or None, **opts)
+    if follower:
+        return result
     result["calibration_seconds"] = round(time.perf_counter() - t0, 2)
     if args.save_plan:
         plan.save(_writable_dir(args.save_plan))
@@ -297,17 +359,13 @@ def run_compress(args: argparse.Namespace) -> int:
     if not args.no_eval:
         result["compressed_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
         print(f"compressed perplexity: {result['compressed_perplexity']:.3f}")
-    if out is not None:
-        save_pretrained(model, out, tokenizer, extra_metadata={"method": args.method, "size": size})
-        result["out"] = str(out)
-    _print_json(result, out)
-    return 0
+    return result
 
 
 def run_materialize(argv: list[str]) -> int:
     from compress.acip.scoremap import ScoreMap, load_any_plan
-    from compress.api import check_size
-    from compress.model import load_model
+    from compress.api import check_offload, check_size
+    from compress.methods import get_method
     from lowrank import save_pretrained, size_report
 
     args = _materialize_parser().parse_args(argv)
@@ -315,12 +373,18 @@ def run_materialize(argv: list[str]) -> int:
     out = _writable_dir(args.out)
     plan = load_any_plan(args.scores)
     kwargs = _materialize_kwargs(plan, args)
+    if args.offload:
+        if isinstance(plan, ScoreMap):
+            raise UserError("--offload applies to plans of svd, svd-llm, asvd, minify and surgeon, not to score maps")
+        check_offload(get_method(plan.method), True)
     if isinstance(plan, ScoreMap):
         # Refuse an uncovered size before spending time on loading the model.
         plan.select(size, rank_multiple=args.rank_multiple)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    device = _device(args.device)
+    model, tokenizer = _load_for(args, device)
     t0 = time.perf_counter()
-    plan.materialize_(model, size, **kwargs)
+    with _streamed(model, args, device):
+        plan.materialize_(model, size, **kwargs)
     seconds = time.perf_counter() - t0
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
     print(report.summary())

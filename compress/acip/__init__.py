@@ -3,6 +3,7 @@
 - `functional`: the algorithm's math as pure tensor functions;
 - `layer`: the masked SVD layer used while scoring (runs on `kernels.lowrank_matmul`);
 - `train`: the scoring run (training loop, checkpoints, resume);
+- `distributed`: the same run over several processes (FSDP2; torchrun / accelerate launch);
 - `scoremap`: the score-map artifact and any-size materialization.
 
 See docs/acip.md.

@@ -17,6 +17,10 @@ also ask for a pause (checkpoint, then `ACIPPaused`), e.g. to split a run over t
 
 `cuda_graphs=True` replays each phase's training step as one CUDA graph: on a small model the
 eager step is bound by Python and kernel-launch overhead, not by the GPU.
+
+Under ``torchrun`` / ``accelerate launch`` (``distributed="auto"`` or ``"fsdp"``) the frozen
+model is sharded with FSDP2 and each process takes its slice of every batch; the orchestration
+lives in `compress.acip.distributed`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from compress.acip.distributed import DistributedRun, resolve_mode, scoring_copy, shard_for_scoring
 from compress.acip.functional import (
     Segments,
     alive_counts,
@@ -92,6 +97,9 @@ class ACIPConfig:
     seed: int = 0
     cuda_graphs: bool = False  # replay each phase's step as a CUDA graph (CUDA only; else ignored)
     progress: bool = True
+    # auto: FSDP2 when launched with WORLD_SIZE > 1 (torchrun / accelerate launch), else one process;
+    # none: one process; fsdp: always FSDP2 (needs a launcher or a process group). See distributed.py.
+    distributed: str = "auto"
 
     def validate(self) -> None:
         if not 0.0 < self.stop_ratio < 1.0:
@@ -108,6 +116,8 @@ class ACIPConfig:
             raise UserError(f"whiten_samples must be ≥ 0 (0 = all chunks), got {self.whiten_samples}")
         if self.batch_size < 1 or self.lora_rank < 0 or self.mask_scale <= 0 or self.lr <= 0:
             raise UserError("batch_size ≥ 1, lora_rank ≥ 0, mask_scale > 0 and lr > 0 are required")
+        if self.distributed not in ("auto", "none", "fsdp"):
+            raise UserError(f"distributed must be auto, none or fsdp, got {self.distributed!r}")
 
 
 # Config fields that change the result: a checkpoint written under other values cannot be resumed.
@@ -269,12 +279,17 @@ def _chunks_hash(chunks: Tensor) -> str:
 
 
 class _Batches:
-    """Reproducible epochs over the calibration chunks; the position is two integers (epoch, cursor)."""
+    """Reproducible epochs over the calibration chunks; the position is two integers (epoch, cursor).
 
-    def __init__(self, chunks: Tensor, batch_size: int, seed: int) -> None:
+    With `world_size` > 1 every rank draws the same global batch and returns its contiguous
+    slice `rank` of `world_size` (batch_size must be a multiple of world_size).
+    """
+
+    def __init__(self, chunks: Tensor, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
         self.chunks = chunks
         self.batch_size = min(batch_size, chunks.shape[0])
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.cursor = 0
         self._order = self._perm(0)
@@ -293,6 +308,9 @@ class _Batches:
             self.set_position(self.epoch + 1, 0)
         idx = self._order[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
+        if self.world_size > 1:
+            per = self.batch_size // self.world_size
+            idx = idx[self.rank * per : (self.rank + 1) * per]
         return self.chunks[idx]
 
 
@@ -384,6 +402,11 @@ def run_acip(
     it returns (or raises). `callback(info)` is called after every step; returning True ends
     the run early (the score map then covers only down to the size reached); returning
     ``"pause"`` writes a checkpoint (`checkpoint_dir` is required) and raises `ACIPPaused`.
+
+    Distributed (``config.distributed``, see `compress.acip.distributed`): every process calls
+    this with the same model, chunks and config; the frozen model is sharded, each process
+    trains on its slice of every batch, only rank 0 writes checkpoints, and every process gets
+    the same score map back. The callback runs on rank 0 only.
     """
     config.validate()
     if chunks is None or chunks.dim() != 2 or chunks.shape[1] < 2:
@@ -397,6 +420,23 @@ def run_acip(
     identity = model_identity(model, names)
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     chunk_hash = _chunks_hash(chunks)
+
+    dist = None
+    if resolve_mode(config.distributed) == "fsdp":
+        if config.cuda_graphs:
+            raise UserError("cuda_graphs cannot be used with distributed (FSDP) scoring: FSDP's collectives and "
+                            "hooks run outside a captured graph; set cuda_graphs=false or distributed=none")
+        if len({p.device for p in model.parameters()}) > 1:
+            raise UserError("distributed ACIP needs the whole model on one device per process")
+        dist = DistributedRun.setup(device)
+        device = dist.device
+        dist.check_batch(min(config.batch_size, chunks.shape[0]))
+        has_state = bool(config.resume and ckpt is not None and (ckpt / STATE_NAME).is_file())
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+        dist.check_agreement(model=identity, chunks_hash=chunk_hash, settings=settings,
+                             checkpoint_state_found=has_state)
+    writer = dist is None or dist.is_writer
+    progress = config.progress and writer
 
     resume_state = None
     if config.resume and ckpt is not None and (ckpt / STATE_NAME).is_file():
@@ -417,17 +457,19 @@ def run_acip(
         if resume_state.get("version") != STATE_VERSION:
             raise UserError(f"{ckpt / STATE_NAME} has an unknown format")
     else:
-        if config.resume:
+        if config.resume and writer:
             print(f"note: no checkpoint to resume in {ckpt}; starting afresh")
         whitening = None
         if config.basis == "whitened":
             factors, whitening = compute_whitened_factors(
                 model, names, chunks, samples=config.whiten_samples, batch_size=config.batch_size,
-                factor_dtype=config.factor_dtype, progress=config.progress)
+                factor_dtype=config.factor_dtype, progress=progress)
         else:
             factors = compute_svd_factors(model, names, svd_dtype=config.svd_dtype,
-                                          factor_dtype=config.factor_dtype, progress=config.progress)
-        if ckpt is not None:
+                                          factor_dtype=config.factor_dtype, progress=progress)
+        if dist is not None:
+            dist.broadcast_factors(factors)
+        if ckpt is not None and writer:
             _write_factors(ckpt, factors, {"identity": identity, "config": dataclasses.asdict(config),
                                            "chunks_hash": chunk_hash, "layers": names, "whitening": whitening})
 
@@ -436,14 +478,17 @@ def run_acip(
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     originals = dict(targets)
     offload = device.type == "cuda"
+    # Distributed: train a copy of the module tree (sharing the tensors) that FSDP may rewrite;
+    # the caller's `model` is then never changed.
+    net = model if dist is None else scoring_copy(model)
     try:
         biases = {n: (None if m.bias is None else m.bias.detach().clone()) for n, m in originals.items()}
         if offload:  # the dense weights are idle while scoring: park them in host memory
             for module in originals.values():
                 module.to("cpu")
-        bank, layers = install_masked_layers(model, factors, config, device=device, dtype=dtype,
+        bank, layers = install_masked_layers(net, factors, config, device=device, dtype=dtype,
                                              biases=biases)
-        model.requires_grad_(False)
+        net.requires_grad_(False)
         bank.p.requires_grad_(True)
         lora_params = []
         for layer in layers.values():
@@ -451,30 +496,43 @@ def run_acip(
                 layer.lora_A.requires_grad_(True)
                 layer.lora_B.requires_grad_(True)
                 lora_params += [layer.lora_A, layer.lora_B]
+        sharding = None
+        if dist is not None:
+            sharding = shard_for_scoring(net, layers, lora_params, dist.mesh)
+            if dist.rank > 0:  # LoRA init is every rank's; dropout draws are each rank's own
+                torch.manual_seed(dist.rank_seed(config.seed, 0))
         graphs = config.cuda_graphs and (device.type == "cuda" or _EMULATE_GRAPHS)
         opt_kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": 0.0}
         if device.type == "cuda":
             opt_kwargs["fused"] = True
             opt_kwargs["capturable"] = graphs  # optimizer.step() inside a CUDA graph
         optimizer = torch.optim.AdamW([bank.p] + lora_params, **opt_kwargs)
-        batches = _Batches(chunks, config.batch_size, config.seed)
+        if dist is not None:
+            dist.average_gradients(optimizer)
+        batches = _Batches(chunks, config.batch_size, config.seed,
+                           rank=dist.rank if dist else 0, world_size=dist.world_size if dist else 1)
         state = _State()
         if resume_state is not None:
             _restore(resume_state, state, bank, layers, optimizer, batches, device)
-            print(f"resumed ACIP from {ckpt} at step {state.step} ({state.phase})")
-        model.train()
-        enable_activation_checkpointing(model, config.activation_checkpointing)
-        stepper = _Stepper(model, bank, optimizer, device, graphs=graphs)
+            if dist is not None:
+                _restore_rank_rng(resume_state, dist, config.seed, state.step, device)
+            if writer:
+                print(f"resumed ACIP from {ckpt} at step {state.step} ({state.phase})")
+        net.train()
+        enable_activation_checkpointing(net, config.activation_checkpointing)
+        stepper = _Stepper(net, bank, optimizer, device, graphs=graphs)
         try:
-            _train(model, bank, layers, stepper, optimizer, batches, state, config, ckpt, callback, device)
+            _train(net, bank, layers, stepper, optimizer, batches, state, config, ckpt, callback, device, dist)
         finally:
             stepper.release()
-            disable_activation_checkpointing(model, config.activation_checkpointing)
+            disable_activation_checkpointing(net, config.activation_checkpointing)
         result = _score_map(factors, state, bank, layers, config, identity, names)
         result.metadata["whitening"] = whitening
         result.metadata["step_mode"] = stepper.mode
         if stepper.note:
             result.metadata["step_mode_note"] = stepper.note
+        if dist is not None:
+            result.metadata["distributed"] = {**dist.describe(), **sharding}
     finally:
         for name, module in originals.items():
             if offload:
@@ -484,6 +542,16 @@ def run_acip(
         for p, flag in grad_flags:
             p.requires_grad_(flag)
     return result
+
+
+def _restore_rank_rng(payload: dict, dist: DistributedRun, seed: int, step: int, device: torch.device) -> None:
+    # `_restore` set rank 0's RNG state on every rank; ranks > 0 take their own when the
+    # checkpoint has one (written by a run of this size), else a seed of their own.
+    ranks = payload.get("rng_ranks")
+    if ranks is not None and len(ranks) == dist.world_size:
+        _restore_rng(ranks[dist.rank], device)
+    elif dist.rank > 0:
+        torch.manual_seed(dist.rank_seed(seed, step))
 
 
 def _snapshot_rng(device: torch.device) -> dict[str, Any]:
@@ -500,7 +568,8 @@ def _restore_rng(snap: dict[str, Any], device: torch.device) -> None:
 
 
 def _save_state(ckpt: Path, state: _State, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
-                optimizer: torch.optim.Optimizer, position: tuple[int, int], rng: dict[str, Any]) -> None:
+                optimizer: torch.optim.Optimizer, position: tuple[int, int], rng: dict[str, Any],
+                rng_ranks: list[dict[str, Any]] | None = None) -> None:
     payload = {
         "version": STATE_VERSION,
         "step": state.step, "acip_steps": state.acip_steps, "post_steps": state.post_steps,
@@ -515,6 +584,8 @@ def _save_state(ckpt: Path, state: _State, bank: MaskBank, layers: dict[str, Mas
         "epoch": position[0], "cursor": position[1],
         "rng": rng,
     }
+    if rng_ranks is not None:  # a distributed run: every rank's RNG state, rank 0's is `rng`
+        payload["rng_ranks"] = rng_ranks
     _atomic_torch_save(payload, ckpt / STATE_NAME)
 
 
@@ -656,12 +727,23 @@ class _Stepper:
 def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear], stepper: _Stepper,
            optimizer: torch.optim.Optimizer, batches: _Batches, state: _State, config: ACIPConfig,
            ckpt: Path | None,
-           callback: Callable[[dict[str, Any]], bool | None] | None, device: torch.device) -> None:
+           callback: Callable[[dict[str, Any]], bool | None] | None, device: torch.device,
+           dist: DistributedRun | None = None) -> None:
     segments = bank.segments
     extra = config.lora_rank if config.size_includes_lora else 0
     num_layers = len(segments.lengths)
+    writer = dist is None or dist.is_writer
+
+    def save(position: tuple[int, int], rng: dict[str, Any], *, collective: bool = True) -> None:
+        # Distributed: all ranks reach here at the same step; rank 0 writes. `collective=False`
+        # (an abort not agreed between ranks) writes without gathering the other ranks' RNG.
+        rng_ranks = dist.gather_rng(rng) if dist is not None and collective else None
+        if writer:
+            _save_state(ckpt, state, bank, layers, optimizer, position, rng, rng_ranks)
+
+    agreed_stop = False
     bar = None
-    if config.progress:
+    if config.progress and writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="ACIP", unit="step", initial=state.step, dynamic_ncols=True)
@@ -698,7 +780,10 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                     state.post_steps += 1
                     if state.post_steps >= config.post_tune_steps:
                         state.phase = "done"
-                loss_value = float(nll.detach())
+                if dist is None:
+                    loss_value, stop_now = float(nll.detach()), False
+                else:  # the loss over the whole batch, and a Ctrl-C seen by any rank so far, on every rank
+                    loss_value, stop_now = dist.consensus(nll, interrupt.requested)
                 state.train_seconds = time.perf_counter() - t_start
                 info = {"step": state.step, "phase": state.phase, "size": state.ratio, "lambda": lam,
                         "loss": loss_value, "seconds": state.train_seconds}
@@ -710,7 +795,9 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                     postfix = f"{state.phase} size={state.ratio:.3f} λ={lam:.2e} loss={loss_value:.3f}"
                     bar.set_postfix_str(postfix,
                                         refresh=False)
-                answer = callback(info) if callback is not None else None
+                answer = callback(info) if callback is not None and writer else None
+                if dist is not None:
+                    answer = dist.share_answer(answer)
                 pause = isinstance(answer, str) and answer == "pause" and state.phase != "done"
                 if pause and ckpt is None:
                     raise UserError("the ACIP callback asked to pause, but there is no checkpoint_dir to resume from")
@@ -720,16 +807,20 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                 rng = _snapshot_rng(device)
                 if ckpt is not None and (pause or state.step % config.checkpoint_every == 0
                                          or state.phase == "done"):
-                    _save_state(ckpt, state, bank, layers, optimizer, position, rng)
+                    save(position, rng)
                 if pause:
                     raise ACIPPaused(f"ACIP paused at step {state.step} ({state.phase}); resume from {ckpt}")
-                if interrupt.requested:
+                # One process: a Ctrl-C up to the end of this step stops here. Distributed: only the
+                # agreed flag may (a later Ctrl-C is agreed on at the next step).
+                if stop_now or (dist is None and interrupt.requested):
+                    agreed_stop = True
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Steps apply atomically (optimizer.step either ran or not), so the state as of the last
         # completed step is consistent; `position`/`rng` were taken right after it.
         if ckpt is not None:
-            _save_state(ckpt, state, bank, layers, optimizer, position, rng)
+            save(position, rng, collective=agreed_stop)
+        if ckpt is not None and writer:
             print(f"\nACIP interrupted at step {state.step}; resumable checkpoint in {ckpt} "
                   "(rerun with --resume)",
                   flush=True)

@@ -4,6 +4,8 @@
 with a growing L1 penalty and records the pruning order (compress.acip.train). By default the
 singular values are those of the whitened weight W·S (S: Cholesky factor of the layer's
 calibration input Gram, as in `svd`); `--method-opt basis=plain` gives the paper's plain SVD.
+Under `torchrun` / `accelerate launch` the scoring runs on all processes with the frozen model
+sharded by FSDP2 (`--method-opt distributed=auto|none|fsdp`; docs/acip.md, "Multi-GPU scoring").
 `svd-magnitude` ranks the same triplets by their singular values alone: the score map ACIP
 starts from, with no data and no LoRA. Both use global allocation: one ranking across all
 layers decides what every layer keeps.

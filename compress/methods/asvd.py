@@ -18,6 +18,11 @@ Options and deviations from the paper: docs/baselines.md.
    as τ grows; τ is binary-searched over the measured perplexities for the count nearest to
    `size` of the dense targeted linears. Ranks then follow, optionally aligned to a multiple.
 
+`offload=True` (`--offload`, `compress.streaming`): weights in CPU memory, each forward
+streams the blocks through the accelerator; the activation means are tiny and stay there, the
+scaled SVD runs there one layer at a time, and the sensitivity table is measured with one full
+streamed evaluation per (layer, ratio), which makes it the slowest part under offload.
+
 The top of this module is pure tensor math; hooks and loops over the model follow.
 """
 
@@ -38,6 +43,7 @@ from compress.errors import UserError
 from compress.eval import perplexity_of_ids
 from compress.methods import register_method
 from compress.plan import FactorPlan, LayerFactors, register_plan_type
+from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import aligned_rank, replace_module_, target_linears
 
@@ -209,6 +215,7 @@ class ASVDConfig:
     sensitivity_samples: int = 8  # calibration sequences scored for each (layer, ratio)
     batch_size: int = 4
     progress: bool = True
+    offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def __post_init__(self) -> None:
         raw = self.ratios
@@ -256,7 +263,7 @@ def collect_abs_means(model: nn.Module, chunks: Tensor, names: Sequence[str], *,
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    device = next(model.parameters()).device
+    device = execution_device(model)
     try:
         for batch in iterate_batches(chunks, batch_size, device, progress=progress, desc="asvd: activations"):
             model(input_ids=batch, use_cache=False)
@@ -307,6 +314,11 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, LayerFactors], chunk
 def score_asvd(model: nn.Module, chunks: Tensor, config: ASVDConfig) -> ASVDPlan:
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
         raise UserError("asvd needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
+    with maybe_offloaded(model, config.offload):
+        return _score_asvd(model, chunks, config)
+
+
+def _score_asvd(model: nn.Module, chunks: Tensor, config: ASVDConfig) -> ASVDPlan:
     targets = target_linears(model)
     factored = [n for n, m in targets.items() if isinstance(m, LowRankLinear)]
     if factored:
@@ -320,13 +332,15 @@ def score_asvd(model: nn.Module, chunks: Tensor, config: ASVDConfig) -> ASVDPlan
         from tqdm.auto import tqdm
 
         items = tqdm(names, desc="asvd: scaled SVD", unit="layer", leave=False)
+    device = execution_device(model)
     for name in items:
         weight = targets[name].weight
         try:
             scales, n_low = activation_scales(means[name], config.alpha)
         except ValueError as exc:
             raise UserError(f"{name}: {exc}") from exc
-        U, V, sigma = scaled_svd_factors(weight, scales)
+        # Under offload the weight is in CPU memory: this layer alone goes to the accelerator for its SVD.
+        U, V, sigma = scaled_svd_factors(weight.to(device), scales)
         layers[name] = LayerFactors(U.cpu(), V.cpu(), sigma.cpu(), weight.detach().float().cpu())
         if n_low:
             floored[name] = n_low

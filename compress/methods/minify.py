@@ -26,6 +26,13 @@ defaults and measurements: docs/minify.md.
    The "sequential" target refits layer by layer on the already-minified model's inputs so
    that each block's output matches the dense model's, undoing error from earlier layers.
 
+`offload=True` (`--offload`, `compress.streaming`): weights in CPU memory. The Taylor pass
+streams the blocks, checkpointed, through forward and backward; the Grams of h come from a
+separate block-sequential forward pass (`compress.calibrate.blockwise_input_grams`), one
+block's Gram on the accelerator at a time, and are kept in CPU memory with the plan. Local
+healing moves one layer's Gram and down_proj weight to the accelerator per ridge solve;
+sequential healing holds one block there at a time.
+
 The top of this module is pure tensor math (aggregation, selection, ridge solve); hooks and
 loops over the model come after it.
 """
@@ -36,7 +43,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +51,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.calibrate import activation_gradients, gram_rows, iterate_batches
+from compress.calibrate import (
+    activation_gradients,
+    block_output,
+    blockwise_input_grams,
+    first_block_inputs,
+    gram_rows,
+    iterate_batches,
+)
 from compress.errors import UserError
 from compress.methods import register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
+from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
 from kernels import gram_accumulate, gram_accumulate_batched
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import decoder_layers, layer_param_count, record_dense_shapes, replace_module_, target_linears
@@ -269,9 +284,10 @@ class MinifyOptions:
 
 @dataclass
 class MinifyConfig(MinifyOptions):
-    """Scoring options (`batch_size`, `progress`) plus the default materialization options."""
+    """Scoring options (`batch_size`, `progress`, `offload`) plus the default materialization options."""
 
     progress: bool = True
+    offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def options(self) -> MinifyOptions:
         names = {f.name for f in dataclasses.fields(MinifyOptions)}
@@ -330,12 +346,16 @@ def _narrow_mlp_(model: nn.Module, names: MlpNames, keep: Tensor, down_weight: T
     idx = keep.to(device)
     k = idx.numel()
     for name, old in ((names.gate, gate), (names.up, up)):
-        new = nn.Linear(old.in_features, k, bias=old.bias is not None, device=device, dtype=dtype)
+        # skip_init: every value is copied in below; a random init would only cost time (much of
+        # it on the CPU, where offloaded weights live).
+        new = nn.utils.skip_init(nn.Linear, old.in_features, k, bias=old.bias is not None, device=device,
+                                 dtype=dtype)
         new.weight.copy_(old.weight.index_select(0, idx))
         if old.bias is not None:
             new.bias.copy_(old.bias.index_select(0, idx))
         replace_module_(model, name, new)
-    new_down = nn.Linear(k, down.out_features, bias=down.bias is not None, device=device, dtype=dtype)
+    new_down = nn.utils.skip_init(nn.Linear, k, down.out_features, bias=down.bias is not None, device=device,
+                                  dtype=dtype)
     new_down.weight.copy_(down_weight.to(device=device, dtype=dtype))
     if down.bias is not None:
         new_down.bias.copy_(down.bias)  # the intercept is not channel-specific: kept as is
@@ -345,7 +365,7 @@ def _narrow_mlp_(model: nn.Module, names: MlpNames, keep: Tensor, down_weight: T
 # ============================================================================ plan
 @dataclass
 class MinifyLayer:
-    """Calibration statistics of one MLP (float32, float64 for an fp64 model; on the scoring device)."""
+    """Calibration statistics of one MLP (float32; on the scoring device, in CPU memory under offload)."""
 
     names: MlpNames
     gram: Tensor  # [d_ff, d_ff] Σ_t h_t·h_tᵀ over calibration tokens (dense model)
@@ -367,6 +387,7 @@ class MinifyPlan:
     metadata: dict[str, Any] = field(default_factory=dict)
     method: str = "minify"
     last_stats: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False  # materialize with the weights in CPU memory (not saved with the plan)
 
     def with_options(self, **changes: Any) -> MinifyPlan:
         """A plan sharing these statistics, materializing with other options (validated)."""
@@ -417,34 +438,43 @@ class MinifyPlan:
         keep = self.selection(size, multiple)
         t0 = time.perf_counter()
         damped: dict[str, float] = {}
-        if self.options.heal and self.options.target == "sequential":
-            record_dense_shapes(model)
-            self._heal_sequential_(model, keep, damped)
-        else:
-            # Every solve first, so that an error (named layer) leaves the model untouched.
-            downs = {n: model.get_submodule(layer.names.down).weight for n, layer in self.layers.items()}
-            weights = {n: self._local_down_weight(n, w, keep[n], damped) for n, w in downs.items()}
-            record_dense_shapes(model)
-            for n, layer in self.layers.items():
-                _narrow_mlp_(model, layer.names, keep[n], weights.pop(n))
-        _sync(model)
+        with maybe_offloaded(model, self.offload):
+            if self.options.heal and self.options.target == "sequential":
+                record_dense_shapes(model)
+                self._heal_sequential_(model, keep, damped)
+            else:
+                # Under offload each solve runs on the accelerator, one layer's Gram and weight there at a time.
+                device = execution_device(model) if is_offloaded(model) else None
+                # Every solve first, so that an error (named layer) leaves the model untouched.
+                downs = {n: model.get_submodule(layer.names.down).weight for n, layer in self.layers.items()}
+                weights = {n: self._local_down_weight(n, w, keep[n], damped, device) for n, w in downs.items()}
+                record_dense_shapes(model)
+                for n, layer in self.layers.items():
+                    _narrow_mlp_(model, layer.names, keep[n], weights.pop(n))
+            _sync(model)
         self.last_stats = {"heal_seconds": round(time.perf_counter() - t0, 4), "damped_layers": damped,
                            "multiple": multiple}
         return {n: int(k.numel()) for n, k in keep.items()}
 
     def _local_down_weight(self, name: str, down_weight: Tensor, keep: Tensor,
-                           damped: dict[str, float]) -> Tensor:
+                           damped: dict[str, float], device: torch.device | None = None) -> Tensor:
+        """The healed down_proj weight; with `device`, solved there and returned in the weight's dtype and place."""
         layer = self.layers[name]
         idx = keep.to(down_weight.device)
         if not self.options.heal or keep.numel() == layer.width:
             # A layer kept whole is already exact: refitting could only add the ridge's bias.
             return down_weight.index_select(1, idx)
-        k_dev = keep.to(layer.gram.device)
-        gram_kk = layer.gram[k_dev][:, k_dev]
-        weight, alpha = ridge_solve(gram_kk, local_cross(layer.gram, down_weight, k_dev), self.options.ridge,
+        gram = layer.gram if device is None else layer.gram.to(device)
+        k_dev = keep.to(gram.device)
+        gram_kk = gram[k_dev][:, k_dev]
+        weight, alpha = ridge_solve(gram_kk, local_cross(gram, down_weight, k_dev), self.options.ridge,
                                     name=name)
         if alpha != self.options.ridge:
             damped[name] = alpha
+        if device is not None:
+            # Back to the (CPU-resident) layer at once, in its dtype: no layer's fp64 solution piles up
+            # on the accelerator. The cast rounds exactly as _narrow_mlp_'s copy would.
+            weight = weight.to(device=down_weight.device, dtype=down_weight.dtype)
         return weight
 
     def _heal_sequential_(self, model: nn.Module, keep: dict[str, Tensor], damped: dict[str, float]) -> None:
@@ -514,7 +544,7 @@ class MinifyPlan:
 
 
 def _sync(model: nn.Module) -> None:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -555,8 +585,13 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
     Only activation gradients are needed (every term is output × ∂L/∂output of a channel), so
     parameters are frozen for the pass and the graph starts at the embedding output: no
     weight-gradient GEMMs, no .grad memory.
+
+    Under `compress.streaming.offloaded` the blocks run checkpointed (the hooks below skip the
+    re-runs), and the Grams come from a block-sequential forward pass after the Taylor pass:
+    accumulated here, every layer's d_ff² Gram would be on the accelerator at once.
     """
-    device = next(model.parameters()).device
+    device = execution_device(model)
+    blockwise_grams = is_offloaded(model)
     timer = _Timer(device)
     grams: dict[str, Tensor] = {}
     act_seq: dict[str, list[Tensor]] = {n: [] for n in mlps}
@@ -580,18 +615,28 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
 
     def gate_up_hook(name: str):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if recomputing():  # a checkpointed block re-running for the backward: already hooked
+                return
             if out.requires_grad:
-                out.register_hook(add_weight_term(name, out))
+                # The hook keeps a detached view: capturing `out` itself would close a cycle through
+                # its autograd node (node -> hook -> out -> node) that the garbage collector cannot
+                # see, and every batch's activations would leak.
+                out.register_hook(add_weight_term(name, out.detach()))
 
         return hook
 
     def down_pre_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
+            if recomputing():
+                return
             h = args[0]
-            pending[name] = h
+            if not blockwise_grams:
+                pending[name] = h
             if h.requires_grad:
+                h_data = h.detach()  # not `h` itself: see gate_up_hook
+
                 def grad_hook(grad: Tensor) -> None:
-                    term = per_sequence(h, grad)
+                    term = per_sequence(h_data, grad)
                     cur_act[name] = term
                     cur_weight[name] = cur_weight[name] + term if name in cur_weight else term
 
@@ -641,6 +686,13 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
         for handle in handles:
             handle.remove()
         pending.clear()
+    if blockwise_grams:
+        owner = {names.down: n for n, names in mlps.items()}
+        with timer.phase("gram"):
+            for _, block_grams in blockwise_input_grams(model, chunks, list(owner), batch_size=batch_size,
+                                                        progress=progress, desc="minify: grams"):
+                for down, gram in block_grams.items():
+                    grams[owner[down]] = gram.cpu()  # kept with the plan, in CPU memory
     layers: dict[str, MinifyLayer] = {}
     for n, names in mlps.items():
         a = torch.cat(act_seq[n])
@@ -664,46 +716,15 @@ def score_minify(model: nn.Module, chunks: Tensor, config: MinifyConfig) -> Mini
     options = config.options()
     mlps = find_mlps(model)
     t0 = time.perf_counter()
-    layers, timing = _taylor_pass(model, chunks, mlps, batch_size=config.batch_size, progress=config.progress)
+    with maybe_offloaded(model, config.offload):
+        layers, timing = _taylor_pass(model, chunks, mlps, batch_size=config.batch_size, progress=config.progress)
     timing["total"] = round(time.perf_counter() - t0, 4)
     meta = {"calibration_tokens": int(chunks.numel()), "calibration_sequences": int(chunks.shape[0]),
             "seq_len": int(chunks.shape[1]), "timing_seconds": timing}
-    return MinifyPlan(layers, options, chunks.detach().cpu().to(torch.int64), meta)
+    return MinifyPlan(layers, options, chunks.detach().cpu().to(torch.int64), meta, offload=config.offload)
 
 
 # ============================================================================ sequential healing
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the first decoder block's inputs are captured."""
-
-
-def _first_block_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> Iterator[tuple[Tensor, dict]]:
-    """(hidden states, keyword arguments) that the first decoder block receives, per batch."""
-    _, blocks = decoder_layers(model)
-    device = next(model.parameters()).device
-    seen: list[tuple[Tensor, dict]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        seen.append((hidden.detach(), rest))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in iterate_batches(ids, batch_size, device, progress=False):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-            yield seen.pop()
-    finally:
-        handle.remove()
-
-
-def _block_output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class _MlpTap:
     """Captures an MLP's output and its down_proj input (h) during a block's forward."""
 
@@ -729,10 +750,10 @@ class _MlpTap:
 def _check_additive_mlp(block: nn.Module, tap: _MlpTap, x: Tensor, kwargs: dict, name: str) -> None:
     # The sequential target assumes block(x) = r + mlp(z): adding c to the MLP output must add
     # c to the block output. Blocks with a norm after the MLP (e.g. Gemma-2) fail this check.
-    base = _block_output(block(x, **kwargs)).float()
+    base = block_output(block(x, **kwargs)).float()
     tap.delta = torch.ones((), dtype=x.dtype, device=x.device)
     try:
-        shifted = _block_output(block(x, **kwargs)).float()
+        shifted = block_output(block(x, **kwargs)).float()
     finally:
         tap.delta = None
     if not torch.allclose(shifted - base, torch.ones_like(base), atol=1e-2, rtol=0):
@@ -763,47 +784,49 @@ def _sequential_heal_(model: nn.Module, plan: MinifyPlan, keep: Mapping[str, Ten
             raise UserError(f"{n}: MLP is not inside a decoder block; target='sequential' cannot run")
     dense_x: list[Tensor] = []
     kwargs: list[dict] = []
-    for x, kw in _first_block_inputs(model, plan.calibration_ids, plan.options.batch_size):
+    for x, kw in first_block_inputs(model, plan.calibration_ids, plan.options.batch_size):
         dense_x.append(x)
         kwargs.append(kw)
     comp_x = list(dense_x)
 
     def through(block: nn.Module, xs: list[Tensor]) -> list[Tensor]:
-        return [_block_output(block(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
+        return [block_output(block(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
 
     checked = False
     for i, block in enumerate(blocks):
-        name = by_block.get(i)
-        if name is None:  # a block with nothing to minify: both streams just pass through it
-            dense_x, comp_x = through(block, dense_x), through(block, comp_x)
-            continue
-        names = plan.layers[name].names
-        idx = keep[name]
-        down = model.get_submodule(names.down)
-        width, hidden = down.in_features, down.out_features
-        if idx.numel() == width:  # kept whole: exact as it is
-            dense_x, comp_x = through(block, dense_x), through(block, comp_x)
-            continue
-        tap = _MlpTap(model.get_submodule(name), down)
-        try:
-            if not checked:
-                _check_additive_mlp(block, tap, comp_x[0], kwargs[0], name)
-                checked = True
-            # One Gram of [h_c, T] holds both H·Hᵀ (top-left) and H·Tᵀ (top-right).
-            aug = torch.zeros(width + hidden, width + hidden, dtype=torch.float32, device=down.weight.device)
-            for b, kw in enumerate(kwargs):
-                o_d = _block_output(block(dense_x[b], **kw))
-                o_c = _block_output(block(comp_x[b], **kw))  # leaves this stream's h and y in the tap
-                target = o_d.float() - (o_c.float() - tap.y.float())  # o_d − r_c
-                gram_accumulate(aug, torch.cat([gram_rows(tap.h).float(), gram_rows(target)], dim=-1))
-                dense_x[b] = o_d
-        finally:
-            tap.remove()
-        k_dev = idx.to(aug.device)
-        rows = aug[k_dev]
-        weight, alpha = ridge_solve(rows[:, k_dev], rows[:, width:], plan.options.ridge, name=name)
-        if alpha != plan.options.ridge:
-            damped[name] = alpha
-        del aug
-        _narrow_mlp_(model, names, idx, weight)
-        comp_x = through(block, comp_x)
+        # Under offload the block stays on the accelerator for its forwards and its ridge solve.
+        with held(block):
+            name = by_block.get(i)
+            if name is None:  # a block with nothing to minify: both streams just pass through it
+                dense_x, comp_x = through(block, dense_x), through(block, comp_x)
+                continue
+            names = plan.layers[name].names
+            idx = keep[name]
+            down = model.get_submodule(names.down)
+            width, hidden = down.in_features, down.out_features
+            if idx.numel() == width:  # kept whole: exact as it is
+                dense_x, comp_x = through(block, dense_x), through(block, comp_x)
+                continue
+            tap = _MlpTap(model.get_submodule(name), down)
+            try:
+                if not checked:
+                    _check_additive_mlp(block, tap, comp_x[0], kwargs[0], name)
+                    checked = True
+                # One Gram of [h_c, T] holds both H·Hᵀ (top-left) and H·Tᵀ (top-right).
+                aug = torch.zeros(width + hidden, width + hidden, dtype=torch.float32, device=down.weight.device)
+                for b, kw in enumerate(kwargs):
+                    o_d = block_output(block(dense_x[b], **kw))
+                    o_c = block_output(block(comp_x[b], **kw))  # leaves this stream's h and y in the tap
+                    target = o_d.float() - (o_c.float() - tap.y.float())  # o_d − r_c
+                    gram_accumulate(aug, torch.cat([gram_rows(tap.h).float(), gram_rows(target)], dim=-1))
+                    dense_x[b] = o_d
+            finally:
+                tap.remove()
+            k_dev = idx.to(aug.device)
+            rows = aug[k_dev]
+            weight, alpha = ridge_solve(rows[:, k_dev], rows[:, width:], plan.options.ridge, name=name)
+            if alpha != plan.options.ridge:
+                damped[name] = alpha
+            del aug
+            _narrow_mlp_(model, names, idx, weight)
+            comp_x = through(block, comp_x)

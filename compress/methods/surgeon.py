@@ -36,6 +36,13 @@ Multi-shot: the target is reached in `shots` steps of a linear schedule, recompu
 curvature on the pruned model before every shot. An optional short LoRA fit after each shot
 (a first-order correction) is merged into the weights, masked so pruned structures stay pruned.
 
+`offload=True` (`--offload`, `compress.streaming`): weights in CPU memory. Each shot's K-FAC
+pass (and the LoRA steps) streams the blocks through the accelerator with activation
+checkpointing; the K-FAC factors and their inverses stay on the accelerator (they are about
+(in² + out²)·4 bytes per layer, for every layer: the part of surgeon's memory that offload does
+not bound). Costs and updates move one layer's weight to the accelerator at a time and write
+the result back to the CPU-resident model; zeroed-mode masks stay with the weights.
+
 The top of this module is pure tensor math; structure discovery, hooks and the shot loop
 follow it.
 """
@@ -60,6 +67,7 @@ from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate
 from compress.errors import UserError
 from compress.methods import register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
+from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import record_dense_shapes, replace_module_, target_linears
 
@@ -321,6 +329,7 @@ class SurgeonConfig(SurgeonOptions):
     progress: bool = True
     checkpoint_dir: str | None = None  # after every shot, the pruned weights are saved here
     resume: bool | None = None  # continue from checkpoint_dir's last shot
+    offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def options(self) -> SurgeonOptions:
         names = {f.name for f in dataclasses.fields(SurgeonOptions)}
@@ -398,8 +407,10 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
 
 
 def _new_linear(old: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=old.bias is not None,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    # skip_init: the values are copied in below; a random init would only cost time (on the CPU
+    # under offload, where it dominated the update of a 7B-shaped layer).
+    new = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=old.bias is not None,
+                             device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if old.bias is not None:
@@ -463,28 +474,30 @@ def _physical_units(model: nn.Module, attentions: Mapping[str, AttentionGroups],
                     curv: _Curvature, options: SurgeonOptions) -> list[dict[str, Any]]:
     """Every prunable unit of the current model with its cost, size and whether a floor protects it."""
     units: list[dict[str, Any]] = []
-    device = next(model.parameters()).device
+    device = execution_device(model)
     if options.prune_heads:
         for name, att in attentions.items():
             q, k, v, o = (model.get_submodule(n) for n in (att.q, att.k, att.v, att.o))
+            # Under offload the weights are in CPU memory: this block's four go to the accelerator.
+            qw, kw, vw, ow = (m.weight.to(device) for m in (q, k, v, o))
             kv_heads = k.out_features // att.head_dim
             size = (q.out_features // kv_heads) * (q.in_features + o.out_features) + \
                 (k.out_features // kv_heads) * (k.in_features + v.in_features)
             for unit in range(kv_heads):
                 q_rows, kv_rows = _group_rows(att.group, att.head_dim, unit)
                 q_rows, kv_rows = q_rows.to(device), kv_rows.to(device)
-                cost = (row_set_cost(q.weight, curv.a(att.q), curv.g_inv(att.q), q_rows)
-                        + row_set_cost(k.weight, curv.a(att.k), curv.g_inv(att.k), kv_rows)
-                        + row_set_cost(v.weight, curv.a(att.v), curv.g_inv(att.v), kv_rows)
-                        + column_set_cost(o.weight, curv.g(att.o), curv.a_inv(att.o), q_rows))
+                cost = (row_set_cost(qw, curv.a(att.q), curv.g_inv(att.q), q_rows)
+                        + row_set_cost(kw, curv.a(att.k), curv.g_inv(att.k), kv_rows)
+                        + row_set_cost(vw, curv.a(att.v), curv.g_inv(att.v), kv_rows)
+                        + column_set_cost(ow, curv.g(att.o), curv.a_inv(att.o), q_rows))
                 units.append({"kind": "group", "block": name, "index": unit, "cost": cost, "size": size,
                               "count": kv_heads})
     if options.prune_mlp:
         for name, mlp in mlps.items():
             gate, up, down = (model.get_submodule(n) for n in (mlp.gate, mlp.up, mlp.down))
-            cost = (row_costs(gate.weight, curv.a(mlp.gate), curv.g_inv(mlp.gate).diagonal())
-                    + row_costs(up.weight, curv.a(mlp.up), curv.g_inv(mlp.up).diagonal())
-                    + column_costs(down.weight, curv.g(mlp.down), curv.a_inv(mlp.down).diagonal()))
+            cost = (row_costs(gate.weight.to(device), curv.a(mlp.gate), curv.g_inv(mlp.gate).diagonal())
+                    + row_costs(up.weight.to(device), curv.a(mlp.up), curv.g_inv(mlp.up).diagonal())
+                    + column_costs(down.weight.to(device), curv.g(mlp.down), curv.a_inv(mlp.down).diagonal()))
             size = gate.in_features + up.in_features + down.out_features
             for j, c in enumerate(cost.tolist()):
                 units.append({"kind": "channel", "block": name, "index": j, "cost": c, "size": size,
@@ -558,17 +571,22 @@ def _apply_physical_(model: nn.Module, attentions: Mapping[str, AttentionGroups]
             removed_rows.setdefault(mlp.up, []).append(j)
             removed_cols.setdefault(mlp.down, []).append(j)
     removed = 0
+    # The update runs where the curvature is (the accelerator under offload), one layer at a time;
+    # _new_linear copies the result into a new layer beside the old one (in CPU memory under offload).
     for name, parts in removed_rows.items():
         old = model.get_submodule(name)
-        rows = torch.cat(parts).unique().to(old.weight.device)
-        w, b = remove_rows(old.weight, curv.g_inv(name), rows, old.bias, update=update in ("both", "rows"))
+        g_inv = curv.g_inv(name)
+        rows = torch.cat(parts).unique().to(g_inv.device)
+        bias = old.bias.to(g_inv.device) if old.bias is not None else None
+        w, b = remove_rows(old.weight.to(g_inv.device), g_inv, rows, bias, update=update in ("both", "rows"))
         removed += old.weight.numel() - w.numel()
         replace_module_(model, name, _new_linear(old, w, b))
         curv.release(name)
     for name, parts in removed_cols.items():
         old = model.get_submodule(name)
-        cols = torch.cat(parts).unique().to(old.weight.device)
-        w = remove_columns(old.weight, curv.a_inv(name), cols, update=update in ("both", "columns"))
+        a_inv = curv.a_inv(name)
+        cols = torch.cat(parts).unique().to(a_inv.device)
+        w = remove_columns(old.weight.to(a_inv.device), a_inv, cols, update=update in ("both", "columns"))
         removed += old.weight.numel() - w.numel()
         replace_module_(model, name, _new_linear(old, w, old.bias))
     return removed
@@ -587,12 +605,18 @@ class _Masks:
 
 @torch.no_grad()
 def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: int, options: SurgeonOptions) -> int:
-    """One shot of the zeroed modes; returns the weights newly zeroed."""
+    """One shot of the zeroed modes; returns the weights newly zeroed.
+
+    The math runs where the layer's curvature is (the accelerator under offload), one layer's
+    weight and mask there at a time; weights are updated in place where they live, and masks
+    stay beside them.
+    """
     names = list(masks.masks)
     if options.structure == "rows-cols":
         active_rows, active_cols, row_c, col_c = [], [], [], []
         for n in names:
-            mask = masks.masks[n]
+            dev = curv.a(n).device
+            mask = masks.masks[n].to(dev)
             rows_alive = mask.any(1).nonzero().squeeze(1)
             cols_alive = mask.any(0).nonzero().squeeze(1)
             if rows_alive.numel() == 0 or cols_alive.numel() == 0:  # a matrix already zeroed whole
@@ -602,7 +626,7 @@ def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: in
                 active_rows.append((rows_alive, None))
                 active_cols.append((cols_alive, None))
                 continue
-            w = model.get_submodule(n).weight[rows_alive][:, cols_alive]
+            w = model.get_submodule(n).weight.to(dev)[rows_alive][:, cols_alive]
             g_inv = spd_inverse(damped(curv.g(n)[rows_alive][:, rows_alive], options.damp_g), name=f"{n} (G)")
             a_inv = spd_inverse(damped(curv.a(n)[cols_alive][:, cols_alive], options.damp_a), name=f"{n} (A)")
             row_c.append(row_costs(w, curv.a(n)[cols_alive][:, cols_alive], g_inv.diagonal()).cpu())
@@ -615,32 +639,37 @@ def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: in
             if not (r.any() or c.any()):
                 continue
             module = model.get_submodule(n)
-            w = module.weight[rows_alive][:, cols_alive].to(torch.float64)
+            dev = rows_alive.device
+            w = module.weight.to(dev)[rows_alive][:, cols_alive].to(torch.float64)
             r_idx = r.nonzero().squeeze(1).to(w.device)
             c_idx = c.nonzero().squeeze(1).to(w.device)
-            bias = module.bias[rows_alive] if module.bias is not None else None
+            bias = module.bias.to(dev)[rows_alive] if module.bias is not None else None
             # Rows first (their update spans all live columns), then columns on what is left.
             w_rows, b_rows = remove_rows(w, g_inv, r_idx, bias, update=options.update in ("both", "rows"))
             keep_r = (~_index_mask(w.shape[0], r_idx, w.device)).nonzero().squeeze(1)
             w_both = remove_columns(w_rows, a_inv, c_idx, update=options.update in ("both", "columns"))
             keep_c = (~_index_mask(w.shape[1], c_idx, w.device)).nonzero().squeeze(1)
-            new = torch.zeros_like(module.weight, dtype=torch.float64)
+            new = torch.zeros_like(module.weight, dtype=torch.float64, device=dev)
             new[rows_alive[keep_r][:, None], cols_alive[keep_c][None, :]] = w_both
             module.weight.copy_(new)
             if bias is not None:
-                new_bias = torch.zeros_like(module.bias)
+                new_bias = torch.zeros_like(module.bias, device=dev)
                 new_bias[rows_alive[keep_r]] = b_rows.to(new_bias.dtype)
                 module.bias.copy_(new_bias)
-            mask = torch.zeros_like(masks.masks[n])
+            old_mask = masks.masks[n]
+            mask = torch.zeros_like(old_mask, device=dev)
             mask[rows_alive[keep_r][:, None], cols_alive[keep_c][None, :]] = True
-            masks.masks[n] = mask & masks.masks[n]
+            masks.masks[n] = (mask & old_mask.to(dev)).to(old_mask.device)
         return removed
     # Single weights: one global threshold over K-FAC element costs (unstructured), or 2:4.
     costs = {}
     for n in names:
-        w = model.get_submodule(n).weight
-        c = element_costs(w, curv.g_inv(n).diagonal(), curv.a_inv(n).diagonal())
-        costs[n] = c.masked_fill(~masks.masks[n], math.inf)
+        g_inv_diag = curv.g_inv(n).diagonal()
+        w = model.get_submodule(n).weight.to(g_inv_diag.device)
+        c = element_costs(w, g_inv_diag, curv.a_inv(n).diagonal())
+        # fp64 costs of every weight: kept beside the mask (in CPU memory under offload).
+        mask = masks.masks[n]
+        costs[n] = c.to(mask.device).masked_fill(~mask, math.inf)
         curv.release(n)
     removed = 0
     if options.structure == "2:4":
@@ -671,8 +700,9 @@ def _lora_correction_(model: nn.Module, chunks: Tensor, names: Sequence[str], op
 
     In the zeroed modes the merged update is multiplied by the keep-mask, so pruned weights
     stay zero; in physical mode pruned structures no longer exist. Returns the last loss.
+    Under offload the adapters live on the accelerator and each merge goes to the CPU-resident weight.
     """
-    device = next(model.parameters()).device
+    device = execution_device(model)
     gen = torch.Generator(device="cpu").manual_seed(options.seed)
     adapters: dict[str, tuple[Tensor, Tensor]] = {}
     handles = []
@@ -716,7 +746,7 @@ def _lora_correction_(model: nn.Module, chunks: Tensor, names: Sequence[str], op
     with torch.no_grad():
         for n, (a, b) in adapters.items():
             module = model.get_submodule(n)
-            delta = (b @ a).to(module.weight.dtype)
+            delta = (b @ a).to(device=module.weight.device, dtype=module.weight.dtype)
             if masks is not None:
                 delta = delta * masks.masks[n]
             module.weight.add_(delta)
@@ -792,7 +822,7 @@ def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: Surge
         for n in names:
             old = model.get_submodule(n)
             replace_module_(model, n, _new_linear(old, old.weight.detach().clone(), old.bias))
-    device = next(model.parameters()).device
+    device = execution_device(model)
     calib = chunks if options.curvature_samples is None else chunks[: options.curvature_samples]
     shots = 1 if options.structure == "2:4" else options.shots
     meta = {"size": size, "options": dataclasses.asdict(options), "tokens": int(chunks.numel())}
@@ -891,6 +921,7 @@ class SurgeonPlan:
     checkpoint_dir: str | None = None
     resume: bool = False
     last_stats: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False  # prune with the weights in CPU memory (not saved with the plan)
 
     def with_options(self, **changes: Any) -> SurgeonPlan:
         return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes), last_stats={})
@@ -908,8 +939,9 @@ class SurgeonPlan:
         if rank_multiple > 1:
             options = dataclasses.replace(options, width_multiple=rank_multiple)
         t0 = time.perf_counter()
-        stats = surgeon_prune_(model, self.calibration_ids, float(size), options, progress=self.progress,
-                               checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume))
+        with maybe_offloaded(model, self.offload):
+            stats = surgeon_prune_(model, self.calibration_ids, float(size), options, progress=self.progress,
+                                   checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume))
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         self.last_stats = stats
         return {n: int(m.weight.count_nonzero()) for n, m in target_linears(model).items()}
@@ -972,4 +1004,4 @@ def score_surgeon(model: nn.Module, chunks: Tensor, config: SurgeonConfig) -> Su
     meta = {"calibration_tokens": int(chunks.numel()), "calibration_sequences": int(chunks.shape[0]),
             "seq_len": int(chunks.shape[1])}
     return SurgeonPlan(chunks.detach().cpu().to(torch.int64), config.options(), meta, progress=config.progress,
-                       checkpoint_dir=config.checkpoint_dir, resume=bool(config.resume))
+                       checkpoint_dir=config.checkpoint_dir, resume=bool(config.resume), offload=config.offload)

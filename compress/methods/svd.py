@@ -12,6 +12,11 @@ spectrum of W says nothing about which directions the inputs use).
 If G is not positive definite (dead input features, too few tokens), the Cholesky is retried
 with damping δ·mean(diag G)·I for δ = 1e-6, 1e-5, ..., 1e-1, and the δ used is recorded.
 A non-finite Gram is an error that names the layer.
+
+`offload=True` (`--offload`): the weights stay in CPU memory and calibration goes block by
+block (`compress.calibrate.blockwise_input_grams` under `compress.streaming.offloaded`): one
+block's weights and Grams are on the accelerator, its layers are factorized there, the factors
+go to the CPU, then the next block. The plan is the same as without offload.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compress.calibrate import collect_input_grams
+from compress.calibrate import blockwise_input_grams, collect_input_grams
 from compress.methods import register_method
 from compress.plan import FactorPlan, LayerFactors
+from compress.streaming import is_offloaded, maybe_offloaded
 from lowrank.linear import balanced_factors, svd_factors
 from lowrank.surgery import target_linears
 
@@ -34,6 +40,7 @@ __all__ = ["SVDConfig", "cholesky_with_damping", "whitened_svd_factors"]
 class SVDConfig:
     batch_size: int = 4
     progress: bool = True
+    offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
 
 def cholesky_with_damping(gram: Tensor, name: str = "layer", max_damping: float = 1e-1) -> tuple[Tensor, float]:
@@ -67,21 +74,46 @@ def whitened_svd_factors(weight: Tensor, gram: Tensor, name: str = "layer") -> t
 
 @register_method("svd", SVDConfig, "activation-aware (whitened) truncated SVD with uniform ranks, as in SVD-LLM")
 def score_svd(model, chunks: Tensor, config: SVDConfig) -> FactorPlan:
+    with maybe_offloaded(model, config.offload):
+        if is_offloaded(model):
+            return _score_svd_blockwise(model, chunks, config)
+        targets = target_linears(model)
+        grams = collect_input_grams(model, chunks, targets, batch_size=config.batch_size, progress=config.progress)
+        layers: dict[str, LayerFactors] = {}
+        dampings: dict[str, float] = {}
+        items = targets.items()
+        if config.progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(list(items), desc="whitened SVD", unit="layer", leave=False)
+        for name, module in items:
+            _factor_layer(name, module, grams[name], layers, dampings)
+        meta = {"calibration_tokens": grams.tokens, "damped_layers": dampings}
+        return FactorPlan("svd", layers, allocation="uniform", metadata=meta)
+
+
+def _factor_layer(name: str, module, gram: Tensor, layers: dict[str, LayerFactors], dampings: dict[str, float]) -> None:
+    U, V, s, damping = whitened_svd_factors(module.weight, gram, name)
+    layers[name] = LayerFactors(U.cpu(), V.cpu(), s.cpu(), module.weight.detach().float().cpu())
+    if damping:
+        dampings[name] = damping
+
+
+def _score_svd_blockwise(model, chunks: Tensor, config: SVDConfig) -> FactorPlan:
+    """Grams and factors one block at a time; while a block is held, `module.weight` is on the accelerator."""
     targets = target_linears(model)
-    grams = collect_input_grams(model, chunks, targets, batch_size=config.batch_size, progress=config.progress)
     layers: dict[str, LayerFactors] = {}
     dampings: dict[str, float] = {}
-    items = targets.items()
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(list(items), desc="whitened SVD", unit="layer", leave=False)
-    for name, module in items:
-        U, V, s, damping = whitened_svd_factors(module.weight, grams[name], name)
-        layers[name] = LayerFactors(U.cpu(), V.cpu(), s.cpu(), module.weight.detach().float().cpu())
-        if damping:
-            dampings[name] = damping
-    meta = {"calibration_tokens": grams.tokens, "damped_layers": dampings}
+    tokens = int(chunks.numel())
+    for _, grams in blockwise_input_grams(model, chunks, targets, batch_size=config.batch_size,
+                                          progress=config.progress, desc="svd: calibrate + factorize"):
+        for name in grams:
+            _factor_layer(name, model.get_submodule(name), grams[name], layers, dampings)
+        tokens = grams.tokens
+    # Same layer order as the whole-model pass (plans are compared and saved in this order).
+    layers = {name: layers[name] for name in targets}
+    dampings = {name: dampings[name] for name in targets if name in dampings}
+    meta = {"calibration_tokens": tokens, "damped_layers": dampings}
     return FactorPlan("svd", layers, allocation="uniform", metadata=meta)
 
 

@@ -29,6 +29,10 @@ closed-form update of the truncated factors. Options, deviations from the paper:
    accumulated: one Gram of [X_c, X_d] per group of layers that read the same input
    (q/k/v, gate/up) gives G, X_cᵀX_d (so P = X_cᵀX_d·Wᵀ) and ‖T‖² = tr(W·X_dᵀX_d·Wᵀ).
 
+`offload=True` (`--offload`): weights in CPU memory (`compress.streaming`). The whitening
+calibrates block by block like `svd`; the update already runs block by block, and each block is
+`held` on the accelerator while its layers are refit (its Grams and solves live there too).
+
 The top of this module is pure tensor math; hooks and loops over the model follow.
 """
 
@@ -48,12 +52,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress.calibrate import gram_rows
+from compress.calibrate import block_output, first_block_inputs, gram_rows
 from compress.errors import UserError
 from compress.methods import register_method
-from compress.methods.minify import _block_output, _first_block_inputs
 from compress.methods.svd import SVDConfig, cholesky_with_damping, score_svd
 from compress.plan import FactorPlan, register_plan_type
+from compress.streaming import execution_device, held, maybe_offloaded
 from kernels import gram_accumulate
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import decoder_layers, replace_module_, target_linears
@@ -181,6 +185,7 @@ class SVDLLMConfig(SVDLLMOptions):
     """Scoring options (`batch_size` is also the calibration batch) plus materialization defaults."""
 
     progress: bool = True
+    offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def options(self) -> SVDLLMOptions:
         names = {f.name for f in dataclasses.fields(SVDLLMOptions)}
@@ -200,6 +205,7 @@ class SVDLLMPlan(FactorPlan):
     options: SVDLLMOptions = field(default_factory=SVDLLMOptions)
     progress: bool = True
     last_stats: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False  # run the update with the weights in CPU memory (not saved with the plan)
 
     def with_options(self, **changes: Any) -> SVDLLMPlan:
         """A plan sharing these factors that materializes with other options (validated)."""
@@ -216,8 +222,9 @@ class SVDLLMPlan(FactorPlan):
             raise UserError("svd-llm: this plan holds no calibration ids for the update; "
                             "materialize with update='none' or rescore")
         t0 = time.perf_counter()
-        records = _sequential_update_(model, self, ranks)
-        _sync(model)
+        with maybe_offloaded(model, self.offload):
+            records = _sequential_update_(model, self, ranks)
+            _sync(model)
         rel = [(r["before"] / r["target"], r["after"] / r["target"]) for r in records.values() if r["target"] > 0]
         self.last_stats = {
             "update": self.options.update,
@@ -266,7 +273,7 @@ class SVDLLMPlan(FactorPlan):
 
 
 def _sync(model: nn.Module) -> None:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -280,12 +287,13 @@ def score_svd_llm(model: nn.Module, chunks: Tensor, config: SVDLLMConfig) -> SVD
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0:
         raise UserError("svd-llm needs calibration token ids of shape [n ≥ 1, seq_len]")
     options = config.options()
-    base = score_svd(model, chunks, SVDConfig(batch_size=config.batch_size, progress=config.progress))
+    base = score_svd(model, chunks, SVDConfig(batch_size=config.batch_size, progress=config.progress,
+                                              offload=config.offload))
     ids = chunks if options.update_samples is None else chunks[: options.update_samples]
     meta = {**base.metadata, "plan_type": SVDLLMPlan.__name__, "options": dataclasses.asdict(options),
             "update_sequences": int(ids.shape[0])}
     return SVDLLMPlan("svd-llm", base.layers, "uniform", meta, calibration_ids=ids.detach().cpu().to(torch.int64),
-                      options=options, progress=config.progress)
+                      options=options, progress=config.progress, offload=config.offload)
 
 
 # ============================================================================ sequential update
@@ -384,14 +392,14 @@ def _sequential_update_(model: nn.Module, plan: SVDLLMPlan, ranks: dict[str, int
             todo.setdefault(_block_index(n, prefix), {})[n] = targets[n]
     dense_x: list[Tensor] = []
     kwargs: list[dict] = []
-    for x, kw in _first_block_inputs(model, plan.calibration_ids, opts.batch_size):
+    for x, kw in first_block_inputs(model, plan.calibration_ids, opts.batch_size):
         dense_x.append(x)
         kwargs.append(kw)
     comp_x = list(dense_x)
     records: dict[str, dict[str, Any]] = {}
 
     def through(block: nn.Module, xs: list[Tensor]) -> list[Tensor]:
-        return [_block_output(block(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
+        return [block_output(block(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
 
     indices: Any = range(len(blocks))
     if plan.progress:
@@ -399,50 +407,58 @@ def _sequential_update_(model: nn.Module, plan: SVDLLMPlan, ranks: dict[str, int
 
         indices = tqdm(indices, desc="svd-llm update", unit="block", leave=False)
     for i in indices:
-        block = blocks[i]
-        originals = todo.get(i, {})
-        if not originals:
-            dense_x, comp_x = through(block, dense_x), through(block, comp_x)
-            continue
-        next_dense = through(block, dense_x)  # the block is still dense here
-        replaced: dict[str, nn.Module] = {}
-        for group in _input_groups(block, comp_x[0], kwargs[0], originals):
-            first = originals[group[0]]
-            width = first.in_features
-            use_dense = opts.update_target == "dense"
-            size = 2 * width if use_dense else width
-            gram = torch.zeros(size, size, dtype=torch.float32, device=first.weight.device)
-            for b, kw in enumerate(kwargs):
-                x_c = gram_rows(_capture_input(block, comp_x[b], kw, first))
-                if use_dense:
-                    with _swapped(model, {n: originals[n] for n in replaced}):
-                        x_d = gram_rows(_capture_input(block, dense_x[b], kw, first))
-                    x_c = torch.cat([x_c, x_d.to(x_c.dtype)], dim=-1)
-                gram_accumulate(gram, x_c)
-            g64 = gram.to(torch.float64)
-            g_cc = g64[:width, :width]
-            g_cd = g64[:width, width:] if use_dense else g_cc
-            g_dd = g64[width:, width:] if use_dense else g_cc
-            del gram
-            for n in group:
-                module = originals[n]
-                w = module.weight.detach().to(device=g64.device, dtype=torch.float64)
-                cross = g_cd @ w.T
-                target_sq = float(((w @ g_dd) * w).sum())
-                lf = plan.layers[n]
-                keep = torch.topk(lf.scores.float(), k=min(ranks[n], lf.scores.numel())).indices.sort().values
-                try:
-                    U, V, record = update_factors(lf.U[:, keep], lf.V[keep], g_cc, cross, target_sq,
-                                                  steps=opts.update, ridge=opts.update_ridge, name=n)
-                except ValueError as exc:
-                    raise UserError(f"svd-llm update: {exc}") from exc
-                record["target"] = target_sq
-                records[n] = record
-                dtype, device = module.weight.dtype, module.weight.device
-                layer = LowRankLinear.from_factors(U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype),
-                                                   module.bias)
-                replace_module_(model, n, layer)
-                replaced[n] = layer
-        comp_x = through(block, comp_x)
-        dense_x = next_dense
+        # Under offload the block stays on the accelerator for all of its forwards and refits
+        # (one transfer per block); `module.weight` below is then the accelerator copy.
+        with held(blocks[i]):
+            dense_x, comp_x = _update_block_(model, plan, ranks, blocks[i], todo.get(i, {}), dense_x, comp_x,
+                                             kwargs, through, records)
     return records
+
+
+def _update_block_(model: nn.Module, plan: SVDLLMPlan, ranks: dict[str, int], block: nn.Module,
+                   originals: dict[str, nn.Module], dense_x: list[Tensor], comp_x: list[Tensor], kwargs: list[dict],
+                   through: Any, records: dict[str, dict[str, Any]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Refit block `block`'s factorized layers; returns both streams' outputs of the block."""
+    opts = plan.options
+    if not originals:
+        return through(block, dense_x), through(block, comp_x)
+    next_dense = through(block, dense_x)  # the block is still dense here
+    replaced: dict[str, nn.Module] = {}
+    for group in _input_groups(block, comp_x[0], kwargs[0], originals):
+        first = originals[group[0]]
+        width = first.in_features
+        use_dense = opts.update_target == "dense"
+        size = 2 * width if use_dense else width
+        gram = torch.zeros(size, size, dtype=torch.float32, device=first.weight.device)
+        for b, kw in enumerate(kwargs):
+            x_c = gram_rows(_capture_input(block, comp_x[b], kw, first))
+            if use_dense:
+                with _swapped(model, {n: originals[n] for n in replaced}):
+                    x_d = gram_rows(_capture_input(block, dense_x[b], kw, first))
+                x_c = torch.cat([x_c, x_d.to(x_c.dtype)], dim=-1)
+            gram_accumulate(gram, x_c)
+        g64 = gram.to(torch.float64)
+        g_cc = g64[:width, :width]
+        g_cd = g64[:width, width:] if use_dense else g_cc
+        g_dd = g64[width:, width:] if use_dense else g_cc
+        del gram
+        for n in group:
+            module = originals[n]
+            w = module.weight.detach().to(device=g64.device, dtype=torch.float64)
+            cross = g_cd @ w.T
+            target_sq = float(((w @ g_dd) * w).sum())
+            lf = plan.layers[n]
+            keep = torch.topk(lf.scores.float(), k=min(ranks[n], lf.scores.numel())).indices.sort().values
+            try:
+                U, V, record = update_factors(lf.U[:, keep], lf.V[keep], g_cc, cross, target_sq,
+                                              steps=opts.update, ridge=opts.update_ridge, name=n)
+            except ValueError as exc:
+                raise UserError(f"svd-llm update: {exc}") from exc
+            record["target"] = target_sq
+            records[n] = record
+            dtype, device = module.weight.dtype, module.weight.device
+            layer = LowRankLinear.from_factors(U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype),
+                                               module.bias)
+            replace_module_(model, n, layer)
+            replaced[n] = layer
+    return next_dense, through(block, comp_x)
