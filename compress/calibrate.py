@@ -68,45 +68,67 @@ def collect_input_grams(
     names = list(layer_names)
     modules = {name: model.get_submodule(name) for name in names}
     device = execution_device(model)
-    gram_device = torch.device(gram_device) if gram_device is not None else device
-    grams = InputGrams()
-    grams.shared = {}
-    last_input: list[Tensor | None] = [None]
-    last_owner: list[str | None] = [None]
+    accumulator = _GramHooks(torch.device(gram_device) if gram_device is not None else device)
     tokens = 0
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if x is last_input[0]:
-                grams.shared[name] = last_owner[0]
-                return
-            # Holding a reference keeps the tensor alive, so `is` can't be fooled by memory reuse.
-            last_input[0], last_owner[0] = x, name
-            flat = x.reshape(-1, x.shape[-1])
-            if name not in grams:
-                grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=gram_device)
-            gram_accumulate(grams[name], flat.to(gram_device))
-
-        return hook
-
-    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in names]
+    handles = [modules[name].register_forward_pre_hook(accumulator.hook(name)) for name in names]
     try:
         for batch in iterate_batches(chunks, batch_size, device, progress=progress, desc="calibrate"):
             model(input_ids=batch)
             tokens += batch.numel()
-            last_input[0] = None
+            accumulator.next_input()
     finally:
         for handle in handles:
             handle.remove()
-        last_input[0] = None
-    for follower, owner in grams.shared.items():
-        grams[follower] = grams[owner]
-    missing = [n for n in names if n not in grams]
-    if missing:
-        raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
+        accumulator.next_input()
+    grams = accumulator.finish(names)
     grams.tokens = tokens
     return grams
+
+
+class _GramHooks:
+    """Forward pre-hooks accumulating G = Σ xᵀx of each named layer's input into one `InputGrams`.
+
+    Layers that read the very same input tensor (q/k/v after the attention norm, gate/up after
+    the MLP norm) share one Gram: a hook that sees the tensor the previous hook just accumulated
+    records itself as a follower instead. `gram_device` None keeps each Gram on its input's device.
+    """
+
+    def __init__(self, gram_device: torch.device | None = None) -> None:
+        self.grams = InputGrams()
+        self.grams.shared = {}
+        self.gram_device = gram_device
+        self._last_input: Tensor | None = None
+        self._last_owner: str | None = None
+
+    def hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if x is self._last_input:
+                self.grams.shared[name] = self._last_owner
+                return
+            # Holding a reference keeps the tensor alive, so `is` can't be fooled by memory reuse.
+            self._last_input, self._last_owner = x, name
+            rows = gram_rows(x)
+            if self.gram_device is not None:
+                rows = rows.to(self.gram_device)
+            if name not in self.grams:
+                self.grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+            gram_accumulate(self.grams[name], rows)
+
+        return hook
+
+    def next_input(self) -> None:
+        """Between forward passes: a new input tensor can never be shared with the last pass's."""
+        self._last_input = self._last_owner = None
+
+    def finish(self, names: list[str]) -> InputGrams:
+        """Point every follower at its owner's Gram; every named layer must have been reached."""
+        for follower, owner in self.grams.shared.items():
+            self.grams[follower] = self.grams[owner]
+        missing = [n for n in names if n not in self.grams]
+        if missing:
+            raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
+        return self.grams
 
 
 class _StopForward(Exception):
@@ -194,49 +216,25 @@ def blockwise_input_grams(
         block = blocks[i]
         with held(block):
             wanted = by_block.get(i, [])
-            grams = InputGrams()
-            grams.shared = {}
-            grams.tokens = tokens
-            last_input: list[Tensor | None] = [None]
-            last_owner: list[str | None] = [None]
-
-            def make_hook(name: str, grams: InputGrams = grams, last_input: list = last_input,
-                          last_owner: list = last_owner):
-                def hook(module: nn.Module, args: tuple) -> None:
-                    x = args[0]
-                    if x is last_input[0]:
-                        grams.shared[name] = last_owner[0]
-                        return
-                    last_input[0], last_owner[0] = x, name
-                    rows = gram_rows(x)
-                    if name not in grams:
-                        grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
-                                                  device=rows.device)
-                    gram_accumulate(grams[name], rows)
-
-                return hook
-
-            handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in wanted]
+            accumulator = _GramHooks()
+            handles = [model.get_submodule(n).register_forward_pre_hook(accumulator.hook(n)) for n in wanted]
             try:
                 with torch.no_grad():
                     for b, kw in enumerate(kwargs):
                         out = block_output(block(hidden[b], **kw))
-                        last_input[0] = None
+                        accumulator.next_input()
                         # Only a later block with targets needs this block's outputs.
                         hidden[b] = out if i < last_block else hidden[b]
             finally:
                 for handle in handles:
                     handle.remove()
-                last_input[0] = None
+                accumulator.next_input()
             if not wanted:
                 continue
-            for follower, owner in grams.shared.items():
-                grams[follower] = grams[owner]
-            missing = [n for n in wanted if n not in grams]
-            if missing:
-                raise RuntimeError(f"calibration never reached these layers: {missing[:5]}")
+            grams = accumulator.finish(wanted)
+            grams.tokens = tokens
             yield i, grams
-            del grams
+            del grams, accumulator
 
 
 FISHER_LABELS = ("model", "data")
