@@ -285,6 +285,8 @@ def run_compress(args: argparse.Namespace) -> int:
     size = check_size(args.size)
     spec = get_method(args.method)
     check_offload(spec, args.offload)
+    if args.reset is not None and spec.name not in SCORE_MAP_METHODS:  # refuse before the model loads
+        raise UserError(RESET_ONLY_SCORE_MAPS)
     out = _writable_dir(args.out) if args.out else None
     if args.calib_samples <= 0 or args.seq_len < 2:
         raise UserError("--calib-samples must be positive and --seq-len at least 2")
@@ -396,13 +398,18 @@ def run_materialize(argv: list[str]) -> int:
     return 0
 
 
+# Methods whose plan is a ScoreMap (the only plans with a reset rule).
+SCORE_MAP_METHODS = ("acip", "svd-magnitude")
+RESET_ONLY_SCORE_MAPS = "--reset/--no-reset apply to score maps (acip, svd-magnitude), not to this plan"
+
+
 def _materialize_kwargs(plan: Any, args: argparse.Namespace) -> dict[str, Any]:
     from compress.acip.scoremap import ScoreMap
 
     kwargs: dict[str, Any] = {"rank_multiple": args.rank_multiple}
     if args.reset is not None:
         if not isinstance(plan, ScoreMap):
-            raise UserError("--reset/--no-reset apply to score maps (acip, svd-magnitude), not to this plan")
+            raise UserError(RESET_ONLY_SCORE_MAPS)
         kwargs["reset"] = args.reset
     return kwargs
 

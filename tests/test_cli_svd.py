@@ -125,6 +125,8 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
         (["--size", "1.5"], "--size"),
         (["--size", "0"], "--size"),
         (["--method", "nope"], "unknown method"),
+        # refused from the method name, before the (here missing) model would be loaded
+        (["--method", "svd", "--no-reset", "--model", "/no/such/model"], "--reset/--no-reset"),
     ],
 )
 def test_cli_user_errors_are_one_line(argv, needle, capsys):
