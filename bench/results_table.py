@@ -164,12 +164,18 @@ def _seconds_list(values: Iterable[float]) -> str:
     return ", ".join(fmt_sec(v) for v in values)
 
 
+def _file_missing(rows: list[Row]) -> list[Row]:
+    """The rows of a result file that is not there: marked, left empty."""
+    for r in rows:
+        r.missing_file = True
+    return rows
+
+
 def _svd_rows(d: dict | None) -> list[Row]:
     row = Row("svd (whitened SVD, uniform ranks)", FILES["svd"], "A", MISSING,
               "targeted-linear fraction as requested (`--size`)")
     if d is None:
-        row.missing_file = True
-        return [row]
+        return _file_missing([row])
     svd = d.get("svd", {})
     if "seconds_to_score" in svd:
         row.calibration = f"{fmt_sec(svd['seconds_to_score'])} s (scoring; every size from one plan)"
@@ -197,9 +203,7 @@ def _acip_rows(d: dict | None, basis: str, with_svd: bool) -> list[Row]:
                         "windows at stride 512); the docs do not explain the gap between the two rows (largest at "
                         "50%), the calibration draw is the visible difference"))
     if d is None:
-        for r in rows:
-            r.missing_file = True
-        return rows
+        return _file_missing(rows)
     acip = d.get("acip", {})
     if "scoring_seconds_this_call_incl_setup" in acip:
         mats = [p.get("materialize_seconds", 0.0) for v in ("acip", "acip+reset") for p in d["results"].get(v, [])]
@@ -237,9 +241,7 @@ def _minify_rows(d: dict | None) -> list[Row]:
             "minify at 90% MLP, then `svd` on the narrowed model to the total `target_fraction`"),
     ]
     if d is None:
-        for r in rows:
-            r.missing_file = True
-        return rows
+        return _file_missing(rows)
     timing = d.get("timing_seconds", {})
     if "calibrate_plus_heal" in timing:
         rows[0].calibration = f"{fmt_sec(timing['calibrate_plus_heal'])} s (calibrate + heal)"
@@ -284,9 +286,7 @@ def _surgeon_rows(d: dict | None, key: str) -> list[Row]:
                 Row("svd at whole-model sizes, surgeon bench", source, "E", MISSING, conv)]
         methods = ["surgeon", "minify", "svd"]
     if d is None:
-        for r in rows:
-            r.missing_file = True
-        return rows
+        return _file_missing(rows)
     for row, method in zip(rows, methods, strict=True):
         main = [r for r in d.get("rows", []) if r.get("group") == "main" and r.get("method") == method]
         for r in main:

@@ -1186,6 +1186,16 @@ def _check_inputs(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> None:
                          + (f", bias={bias.device}" if bias is not None else ""))
 
 
+def _check_out(out: Tensor, x: Tensor, M: int) -> None:
+    """``out=`` must be a contiguous ``[..., M]`` buffer of x's leading shape, dtype and device."""
+    lead = x.shape[:-1]
+    if out.shape != (*lead, M) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {(*lead, M)} {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
 def lowrank_matmul_launch(
     x: Tensor,
     U: Tensor,
@@ -1210,11 +1220,7 @@ def lowrank_matmul_launch(
     M = U.shape[0]
     lead = x.shape[:-1]
     if out is not None:
-        if out.shape != (*lead, M) or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"out must be {(*lead, M)} {x.dtype} on {x.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous")
+        _check_out(out, x, M)
         y = out
     else:
         y = torch.empty((*lead, M), dtype=x.dtype, device=x.device)
@@ -1302,9 +1308,7 @@ def _dense_linear(x: Tensor, W: Tensor, bias: Tensor | None, out: Tensor | None)
     if out is None:
         return F.linear(x, W, bias)
     M = W.shape[0]
-    if out.shape != (*x.shape[:-1], M) or out.dtype != x.dtype or out.device != x.device \
-            or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {(*x.shape[:-1], M)} {x.dtype} tensor on {x.device}")
+    _check_out(out, x, M)
     x2, y2 = x.reshape(-1, x.shape[-1]), out.view(-1, M)
     if bias is not None:
         torch.addmm(bias, x2, W.t(), out=y2)

@@ -15,7 +15,7 @@ from typing import Any
 
 from compress.errors import UserError
 
-__all__ = ["MethodSpec", "available_methods", "get_method", "register_method"]
+__all__ = ["MethodSpec", "available_methods", "get_method", "options_of", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,16 @@ class MethodSpec:
         """Config with `overrides` applied; unknown keys are ignored (CLI passes a common set)."""
         names = {f.name for f in dataclasses.fields(self.config_cls)}
         return self.config_cls(**{k: v for k, v in overrides.items() if k in names and v is not None})
+
+
+def options_of(config: Any, options_cls: type) -> Any:
+    """The materialization options inside a method config: its fields that `options_cls` declares.
+
+    Method configs (e.g. `MinifyConfig`) extend their options dataclass with scoring-only fields
+    (`progress`, `offload`); the plan keeps only the options.
+    """
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    return options_cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in names})
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

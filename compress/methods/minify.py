@@ -60,7 +60,7 @@ from compress.calibrate import (
     iterate_batches,
 )
 from compress.errors import UserError
-from compress.methods import register_method
+from compress.methods import options_of, register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
 from kernels import gram_accumulate, gram_accumulate_batched
@@ -290,8 +290,7 @@ class MinifyConfig(MinifyOptions):
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def options(self) -> MinifyOptions:
-        names = {f.name for f in dataclasses.fields(MinifyOptions)}
-        return MinifyOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return options_of(self, MinifyOptions)
 
 
 # ============================================================================ model structure

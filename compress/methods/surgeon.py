@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
 from compress.errors import UserError
-from compress.methods import register_method
+from compress.methods import options_of, register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
@@ -332,8 +332,7 @@ class SurgeonConfig(SurgeonOptions):
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def options(self) -> SurgeonOptions:
-        names = {f.name for f in dataclasses.fields(SurgeonOptions)}
-        return SurgeonOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return options_of(self, SurgeonOptions)
 
 
 # ============================================================================ model structure

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from compress.calibrate import block_output, first_block_inputs, gram_rows
 from compress.errors import UserError
-from compress.methods import register_method
+from compress.methods import options_of, register_method
 from compress.methods.svd import SVDConfig, cholesky_with_damping, score_svd
 from compress.plan import FactorPlan, register_plan_type
 from compress.streaming import execution_device, held, maybe_offloaded
@@ -188,8 +188,7 @@ class SVDLLMConfig(SVDLLMOptions):
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
 
     def options(self) -> SVDLLMOptions:
-        names = {f.name for f in dataclasses.fields(SVDLLMOptions)}
-        return SVDLLMOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return options_of(self, SVDLLMOptions)
 
 
 # ============================================================================ plan
