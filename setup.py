@@ -7,8 +7,8 @@ present. Environment switches:
 - ``TORCH_CUDA_ARCH_LIST``        architectures to build for (default "9.0" here, torch's usual syntax).
 - ``MAX_JOBS``                    cap on parallel compile jobs (ninja), default 4.
 
-Without the extension everything still works: ``kernels`` falls back to Triton or
-torch, and can also build the same sources just in time (``kernels._ext``).
+Without the extension everything still works: ``lowrank_kernels`` falls back to Triton or
+torch, and can also build the same sources just in time (``lowrank_kernels._ext``).
 """
 
 import glob
@@ -38,7 +38,7 @@ def _cuda_extension_modules() -> tuple[list, dict]:
     if not sources:
         return [], {}
     ext = CUDAExtension(
-        name="kernels._C",
+        name="lowrank_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},

@@ -124,13 +124,13 @@ def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict[str
 def main() -> int:
     args = _parse()
     t_script = time.perf_counter()
-    from bench.common import env_info
     from compress.acip.scoremap import ScoreMap, ScoreMapLayer
     from compress.acip.train import (
         disable_activation_checkpointing,
         enable_activation_checkpointing,
         training_step,
     )
+    from compress.timing import env_info
     from lowrank import size_report
     from lowrank.surgery import replace_module_
 

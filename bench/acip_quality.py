@@ -176,10 +176,10 @@ def main() -> int:
     if args.tiny:  # the tiny model's context is 512 tokens
         args.seq_len, args.stride = min(args.seq_len, 64), min(args.stride, 32)
     t_script = time.perf_counter()
-    from bench.common import env_info
     from compress.acip import ACIPPaused, run_acip, temporarily_materialized
     from compress.eval import perplexity_of_ids
     from compress.methods.svd import SVDConfig, score_svd
+    from compress.timing import env_info
     from lowrank import size_report
 
     bases = [b.strip() for b in args.basis.split(",") if b.strip()]

@@ -1,7 +1,7 @@
-"""Benchmark of the CUDA decode GEMV ``kernels._ext.lowrank_gemv`` (csrc/).
+"""Benchmark of the CUDA decode GEMV ``lowrank_kernels._ext.lowrank_gemv`` (csrc/).
 
 ``python -m bench.csrc_gemv [--t 1,2,4,8] [--out DIR]`` (needs a Hopper GPU; builds the
-extension just in time if ``kernels._C`` is not installed).
+extension just in time if ``lowrank_kernels._C`` is not installed).
 
 Layers (in -> out, rank r): LLaMA-7B 4096->4096 r=1024, 4096->11008 r=1408/1536,
 11008->4096 r=1408/1536, SmolLM2-135M 576->576 r=144; T in {1, 2, 4, 8}, bf16.
@@ -9,7 +9,7 @@ Layers (in -> out, rank r): LLaMA-7B 4096->4096 r=1024, 4096->11008 r=1408/1536,
 Contenders: ``ext`` (two kernels joined by programmatic dependent launch), ``ext_nopdl``
 (the same kernels launched plainly), ``dense`` (``F.linear`` with the full [out, in]
 weight, the layer before compression), ``torch_2gemm`` (``F.linear(F.linear(x, V), U, b)``)
-and ``triton_fused`` (``kernels.lowrank_matmul_launch(..., backend="triton_fused")``) when
+and ``triton_fused`` (``lowrank_kernels.lowrank_matmul_launch(..., backend="triton_fused")``) when
 it is importable.
 
 Method: each timed call reads a different copy of the weights (copies rotate so that the
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import HBM_TBPS, cuda_graph_median, do_bench_median, env_info, gpu_slug, write_result
+from compress.timing import HBM_TBPS, cuda_graph_median, do_bench_median, env_info, gpu_slug, write_result
 
 SHAPES = [
     ("llama7b_qkvo_r1024", 4096, 4096, 1024),
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.csrc_gemv needs a CUDA GPU")
-    from kernels import _ext
+    from lowrank_kernels import _ext
 
     _ext.load()
     contenders: dict[str, Callable] = {
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_2gemm": lambda x, U, V, b: F.linear(F.linear(x, V), U, b),
     }
     try:
-        from kernels.lowrank_matmul import lowrank_matmul_launch
+        from lowrank_kernels.lowrank_matmul import lowrank_matmul_launch
 
         contenders["triton_fused"] = lambda x, U, V, b: lowrank_matmul_launch(
             x, U, V, b, backend="triton_fused"

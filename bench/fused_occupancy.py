@@ -1,6 +1,6 @@
 """Does the fused decode kernel get faster with more programs per SM or deeper prefetch?
 
-Times every T=1 candidate of ``kernels.lowrank_matmul.fused_candidates(1)`` (plus a few
+Times every T=1 candidate of ``lowrank_kernels.lowrank_matmul.fused_candidates(1)`` (plus a few
 diagnostic variants) on the LLaMA-7B shapes at 50 % rank, next to dense ``F.linear`` and
 torch's two GEMMs, and records per variant the compiled kernel's registers, spills, shared
 memory, resident programs per SM (ours and the CUDA driver's count) and the grid it launched.
@@ -54,9 +54,9 @@ TAG = "@@FO "  # prefix of the worker's protocol lines on stdout
 
 
 def _lm() -> Any:
-    import kernels.lowrank_matmul  # noqa: F401 - the package re-exports a function of that name
+    import lowrank_kernels.lowrank_matmul as lm
 
-    return sys.modules["kernels.lowrank_matmul"]
+    return lm
 
 
 def label(cfg: dict[str, Any]) -> str:
@@ -196,7 +196,7 @@ def _graph_ms(calls: list) -> tuple[float, bool]:
     """Per-call ms from CUDA-graph replays (True), or eager event timing if capture fails (False)."""
     import torch
 
-    from bench.common import event_median_ms
+    from compress.timing import event_median_ms
 
     try:
         return _graph_only(calls), True
@@ -211,7 +211,7 @@ def _graph_only(calls: list) -> float:
     """bench.lowrank.time_rotating without its silent eager fallback."""
     import torch
 
-    from bench.common import cuda_graph_median, event_median_ms
+    from compress.timing import cuda_graph_median, event_median_ms
 
     for c in calls[:2]:
         c()
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    from bench.common import env_info, write_result
+    from compress.timing import env_info, write_result
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.fused_occupancy needs a CUDA GPU (or --compile-only)")

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lowrank_kernels.gram import GramConfig, default_config, gram_accumulate, gram_accumulate_batched
 
-from bench.common import RESULTS_DIR, do_bench_median, env_info, gpu_slug, peak_extra_bytes, write_result
-from kernels.gram import GramConfig, default_config, gram_accumulate, gram_accumulate_batched
+from compress.timing import RESULTS_DIR, do_bench_median, env_info, gpu_slug, peak_extra_bytes, write_result
 
 D_VALUES = (576, 1536, 4096, 11008)
 

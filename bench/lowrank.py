@@ -1,4 +1,4 @@
-"""Benchmark of ``kernels.lowrank_matmul`` against dense cuBLAS and the unfused torch path.
+"""Benchmark of ``lowrank_kernels.lowrank_matmul`` against dense cuBLAS and the unfused torch path.
 
 ``python -m bench.lowrank [--quick] [--out DIR]`` (needs CUDA) sweeps LLaMA-7B and SmolLM2-135M
 layer shapes, T in {1, ..., 8192} and ranks at 25/50/75 % of the dense parameter count, both
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
+from compress.timing import (
     HBM_TBPS,
     PEAK_BF16_TFLOPS,
     RESULTS_DIR,
@@ -151,7 +151,7 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Full sweep with the shipped dispatch; returns one record per (shape, rank, T)."""
-    from kernels.lowrank_matmul import _CHOICE_CACHE, _select, dense_is_faster, lowrank_matmul
+    from lowrank_kernels.lowrank_matmul import _CHOICE_CACHE, _select, dense_is_faster, lowrank_matmul
 
     shapes = shapes or SHAPES
     t_values = t_values or T_VALUES

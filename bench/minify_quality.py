@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import env_info, gpu_slug, write_result
 from compress.eval import perplexity_of_ids
 from compress.methods.minify import MinifyConfig, MinifyPlan, score_minify
+from compress.timing import env_info, gpu_slug, write_result
 from lowrank.surgery import size_report
 
 # Targets from the task: perplexity increase over dense at a given MLP retention (healed Taylor).

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import cuda_graph_median, env_info, event_median_ms, gpu_slug, write_result
-from bench.e2e import _prefill_call, build_synthetic
+from compress.speed import _prefill_call, build_synthetic
+from compress.timing import cuda_graph_median, env_info, event_median_ms, gpu_slug, write_result
 from lowrank.serving import enable_dense_fallback
 
 

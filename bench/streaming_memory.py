@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import env_info, gpu_slug, write_result
+from compress.timing import env_info, gpu_slug, write_result
 
 CHEAP_OPTIONS: dict[str, dict[str, Any]] = {
     "svd": {},
@@ -115,7 +115,7 @@ def run_once(model: nn.Module, method: str, ids: torch.Tensor, device: torch.dev
     from compress.streaming import offloaded, stream_hooks
 
     spec = get_method(method)
-    config = spec.make_config(progress=False, batch_size=batch_size, **CHEAP_OPTIONS[method])
+    config = spec.make_config({"batch_size": batch_size}, progress=False, **CHEAP_OPTIONS[method])
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

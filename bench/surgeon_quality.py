@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import env_info, gpu_slug, write_result
 from compress.eval import perplexity_of_ids
 from compress.methods.surgeon import SurgeonOptions, surgeon_prune_
+from compress.timing import env_info, gpu_slug, write_result
 from lowrank.surgery import size_report
 
 MAIN_SIZES = (0.9, 0.8, 0.7)  # whole-model fractions

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from bench.common import env_info, gpu_slug, write_result
 from compress.data import calibration_batches, load_text
 from compress.eval import perplexity
 from compress.methods import get_method
 from compress.model import load_model
+from compress.timing import env_info, gpu_slug, write_result
 from lowrank.surgery import size_report
 
 

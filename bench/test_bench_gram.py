@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from kernels.gram import gram_accumulate  # noqa: E402
+from lowrank_kernels.gram import gram_accumulate  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -44,7 +44,7 @@ def _sync(fn):
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("impl", ["lowrank", "dense", "torch_two_gemm"])
 def test_bench_lowrank(benchmark, impl, shape, T):
-    from kernels.lowrank_matmul import lowrank_matmul
+    from lowrank_kernels.lowrank_matmul import lowrank_matmul
 
     x, U, V, W = _setup(*shape, T)
     fns = {

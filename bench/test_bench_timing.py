@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import cuda_graph_median, event_median_ms
+from compress.timing import cuda_graph_median, event_median_ms
 
 pytestmark = [
     pytest.mark.gpu,

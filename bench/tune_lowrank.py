@@ -1,4 +1,4 @@
-"""One-shot GPU session for ``kernels.lowrank_matmul``: check, tune, write the dispatch table, benchmark.
+"""One-shot GPU session for ``lowrank_kernels.lowrank_matmul``: check, tune, write the dispatch table, benchmark.
 
 Run on the device machine (one call, bounded by ``--budget-s``)::
 
@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import env_info, gpu_slug, write_result
 from bench.lowrank import (
     SHAPES,
     T_VALUES,
@@ -39,6 +38,7 @@ from bench.lowrank import (
     run_sweep,
     time_rotating,
 )
+from compress.timing import env_info, gpu_slug, write_result
 
 LOG: list[str] = []
 OUT = Path(".")
@@ -69,7 +69,7 @@ def ceilings() -> dict[str, float]:
 
 _SMOKE = r"""
 import torch
-from kernels.lowrank_matmul import lowrank_matmul_launch, lowrank_matmul_ref
+from lowrank_kernels.lowrank_matmul import lowrank_matmul_launch, lowrank_matmul_ref
 torch.manual_seed(0)
 for (T, n, m, r) in [(1, 4096, 4096, 1024), (16, 576, 1536, 209), (1, 77, 45, 13)]:
     x = torch.randn(T, n, device="cuda", dtype=torch.bfloat16)
@@ -102,7 +102,7 @@ def barrier_smoke(timeout: float = 120) -> bool:
 
 def check_correctness() -> list[dict[str, Any]]:
     """Every backend vs an fp64 reference; error must be <= 2x torch's own error (+ eps)."""
-    from kernels.lowrank_matmul import lowrank_matmul_launch
+    from lowrank_kernels.lowrank_matmul import lowrank_matmul_launch
 
     cases = [(1, 77, 45, 13, True), (3, 77, 45, 13, True), (17, 96, 200, 40, True),
              (1, 4096, 4096, 1024, False), (16, 4096, 11008, 1492, True), (64, 11008, 4096, 1472, False),
@@ -169,7 +169,7 @@ def label(backend: str, cfg: dict | None) -> str:
 
 
 def candidates(T: int, n: int, m: int, r: int, barrier_ok: bool) -> list[tuple[str, dict]]:
-    from kernels.lowrank_matmul import fused_candidates, gemm_candidates
+    from lowrank_kernels.lowrank_matmul import fused_candidates, gemm_candidates
 
     out: list[tuple[str, dict]] = []
     aligned = r % 8 == 0
@@ -194,7 +194,7 @@ def candidates(T: int, n: int, m: int, r: int, barrier_ok: bool) -> list[tuple[s
 
 
 def time_candidate(ws: WeightSet, x: torch.Tensor, backend: str, cfg: dict) -> float:
-    from kernels.lowrank_matmul import lowrank_matmul_launch
+    from lowrank_kernels.lowrank_matmul import lowrank_matmul_launch
 
     U0, V0 = ws.U[0], ws.V[0]
     y = lowrank_matmul_launch(x, U0, V0, backend=backend, config=cfg)
@@ -208,7 +208,7 @@ def time_candidate(ws: WeightSet, x: torch.Tensor, backend: str, cfg: dict) -> f
 
 def _dedupe(T: int, n: int, m: int, r: int, cands: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """Drop candidates that resolve to the same kernel parameters for this problem size."""
-    from kernels.lowrank_matmul import _fused_params
+    from lowrank_kernels.lowrank_matmul import _fused_params
 
     seen, out = set(), []
     for backend, cfg in cands:
@@ -243,7 +243,7 @@ def tune_point(ws: WeightSet, n: int, m: int, r: int, T: int, cands: list[tuple[
 
 
 def tune(deadline: float, barrier_ok: bool) -> dict[str, dict]:
-    from kernels.lowrank_matmul import config_key
+    from lowrank_kernels.lowrank_matmul import config_key
 
     entries: dict[str, dict] = {}
     # Priority order (the deadline may cut the tail): LLaMA at 50 % (the targets), aligned then
@@ -275,9 +275,8 @@ def tune(deadline: float, barrier_ok: bool) -> dict[str, dict]:
 def refine_misaligned(table: dict, deadline: float) -> None:
     """Second pass for raw (not 8-aligned) ranks at T >= 64: table choice vs plain cuBLAS vs
     cuBLAS on a per-call zero-padded U; the fastest measured one goes into the table."""
-    from kernels.lowrank_matmul import _select, config_key
-
-    lm = sys.modules["kernels.lowrank_matmul"]
+    import lowrank_kernels.lowrank_matmul as lm
+    from lowrank_kernels.lowrank_matmul import _select, config_key
     entries = table.setdefault("entries", {})
     for name, n, m in SHAPES:
         for frac, r, _aligned in ranks_for(n, m):
@@ -381,7 +380,7 @@ def merge_dense(table: dict, records: list[dict[str, Any]], log_fn=print) -> dic
                            "[c0 ms, ms/byte, ms/flop]} fitted to that sweep (relative least squares; ragged: rank % 8 "
                            "!= 0).")
     # Report how well the model explains the sweep it was fitted to.
-    from kernels.lowrank_matmul import predicted_ms
+    from lowrank_kernels.lowrank_matmul import predicted_ms
 
     wrong, total = 0, 0
     for r in by_key.values():
@@ -409,7 +408,7 @@ def main() -> None:
                          "the shipped table (kernels/configs/h100_lowrank_matmul.json), then exit")
     args = ap.parse_args()
     if args.merge_dense is not None:
-        from kernels.lowrank_matmul import CONFIG_PATH
+        from lowrank_kernels.lowrank_matmul import CONFIG_PATH
 
         table = json.loads(CONFIG_PATH.read_text())
         merge_dense(table, json.loads(args.merge_dense.read_text())["records"])
@@ -429,7 +428,7 @@ def main() -> None:
     flush_log()
     log(f"[time] {time.time() - t0:.0f}s before tuning")
     if args.refine:
-        from kernels.lowrank_matmul import CONFIG_PATH
+        from lowrank_kernels.lowrank_matmul import CONFIG_PATH
 
         orig = json.loads(CONFIG_PATH.read_text())
         refine_misaligned(orig, t0 + args.tune_s)
@@ -451,7 +450,7 @@ def main() -> None:
     tpath.write_text(json.dumps(table, indent=1) + "\n")
     log(f"[time] {time.time() - t0:.0f}s after tuning; table -> {tpath}")
     # Benchmark the shipped dispatch: point the module at the fresh table.
-    lm = sys.modules["kernels.lowrank_matmul"]  # kernels.lowrank_matmul is also a function name
+    import lowrank_kernels.lowrank_matmul as lm
     lm.CONFIG_PATH = tpath
     lm._TABLE = None
     lm._CHOICE_CACHE.clear()

@@ -62,15 +62,23 @@ def score(
     seq_len: int = 1024,
     num_samples: int = 64,
     seed: int = 0,
-    **config_overrides: Any,
+    batch_size: int | None = None,
+    checkpoint_dir: str | None = None,
+    resume: bool | None = None,
+    offload: bool | None = None,
+    **options: Any,
 ) -> Any:
     """Run a method's calibration/scoring and return its Plan (materializable at any size).
 
-    `offload=True` among the overrides streams the model from CPU memory (methods that support it).
+    `batch_size`, `checkpoint_dir`, `resume` and `offload` are shared settings: each applies to the
+    methods whose config has it (`None`: the method's default). `options` are the method's own
+    config fields (`get_method(method).option_names()`); an unknown key raises `UserError`.
+    `offload=True` streams the model from CPU memory (methods that support it).
     """
     spec = get_method(method)
-    check_offload(spec, config_overrides.get("offload"))
-    config = spec.make_config(**config_overrides)
+    check_offload(spec, offload)
+    shared = {"batch_size": batch_size, "checkpoint_dir": checkpoint_dir, "resume": resume, "offload": offload}
+    config = spec.make_config(shared, **options)
     chunks = None
     if spec.needs_calibration:
         text = load_text(data, "calib")

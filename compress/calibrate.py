@@ -1,6 +1,6 @@
 """Calibration passes: run batches through the model and collect second moments with hooks.
 
-Every Gram matrix comes from `kernels.gram_accumulate`. Layers that read the very same input
+Every Gram matrix comes from `lowrank_kernels.gram_accumulate`. Layers that read the very same input
 tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one Gram: the hook
 sees that the tensor object is the one the previous layer just accumulated and skips it.
 
@@ -19,10 +19,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from lowrank_kernels.gram import gram_accumulate
 from torch import Tensor, nn
 
 from compress.streaming import execution_device, held, recomputing
-from kernels import gram_accumulate
 from lowrank.surgery import decoder_layers
 
 __all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "activation_gradients", "block_output",
@@ -255,7 +255,7 @@ class KfacFactors:
 
 
 def gram_rows(x: Tensor) -> Tensor:
-    """`x` as detached [tokens, features] rows for `kernels.gram_accumulate`.
+    """`x` as detached [tokens, features] rows for `lowrank_kernels.gram_accumulate`.
 
     The Gram kernel takes 16/32-bit floats; an fp64 model (used in tests) goes through fp32.
     """

@@ -172,6 +172,26 @@ def _method_opts(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+# Method config fields that a CLI flag sets: `--method-opt` refuses them, so each has one meaning.
+FLAG_FOR_OPTION = {"batch_size": "--batch-size", "checkpoint_dir": "--checkpoint-dir", "resume": "--resume",
+                   "offload": "--offload"}
+
+
+def _checked_method_opts(spec, args: argparse.Namespace) -> dict[str, Any]:
+    """--method-opt pairs, validated against `spec`'s config before any work starts."""
+    opts = _method_opts(args.method_opt)
+    for key in opts:
+        if key in FLAG_FOR_OPTION:
+            raise UserError(f"--method-opt {key}=...: set it with {FLAG_FOR_OPTION[key]} instead")
+    try:
+        spec.make_config(**opts)
+    except UserError as exc:
+        raise UserError(f"--method-opt: {exc}") from None
+    except (TypeError, ValueError) as exc:  # the config's own validation of a value
+        raise UserError(f"--method-opt for {spec.name!r}: {exc}") from None
+    return opts
+
+
 def _materialize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress materialize",
                                 description="Materialize a model of any size from a saved plan / score map, "
@@ -290,6 +310,7 @@ def run_compress(args: argparse.Namespace) -> int:
     out = _writable_dir(args.out) if args.out else None
     if args.calib_samples <= 0 or args.seq_len < 2:
         raise UserError("--calib-samples must be positive and --seq-len at least 2")
+    _checked_method_opts(spec, args)
     device = _device(args.device)
     if spec.needs_calibration:
         from compress.data import load_text
@@ -327,15 +348,15 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
         result["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
         print(f"dense perplexity: {result['dense_perplexity']:.3f}")
     t0 = time.perf_counter()
-    opts = _method_opts(args.method_opt)
+    from compress.methods import get_method
+
+    opts = _checked_method_opts(get_method(args.method), args)
     checkpoint_dir = args.checkpoint_dir
     if checkpoint_dir is None and args.save_plan:
         checkpoint_dir = str(Path(args.save_plan) / "checkpoint")
-    if args.offload:
-        opts.setdefault("offload", True)
     plan = score(model, tokenizer, args.method, data=args.data, seq_len=args.seq_len,
                  num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size,
-                 checkpoint_dir=checkpoint_dir, resume=args.resume or None, **opts)
+                 checkpoint_dir=checkpoint_dir, resume=args.resume or None, offload=args.offload or None, **opts)
     if follower:
         return result
     result["calibration_seconds"] = round(time.perf_counter() - t0, 2)
@@ -566,12 +587,9 @@ def run_eval(argv: list[str]) -> int:
 
 
 def _bench_module():
-    try:
-        from bench import e2e
-    except ImportError as exc:  # bench/ ships with the repository, not with the installed package
-        raise UserError(f"`bench` needs the repository checkout (bench/e2e.py): run it from the repository root "
-                        f"({exc})") from exc
-    return e2e
+    from compress import speed
+
+    return speed
 
 
 def _bench_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-// Python bindings of the CUDA extension `kernels._C` (built by setup.py, or just in time
+// Python bindings of the CUDA extension `lowrank_kernels._C` (built by setup.py, or just in time
 // by kernels/_ext.py under the same sources).  Argument checking that users see lives in
 // kernels/_ext.py (ValueErrors shared with kernels.lowrank_matmul); the TORCH_CHECKs
 // here are a backstop for direct calls.

@@ -9,7 +9,7 @@ processed in chunks of 8).
 The compiled module is found in this order, on the first call that needs it (never at
 import time, so importing this module never initialises CUDA or starts a compiler):
 
-1. ``kernels._C``, built by ``pip install .`` / ``setup.py`` where a CUDA toolkit exists;
+1. ``lowrank_kernels._C``, built by ``pip install .`` / ``setup.py`` where a CUDA toolkit exists;
 2. a just-in-time build of the same sources with ``torch.utils.cpp_extension.load``
    into ``$LOWRANK_KIT_CACHE`` (default ``~/.cache/lowrank-kit``)/torch_ext/<key>, which
    takes about a minute once and is reused afterwards.
@@ -29,7 +29,9 @@ from torch import Tensor
 
 __all__ = ["lowrank_gemv", "is_available", "load", "build_error"]
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# csrc/ sits beside kernels/ in a checkout (editable install) and inside the package in a wheel.
+_HERE = Path(__file__).resolve().parent
+_CSRC = next((p for p in (_HERE / "csrc", _HERE.parent / "csrc") if (p / "bindings.cpp").is_file()), _HERE / "csrc")
 _SOURCES = ("lowrank_gemv.cu", "bindings.cpp")
 _LOCK = threading.Lock()
 _MODULE: ModuleType | None = None
@@ -85,24 +87,24 @@ def load() -> ModuleType:
         if _ERROR is not None:
             raise RuntimeError(_ERROR)
         if not torch.cuda.is_available():
-            raise RuntimeError("kernels._ext: no CUDA device")  # not cached: a device may appear later
+            raise RuntimeError("lowrank_kernels._ext: no CUDA device")  # not cached: a device may appear later
         if torch.cuda.get_device_capability() < (9, 0):
-            _ERROR = "kernels._ext: lowrank_gemv needs compute capability >= 9.0 (Hopper)"
+            _ERROR = "lowrank_kernels._ext: lowrank_gemv needs compute capability >= 9.0 (Hopper)"
             raise RuntimeError(_ERROR)
         try:
-            from kernels import _C  # type: ignore[attr-defined]
+            from lowrank_kernels import _C  # type: ignore[attr-defined]
 
             _MODULE = _C
             return _MODULE
         except ImportError:
             pass
         if os.environ.get("LOWRANK_KIT_NO_JIT", "0") == "1":
-            _ERROR = "kernels._ext: kernels._C is not installed and LOWRANK_KIT_NO_JIT=1"
+            _ERROR = "lowrank_kernels._ext: lowrank_kernels._C is not installed and LOWRANK_KIT_NO_JIT=1"
             raise RuntimeError(_ERROR)
         try:
             _MODULE = _jit_build()
         except Exception as exc:  # compiler missing, build error, ...
-            _ERROR = f"kernels._ext: just-in-time build of csrc/ failed: {exc}"
+            _ERROR = f"lowrank_kernels._ext: just-in-time build of csrc/ failed: {exc}"
             raise RuntimeError(_ERROR) from exc
         return _MODULE
 
@@ -133,7 +135,7 @@ def lowrank_gemv(
 ) -> Tensor:
     """``y = x @ V.T @ U.T + bias`` for ``x [..., in]``, ``V [r, in]``, ``U [out, r]`` (inference only).
 
-    Same argument semantics and ``ValueError``s as ``kernels.lowrank_matmul``; in addition
+    Same argument semantics and ``ValueError``s as ``lowrank_kernels.lowrank_matmul``; in addition
     the tensors must be bf16 or fp16 on a CUDA device (``ValueError`` otherwise).  The
     intermediate ``x·Vᵀ`` stays fp32.  No autograd: the result does not require grad.
 
@@ -144,7 +146,7 @@ def lowrank_gemv(
         ValueError: shape, dtype or device mismatch, unsupported dtype, CPU tensors.
         RuntimeError: the extension cannot be loaded or built here.
     """
-    from kernels.lowrank_matmul import _check_inputs  # one source for the shared ValueErrors
+    from lowrank_kernels.lowrank_matmul import _check_inputs  # one source for the shared ValueErrors
 
     _check_inputs(x, U, V, bias)
     if x.dtype not in _DTYPES:

@@ -893,9 +893,9 @@ def pad_rank(U: Tensor, V: Tensor, multiple: int = 8) -> tuple[Tensor, Tensor]:
 
 
 def _ext_gemv():
-    """The optional CUDA batch-1 GEMV from csrc/ (kernels._ext.lowrank_gemv), or None."""
+    """The optional CUDA batch-1 GEMV from csrc/ (lowrank_kernels._ext.lowrank_gemv), or None."""
     try:
-        from kernels import _ext  # type: ignore[attr-defined]
+        from lowrank_kernels import _ext  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - any import failure just means "not available"
         return None
     return getattr(_ext, "lowrank_gemv", None)
@@ -1253,7 +1253,7 @@ def lowrank_matmul_launch(
                 f"with dtype in {_TRITON_DTYPES}; got {x.dtype} on {x.device}"
             )
     elif backend == "ext_gemv" and _ext_gemv() is None:
-        raise RuntimeError("kernels._ext.lowrank_gemv is not available")
+        raise RuntimeError("lowrank_kernels._ext.lowrank_gemv is not available")
     _run(backend, config, x2, U, V, bias, y2)
     return y
 

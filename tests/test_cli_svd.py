@@ -127,6 +127,11 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
         (["--method", "nope"], "unknown method"),
         # refused from the method name, before the (here missing) model would be loaded
         (["--method", "svd", "--no-reset", "--model", "/no/such/model"], "--reset/--no-reset"),
+        # method options are checked before the (missing) model loads: a misspelt key names the valid ones
+        (["--method", "acip", "--method-opt", "stop_ratoi=0.3", "--model", "/no/such/model"], "stop_ratio"),
+        # a key that a flag also sets has one meaning: the flag's
+        (["--method", "acip", "--method-opt", "batch_size=2", "--model", "/no/such/model"], "--batch-size"),
+        (["--method", "svd", "--method-opt", "offload=true", "--model", "/no/such/model"], "--offload"),
     ],
 )
 def test_cli_user_errors_are_one_line(argv, needle, capsys):
@@ -173,3 +178,17 @@ def test_uniform_plan_at_full_size_is_the_dense_model(random_tokens):
     plan.materialize_(model, 1.0)
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
+
+
+def test_make_config_is_strict_about_option_names():
+    from compress.errors import UserError
+    from compress.methods import get_method
+
+    spec = get_method("acip")
+    with pytest.raises(UserError, match="valid options: .*stop_ratio"):
+        spec.make_config(stop_ratoi=0.3)
+    # shared settings apply where the config has the field and are ignored where it has not
+    assert spec.make_config({"batch_size": 3}).batch_size == 3
+    assert not hasattr(get_method("svd-plain").make_config({"batch_size": 3}), "batch_size")
+    with pytest.raises(UserError, match="given twice"):
+        spec.make_config({"batch_size": 3}, batch_size=2)

@@ -1,7 +1,7 @@
-"""Tests of the CUDA extension (csrc/ through kernels._ext).
+"""Tests of the CUDA extension (csrc/ through lowrank_kernels._ext).
 
 The GPU tests need a Hopper GPU (clusters and programmatic dependent launch) and build the
-extension just in time if ``kernels._C`` is not installed.  The argument checks run
+extension just in time if ``lowrank_kernels._C`` is not installed.  The argument checks run
 anywhere: they fail before any device work.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import _ext
+from lowrank_kernels import _ext
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 gpu = pytest.mark.gpu
@@ -147,5 +146,5 @@ def test_argument_errors_match_lowrank_matmul():
 
 
 def test_import_is_lazy():
-    # Importing kernels._ext must not build or load anything.
+    # Importing lowrank_kernels._ext must not build or load anything.
     assert _ext._MODULE is None or HOPPER

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import warnings
 
+import lowrank_kernels.lowrank_matmul as LM
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.lowrank_matmul  # noqa: F401 - registers the submodule in sys.modules
 from bench.tune_lowrank import _fit_relative, merge_dense
 from lowrank import LowRankLinear
 from lowrank.serving import enable_dense_fallback
-
-LM = __import__("sys").modules["kernels.lowrank_matmul"]  # `kernels.lowrank_matmul` is also a function
 
 
 def _factors(n: int, m: int, r: int, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Tests of kernels.gram (G += XᵀX, exactly symmetric).
+"""Tests of lowrank_kernels.gram (G += XᵀX, exactly symmetric).
 
 CPU CI runs the Triton kernels under ``TRITON_INTERPRET=1`` (fp32/fp16: the interpreter
 has no bf16) with small odd shapes; ``@pytest.mark.gpu`` tests need CUDA.
@@ -10,8 +10,7 @@ import os
 
 import pytest
 import torch
-
-from kernels.gram import (
+from lowrank_kernels.gram import (
     HAS_TRITON,
     GramConfig,
     _with_split,

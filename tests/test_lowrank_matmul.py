@@ -1,4 +1,4 @@
-"""Tests of kernels.lowrank_matmul: y = x V^T U^T + b.
+"""Tests of lowrank_kernels.lowrank_matmul: y = x V^T U^T + b.
 
 CPU CI runs ``TRITON_INTERPRET=1 python -m pytest -q``: the Triton kernels then execute in
 Triton's interpreter on CPU tensors (fp32 and fp16; the interpreter has no bf16).  Without
@@ -15,11 +15,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import lowrank_kernels.lowrank_matmul as _lm  # noqa: E402
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels.lowrank_matmul import (
+from lowrank_kernels.lowrank_matmul import (
     BACKENDS,
     CONFIG_PATH,
     T_BUCKETS,
@@ -30,8 +30,6 @@ from kernels.lowrank_matmul import (
     lowrank_matmul_ref,
     pad_rank,
 )
-
-_lm = sys.modules["kernels.lowrank_matmul"]  # the package re-exports a function of that name
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
@@ -466,7 +464,7 @@ def test_torch_compile_fullgraph(backend):
 
 def test_import_does_not_initialise_cuda():
     code = (
-        "import torch, kernels.lowrank_matmul as m; "
+        "import torch, lowrank_kernels.lowrank_matmul as m; "
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'; print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

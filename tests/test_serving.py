@@ -113,7 +113,7 @@ def test_begin_and_step_continue_like_generate(random_tokens):
 
 # ----------------------------------------------------------------------------- bench.e2e and `compress bench`
 def test_kernel_table_and_decode_floor():
-    from bench.e2e import chrome_trace_kernels, decode_floor, kernel_table, kv_bytes_per_position
+    from compress.speed import chrome_trace_kernels, decode_floor, kernel_table, kv_bytes_per_position
 
     trace = {"traceEvents": [
         {"ph": "X", "cat": "kernel", "name": "gemv", "dur": 3.0},
@@ -138,7 +138,7 @@ def test_kernel_table_and_decode_floor():
 
 
 def test_e2e_smoke_sweep_and_profile(tmp_path):
-    from bench.e2e import main
+    from compress.speed import main
 
     assert main(["--smoke", "--models", "tiny", "--sizes", "1.0,0.5", "--batches", "1", "--out", str(tmp_path)]) == 0
     sweep = json.loads(next(tmp_path.glob("e2e_*_smoke.json")).read_text())

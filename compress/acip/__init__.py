@@ -1,7 +1,7 @@
 """ACIP (Genzel et al. 2025, "Choose Your Model Size"): score once, materialize any size.
 
 - `functional`: the algorithm's math as pure tensor functions;
-- `layer`: the masked SVD layer used while scoring (runs on `kernels.lowrank_matmul`);
+- `layer`: the masked SVD layer used while scoring (runs on `lowrank_kernels.lowrank_matmul`);
 - `train`: the scoring run (training loop, checkpoints, resume);
 - `distributed`: the same run over several processes (FSDP2; torchrun / accelerate launch);
 - `scoremap`: the score-map artifact and any-size materialization.

@@ -1,6 +1,6 @@
 """The layer ACIP trains: W = U·diag(mask ⊙ s)·Vᵀ (frozen U, s, V) plus a LoRA branch.
 
-The masked product runs through `kernels.lowrank_matmul` with the mask folded into the V
+The masked product runs through `lowrank_kernels.lowrank_matmul` with the mask folded into the V
 factor, so the dense W is never formed. It is wrapped in its own custom op,
 ``acip::masked_lowrank``, for two reasons:
 
@@ -20,10 +20,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from lowrank_kernels.lowrank_matmul import lowrank_matmul
 from torch import Tensor, nn
 
 from compress.acip.functional import Segments, mask_forward
-from kernels import lowrank_matmul
 
 __all__ = ["MaskBank", "MaskedSVDLinear", "masked_lowrank"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,32 @@ class MethodSpec:
     description: str
     needs_calibration: bool = True
 
-    def make_config(self, **overrides: Any) -> Any:
-        """Config with `overrides` applied; unknown keys are ignored (CLI passes a common set)."""
-        names = {f.name for f in dataclasses.fields(self.config_cls)}
-        return self.config_cls(**{k: v for k, v in overrides.items() if k in names and v is not None})
+    def option_names(self) -> list[str]:
+        """The fields of this method's config, i.e. the keys `make_config` (and --method-opt) accept."""
+        return sorted(f.name for f in dataclasses.fields(self.config_cls))
+
+    def make_config(self, shared: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """This method's config from explicit `options`, plus `shared` settings where it has them.
+
+        `options` are strict: a key the config does not declare raises `UserError` naming the valid
+        keys, so a misspelt option never silently does nothing. `shared` holds settings that every
+        caller passes to every method (batch size, checkpoint directory, ...); each applies only where
+        the config has that field, and a `None` value means "the method's default". A key given both
+        ways has two meanings, and is refused.
+        """
+        names = set(self.option_names())
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UserError(f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                            f"valid options: {', '.join(sorted(names))}")
+        shared = {k: v for k, v in (shared or {}).items() if v is not None}
+        both = sorted(set(options) & set(shared))
+        if both:
+            raise UserError(f"option {', '.join(map(repr, both))} of method {self.name!r} is given twice "
+                            "(as a method option and as a shared setting); give it once")
+        values = {k: v for k, v in shared.items() if k in names}
+        values.update(options)
+        return self.config_cls(**values)
 
 
 def options_of(config: Any, options_cls: type) -> Any:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lowrank_kernels.gram import gram_accumulate, gram_accumulate_batched
 from torch import Tensor, nn
 
 from compress.calibrate import (
@@ -63,7 +64,6 @@ from compress.errors import UserError
 from compress.methods import options_of, register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
-from kernels import gram_accumulate, gram_accumulate_batched
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import decoder_layers, layer_param_count, record_dense_shapes, replace_module_, target_linears
 

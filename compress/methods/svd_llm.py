@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lowrank_kernels.gram import gram_accumulate
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -58,7 +59,6 @@ from compress.methods import options_of, register_method
 from compress.methods.svd import SVDConfig, cholesky_with_damping, score_svd
 from compress.plan import FactorPlan, register_plan_type
 from compress.streaming import execution_device, held, maybe_offloaded
-from kernels import gram_accumulate
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import decoder_layers, replace_module_, target_linears
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks in ``bench/``: environment metadata, JSON output, timing.
+"""Measurement helpers shared by `python -m compress bench` and the benchmarks in ``bench/``:
+environment metadata, JSON output, timing. They ship with the package; bench/ imports them.
 
 Everything here imports without a GPU; CUDA is touched only when a function that
 needs it is called, so ``python -m bench.<name> --help`` works on any machine.
@@ -16,7 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_REPO = Path(__file__).resolve().parent.parent
+# bench/results in a checkout; from an installed wheel there is none, so results go to ./bench_results.
+RESULTS_DIR = _REPO / "bench" / "results" if (_REPO / "bench").is_dir() else Path.cwd() / "bench_results"
 HBM_TBPS = 3.0  # nominal H100 SXM memory bandwidth used for every memory floor here
 PEAK_BF16_TFLOPS = 791.0  # dense bf16 tensor-core rate used for every compute floor here (H100 SXM)
 
@@ -29,7 +32,7 @@ def _git_commit() -> str:
     """
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
-    repo = Path(__file__).resolve().parent.parent
+    repo = _REPO
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
