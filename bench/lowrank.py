@@ -28,11 +28,10 @@ from compress.timing import (
     HBM_TBPS,
     PEAK_BF16_TFLOPS,
     RESULTS_DIR,
-    cuda_graph_median,
     env_info,
-    event_median_ms,
     gpu_slug,
     peak_extra_bytes,
+    time_rotating,
     write_result,
 )
 
@@ -84,21 +83,6 @@ def floor_ms(T: int, n: int, m: int, r: int, itemsize: int = 2) -> float:
 def n_copies(nbytes_per_set: int) -> int:
     """Weight sets to rotate through so that one pass is > 2x L2 (never cache-resident)."""
     return int(min(256, max(2, math.ceil(2 * L2_BYTES / max(nbytes_per_set, 1)))))
-
-
-def time_rotating(calls: list[Callable[[], Any]], min_burst_ms: float = 1.0, reps: int = 7) -> float:
-    """Median per-call ms of ``calls`` issued round-robin, replayed from one CUDA graph.
-
-    Falls back to eager event timing if capture fails (e.g. an op that syncs).
-    """
-    for c in calls[:2]:  # compile / autotune / allocate outside capture
-        c()
-    torch.cuda.synchronize()
-    # estimate per-call time to size the burst
-    est = max(event_median_ms(lambda: [c() for c in calls], reps=1, per_call=len(calls)), 1e-3)
-    burst = max(len(calls), int(math.ceil(min_burst_ms / est)))
-    burst = min(burst, max(len(calls), 2000))
-    return cuda_graph_median(calls, iters=burst, reps=reps, warmup=2, eager_fallback=True)
 
 
 def peak_mem_mb(fn: Callable[[], Any]) -> float:

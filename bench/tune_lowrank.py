@@ -8,9 +8,9 @@ Steps: (0) measure the copy-bandwidth and bf16-GEMM ceilings; (1) run the fused 
 barrier once in a subprocess with a timeout, so a deadlock cannot eat the session; (2) check
 every backend/config against an fp64 reference (NaN-poisoned outputs); (3) time the candidate
 configs at aligned ranks for every shape and T bucket, then a short list at raw ranks, and
-write ``h100_lowrank_matmul.json``; (4) run the ``bench.lowrank`` sweep with that table and
-print a summary table last.  Candidate outputs are checked before they are timed, so a
-config that computes a wrong answer can never win.
+write ``lowrank_matmul.<device key>.json`` (``lowrank_kernels.tuning``); (4) run the
+``bench.lowrank`` sweep with that table and print a summary table last.  Candidate outputs are
+checked before they are timed, so a config that computes a wrong answer can never win.
 """
 
 from __future__ import annotations
@@ -405,15 +405,19 @@ def main() -> None:
                     help="skip the full tuning: start from the shipped table and refine raw ranks")
     ap.add_argument("--merge-dense", type=Path, default=None, metavar="SWEEP_JSON",
                     help="no GPU: add the dense timings of a bench.lowrank sweep and a fitted latency model to "
-                         "the shipped table (kernels/configs/h100_lowrank_matmul.json), then exit")
+                         "a shipped table (--table), then exit")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="with --merge-dense: the table to update (default: the H100 table, "
+                         "kernels/configs/lowrank_matmul.cc90_sm132_mem80g_l2_50m.json)")
     args = ap.parse_args()
     if args.merge_dense is not None:
         from lowrank_kernels.lowrank_matmul import CONFIG_PATH
 
-        table = json.loads(CONFIG_PATH.read_text())
+        path = args.table or CONFIG_PATH
+        table = json.loads(path.read_text())
         merge_dense(table, json.loads(args.merge_dense.read_text())["records"])
-        CONFIG_PATH.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {CONFIG_PATH}")
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {path}")
         return
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
@@ -428,16 +432,22 @@ def main() -> None:
     flush_log()
     log(f"[time] {time.time() - t0:.0f}s before tuning")
     if args.refine:
-        from lowrank_kernels.lowrank_matmul import CONFIG_PATH
+        from lowrank_kernels.lowrank_matmul import _table_for
 
-        orig = json.loads(CONFIG_PATH.read_text())
+        orig, trust = _table_for(torch.device("cuda", 0))
+        if trust != "exact":
+            raise SystemExit("--refine needs a shipped table of this device")
         refine_misaligned(orig, t0 + args.tune_s)
         entries = orig["entries"]
         env, ceil, barrier_ok = orig.get("env", env), orig.get("ceilings", {}), orig.get("barrier_ok", True)
     else:
         entries = tune(t0 + args.tune_s, barrier_ok)
+    from lowrank_kernels.tuning import device_key, device_properties
+
+    dev = device_properties(torch.cuda.get_device_properties(0))
     table = {
-        "gpu_match": "H100",
+        "device_key": device_key(dev),
+        "device": dev,
         "generated_by": "bench/tune_lowrank.py",
         "note": "entries[<n>x<m>r<r>][T] = fastest measured backend/config (bf16, no bias); "
                 "T is matched to the nearest bucket in log2.",
@@ -446,14 +456,14 @@ def main() -> None:
         "barrier_ok": barrier_ok,
         "entries": entries,
     }
-    tpath = OUT / "h100_lowrank_matmul.json"
+    tpath = OUT / f"lowrank_matmul.{device_key(dev)}.json"
     tpath.write_text(json.dumps(table, indent=1) + "\n")
     log(f"[time] {time.time() - t0:.0f}s after tuning; table -> {tpath}")
     # Benchmark the shipped dispatch: point the module at the fresh table.
     import lowrank_kernels.lowrank_matmul as lm
-    lm.CONFIG_PATH = tpath
-    lm._TABLE = None
-    lm._CHOICE_CACHE.clear()
+    os.environ["LOWRANK_TUNING_DIR"] = "off"  # the fresh table alone, no per-device cache over it
+    lm.CONFIG_DIR = OUT
+    lm.reload_tables()
     flush_log()
     records = run_sweep(deadline=t0 + args.budget_s, log=log)
     merge_dense(table, records, log)

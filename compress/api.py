@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.data import calibration_batches, load_text
 from compress.errors import UserError
 from compress.methods import MethodSpec, get_method
+from compress.mixture import mixture_batches
 from compress.streaming import offloaded
 from lowrank.surgery import SizeReport, size_report
 
-__all__ = ["CompressResult", "check_offload", "check_size", "compress", "score"]
+__all__ = ["CompressResult", "check_model", "check_offload", "check_size", "compress", "score"]
 
 
 def check_size(size: float) -> float:
@@ -46,6 +46,18 @@ def check_offload(spec: MethodSpec, offload: Any) -> bool:
     return offload
 
 
+def check_model(model: nn.Module, method: str | MethodSpec) -> None:
+    """Refuse, in one line naming the structure, a model that `method` cannot compress.
+
+    Runs the method's own structure check (minify: separate gate/up/down MLPs; surgeon: separate
+    q/k/v/o or gate/up/down; both refuse mixture-of-experts blocks) before any data is read or any
+    evaluation starts. Methods without one (the SVD family, ACIP) take any model with target linears.
+    """
+    spec = get_method(method) if isinstance(method, str) else method
+    if spec.check_model is not None:
+        spec.check_model(model)
+
+
 @dataclass
 class CompressResult:
     plan: Any
@@ -58,7 +70,7 @@ def score(
     tokenizer: Any,
     method: str,
     *,
-    data: str | None = None,
+    data: str | list[str] | tuple[str, ...] | None = None,
     seq_len: int = 1024,
     num_samples: int = 64,
     seed: int = 0,
@@ -66,9 +78,17 @@ def score(
     checkpoint_dir: str | None = None,
     resume: bool | None = None,
     offload: bool | None = None,
+    bos: str = "auto",
     **options: Any,
 ) -> Any:
     """Run a method's calibration/scoring and return its Plan (materializable at any size).
+
+    `data`: one data spec or several, each ``SPEC[@WEIGHT]`` (a calibration mixture, weights = shares of
+    the calibration tokens; `compress.mixture`); None is the offline default mixture (CPython docs prose
+    and standard-library code).
+
+    `bos` picks the token put in front of every calibration window (`compress.data.chunk_prefix`:
+    ``"auto"`` uses the one the tokenizer adds by default, if any; ``"always"``; ``"never"``).
 
     `batch_size`, `checkpoint_dir`, `resume` and `offload` are shared settings: each applies to the
     methods whose config has it (`None`: the method's default). `options` are the method's own
@@ -79,10 +99,11 @@ def score(
     check_offload(spec, offload)
     shared = {"batch_size": batch_size, "checkpoint_dir": checkpoint_dir, "resume": resume, "offload": offload}
     config = spec.make_config(shared, **options)
+    check_model(model, spec)
     chunks = None
     if spec.needs_calibration:
-        text = load_text(data, "calib")
-        chunks = calibration_batches(tokenizer, text, seq_len=seq_len, num_samples=num_samples, seed=seed)
+        # One source or a weighted mixture (compress.mixture; None: the offline default mixture).
+        chunks, _ = mixture_batches(tokenizer, data, seq_len=seq_len, num_samples=num_samples, seed=seed, bos=bos)
     torch.manual_seed(seed)
     return spec.score(model, chunks, config)
 

@@ -23,6 +23,7 @@ from lowrank_kernels.gram import gram_accumulate
 from torch import Tensor, nn
 
 from compress.streaming import execution_device, held, recomputing
+from lowrank.faults import fault_point
 from lowrank.surgery import decoder_layers
 
 __all__ = ["FISHER_LABELS", "InputGrams", "KfacFactors", "activation_gradients", "block_output",
@@ -40,6 +41,7 @@ def iterate_batches(
 
         starts = tqdm(starts, desc=desc, unit="batch", leave=False)
     for start in starts:
+        fault_point(desc)  # fault suite: stop here (tests/test_faults.py); inert otherwise
         yield chunks[start : start + batch_size].to(device)
 
 

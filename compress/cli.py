@@ -5,6 +5,7 @@
     python -m compress eval --model DIR [--data FILE] [--tasks T,..]             perplexity, lm-eval tasks, samples
     python -m compress curve --scores PLAN --sizes 0.4:1.0:0.05                  perplexity at many sizes (CSV + PNG)
     python -m compress bench --model DIR [--profile] [--out DIR]                 serving speed of a checkpoint
+    python -m compress tune --model DIR [--tokens 1,8,..] [--budget-s 120]       tune its layer shapes on this GPU
 
 User errors print one line and exit with status 2; no traceback.
 """
@@ -12,16 +13,19 @@ User errors print one line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from compress.errors import UserError
 
-SUBCOMMANDS = ("materialize", "eval", "curve", "bench")
+SUBCOMMANDS = ("materialize", "eval", "curve", "bench", "tune")
 
 
 def _launched_rank() -> int:
@@ -53,6 +57,116 @@ def _writable_dir(path: str) -> Path:
     return out
 
 
+# Where a library error during loading names a damaged input rather than a bug of ours: the
+# packages that parse model, tokenizer and plan files.
+_FILE_FORMAT_MODULES = ("safetensors", "gguf", "transformers", "tokenizers", "numpy", "json", "struct")
+
+
+def _raised_in_file_parser(exc: BaseException) -> bool:
+    """Whether `exc` was raised by a file-format library (the deepest frame of its traceback)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return False
+    origin = frames[-1].filename.replace(os.sep, "/")
+    return any(f"/{name}/" in origin or origin.endswith(f"/{name}.py") for name in _FILE_FORMAT_MODULES)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _damaged_file(path: Path) -> str | None:
+    """"FILE: what is wrong" for the first unreadable file at `path` (the file itself, or a directory's
+    JSON, safetensors and GGUF files), or None where each of them reads."""
+    from lowrank.checkpoint import CheckpointError, verify_safetensors
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        kind = {".json": "JSON", ".safetensors": "safetensors", ".gguf": "GGUF"}.get(f.suffix)
+        if kind is None:
+            continue
+        try:
+            if f.stat().st_size == 0:
+                return f"{f}: empty file"
+            if kind == "JSON":
+                json.loads(f.read_bytes())
+            elif kind == "safetensors":
+                verify_safetensors(f)
+            else:
+                from gguf import GGUFReader
+
+                GGUFReader(f)
+        except CheckpointError as exc:
+            return str(exc)
+        except Exception as exc:  # whatever the parser says about a damaged file
+            return f"{f}: truncated or corrupt {kind} file ({type(exc).__name__}: {_first_line(exc)})"
+    return None
+
+
+def _model_path(model: str | None) -> str:
+    """What --model names, for messages: the argument, or the bundled default's file."""
+    if model is not None:
+        return model
+    from compress.model import default_model_path
+
+    return str(default_model_path())
+
+
+@contextlib.contextmanager
+def file_errors(action: str, path: Any, *, reading: bool = True, atomic: bool = False) -> Iterator[None]:
+    """The CLI's one error boundary for files: what goes wrong while `action`-ing `path` becomes one line.
+
+    Reading (models, plans): a failure is first traced to the damaged file under `path` (a truncated
+    safetensors, a short GGUF, broken JSON), named with its cause; an OSError (a missing shard, no
+    permission) or an error raised inside a file-format library (a tokenizer file it cannot parse)
+    names `path`. Writing (`reading=False`): an OSError (no space left, read-only file system) or a
+    `CheckpointError` names `path` (and, for an `atomic` writer such as `save_pretrained`, says that
+    `path` is as it was). Any other exception is a bug of ours and keeps its traceback.
+    """
+    from lowrank.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        where = Path(str(path)).expanduser()
+        damaged = _damaged_file(where) if reading and where.exists() else None
+        if damaged is not None:  # "FILE: cause"; the file is `path` itself or one inside it
+            raise UserError(f"{action} {damaged}" if where.is_file() else f"{action} {path}: {damaged}") from None
+        kept = f" ({path} is as it was)" if atomic else ""
+        if isinstance(exc, OSError):
+            raise UserError(f"{action} {path}: {exc.strerror or _first_line(exc)}{kept}") from None
+        if isinstance(exc, CheckpointError):
+            raise UserError(f"{action} {path}: {_first_line(exc)}{kept}") from None
+        if reading and _raised_in_file_parser(exc):
+            raise UserError(f"{action} {path}: unreadable file ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise
+
+
+def _estimated_checkpoint_bytes(model, size: float) -> int:
+    """An upper estimate of the checkpoint `model` compressed to `size` takes on disk."""
+    from lowrank.surgery import target_linears
+
+    targeted = sum(m.weight.numel() * m.weight.element_size() for m in target_linears(model).values()
+                   if getattr(m, "weight", None) is not None)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int((total - targeted) + targeted * min(1.0, size) * 1.05) + 16 * 2**20  # + tokenizer, config
+
+
+def _check_room(directory: Path, needed: int, what: str) -> None:
+    """Refuse, before the long work, an output whose file system has less free space than `needed`."""
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserError(f"{what} {directory}: {free / 2**20:.0f} MiB free on its file system, "
+                        f"about {needed / 2**20:.0f} MiB needed")
+
+
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF directory, hub id, or .gguf file (default: bundled SmolLM2-135M-Instruct)")
@@ -62,9 +176,9 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-data", default=None,
-                   help="text/jsonl file for perplexity (default: held-out part of the offline default text, "
-                        "or --data's file)")
+    p.add_argument("--eval-data", action="append", default=None, metavar="SPEC",
+                   help="perplexity text: file, hf:..., offline:NAME; repeat it to report several texts "
+                        "(default: each --data source: a file itself, the held-out part of an offline corpus)")
     p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity chunk length (default: --seq-len)")
     p.add_argument("--eval-chunks", type=int, default=None,
                    help="score only the first N chunks (default: all on GPU, 16 on CPU)")
@@ -89,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the compressed checkpoint here (atomically)")
     p.add_argument("--save-plan", default=None,
                    help="also save the method's plan (scores + factors) here, for `materialize` at any size")
-    p.add_argument("--data", default=None,
-                   help="calibration text: .txt or .jsonl file, hf:NAME[:CONFIG][:SPLIT], or default "
-                        "(CPython's pydoc topics, offline)")
+    p.add_argument("--data", action="append", default=None, metavar="SPEC[@WEIGHT]",
+                   help="calibration text: .txt or .jsonl file, hf:NAME[:CONFIG][:SPLIT] or offline:NAME "
+                        "(docs, code, legal); repeat it for a mixture, @WEIGHT = share of the calibration tokens, "
+                        "e.g. --data valid.txt@0.7 --data offline:docs@0.3 (default: offline:docs@0.5 + "
+                        "offline:code@0.5; docs/domains.md)")
     p.add_argument("--seq-len", type=int, default=1024, help="calibration sequence length (default 1024)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
@@ -99,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round every rank to a multiple of this (1 = exact; see docs/ranks.md)")
     p.add_argument("--seed", type=int, default=0, help="random seed for calibration sampling (default 0)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    _bos_arg(p, "calibration and evaluation window")
     _scoremap_args(p)
     p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="set a method config field, e.g. --method-opt stop_ratio=0.3 "
@@ -112,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bos_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help=f"token in front of every {what}: auto = the one the tokenizer adds by default (BOS for "
+                        "Gemma, Llama 3, Mistral; none for SmolLM2), always = BOS (else EOS), never = none. "
+                        "With a prefix, perplexity scores all seq_len tokens of a window (default auto)")
+
+
+def _window_prefix(tokenizer, args: argparse.Namespace, log=print) -> int | None:
+    """The window prefix `--bos` picks for this tokenizer, announced in one line."""
+    from compress.data import chunk_prefix, prefix_description
+
+    log(prefix_description(tokenizer, args.bos))
+    return chunk_prefix(tokenizer, args.bos)
+
+
 def _offload_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep the weights in CPU memory and stream the model through --device one decoder block "
@@ -123,9 +255,10 @@ def _load_for(args: argparse.Namespace, device: str):
     """(model, tokenizer) on `device`, or in CPU memory, in `device`'s dtype, for --offload."""
     from compress.model import load_model, resolve_dtype
 
-    if getattr(args, "offload", False):
-        return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
-    return load_model(args.model, dtype=args.dtype, device=device)
+    with file_errors("cannot load model", _model_path(args.model)):
+        if getattr(args, "offload", False):
+            return load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
+        return load_model(args.model, dtype=args.dtype, device=device)
 
 
 def _streamed(model, args: argparse.Namespace, device: str):
@@ -215,7 +348,9 @@ def _curve_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="0.4:1.0:0.05",
                    help="START:STOP:STEP (inclusive) or a comma list, e.g. 0.4,0.6,0.8 "
                         "(default 0.4:1.0:0.05)")
-    p.add_argument("--data", default=None, help="evaluation text file (default: held-out offline text)")
+    p.add_argument("--data", action="append", default=None, metavar="SPEC",
+                   help="evaluation text (file, hf:..., offline:NAME); repeat it for one perplexity column per "
+                        "text (default: the held-out parts of offline:docs and offline:code)")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity chunk length (default 1024)")
     p.add_argument("--out", default=None, help="directory for curve.csv and curve.png (default: --scores)")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks to a multiple of this")
@@ -223,6 +358,7 @@ def _curve_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-chunks", type=int, default=None,
                    help="score only the first N chunks (default: all on GPU, 16 on CPU)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="chunks per forward pass in evaluation")
+    _bos_arg(p, "evaluation window")
     return p
 
 
@@ -237,10 +373,11 @@ def _eval_parser() -> argparse.ArgumentParser:
                     "--out, to DIR/eval_report.json. See docs/eval.md.")
     _common_model_args(p)
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity chunk length (default 1024)")
-    p.add_argument("--data", default=None,
-                   help="perplexity text: .txt or .jsonl file, or hf:NAME[:CONFIG][:SPLIT] "
-                        "(default: held-out offline text)")
+    p.add_argument("--data", action="append", default=None, metavar="SPEC",
+                   help="perplexity text: .txt or .jsonl file, hf:NAME[:CONFIG][:SPLIT] or offline:NAME; repeat it "
+                        "to report each text (default: the held-out parts of offline:docs and offline:code)")
     _eval_args(p)
+    _bos_arg(p, "perplexity window")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help="comma-separated lm-eval task names, or 'none' (default: %(default)s)")
     p.add_argument("--limit", default=None,
@@ -277,24 +414,32 @@ def _eval_prompts(args: argparse.Namespace) -> list[str]:
     return list(DEFAULT_PROMPTS[:count])
 
 
-def _eval_text_and_len(args: argparse.Namespace, data_spec: str | None) -> tuple[str, int]:
+def _eval_texts(args: argparse.Namespace, data: Any) -> tuple[list[tuple[str, str]], int]:
+    """[(label, text)] to score, and the chunk length: --eval-data's texts, else each source of `data`."""
     from compress.data import load_text
+    from compress.mixture import eval_sources, source_label
 
-    spec = args.eval_data if args.eval_data is not None else data_spec
-    return load_text(spec, "eval"), args.eval_seq_len or args.seq_len
+    specs = list(args.eval_data) if getattr(args, "eval_data", None) else eval_sources(data)
+    texts, labels = [], set()
+    for spec in specs:
+        label = source_label(spec)
+        label = label if label not in labels else str(spec)
+        labels.add(label)
+        texts.append((label, load_text(spec, "eval")))
+    return texts, getattr(args, "eval_seq_len", None) or args.seq_len
+
+
+def _eval_text_and_len(args: argparse.Namespace, data_spec: Any) -> tuple[str, int]:
+    """The first text `_eval_texts` gives, and the chunk length."""
+    texts, seq_len = _eval_texts(args, data_spec)
+    return texts[0][1], seq_len
 
 
 def _perplexity(model, tokenizer, text: str, seq_len: int, args: argparse.Namespace, device: str) -> float:
     from compress.eval import perplexity
 
     chunks = args.eval_chunks if args.eval_chunks is not None else (None if device.startswith("cuda") else 16)
-    return perplexity(model, tokenizer, text, seq_len, args.eval_batch_size, max_chunks=chunks)
-
-
-def _print_json(result: dict[str, Any], out: Path | None) -> None:
-    print(json.dumps(result, indent=2))
-    if out is not None:
-        (out / "compress_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return perplexity(model, tokenizer, text, seq_len, args.eval_batch_size, max_chunks=chunks, bos=args.bos)
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -308,34 +453,49 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.reset is not None and spec.name not in SCORE_MAP_METHODS:  # refuse before the model loads
         raise UserError(RESET_ONLY_SCORE_MAPS)
     out = _writable_dir(args.out) if args.out else None
+    for where in (args.save_plan, args.checkpoint_dir):  # written after the long work: checked now
+        if where:
+            _writable_dir(where)
     if args.calib_samples <= 0 or args.seq_len < 2:
         raise UserError("--calib-samples must be positive and --seq-len at least 2")
     _checked_method_opts(spec, args)
     device = _device(args.device)
     if spec.needs_calibration:
         from compress.data import load_text
+        from compress.mixture import parse_sources
 
-        load_text(args.data, "calib")  # fail fast on a bad data file, before any heavy work
+        for source in parse_sources(args.data):  # fail fast on a bad data file, before any heavy work
+            load_text(source.spec, "calib")
+    if not args.no_eval:
+        _eval_texts(args, args.data)  # and on a bad evaluation file
     model, tokenizer = _load_for(args, device)
+    if out is not None:  # before the long work: a full disk is found now, not at the save
+        _check_room(out, _estimated_checkpoint_bytes(model, size), "not enough room for the checkpoint at")
     with _streamed(model, args, device):  # --offload: every forward below streams from CPU memory
         result = _compress_loaded(model, tokenizer, args, size, device)
     if _launched_rank() > 0:
         return 0  # distributed scoring: rank 0 saves and reports
     if out is not None:
-        save_pretrained(model, out, tokenizer, extra_metadata={"method": args.method, "size": size})
         result["out"] = str(out)
-    _print_json(result, out)
+        # The report goes inside the atomic write: nothing is added to --out after it is in place.
+        report = {"compress_report.json": json.dumps(result, indent=2) + "\n"}
+        with file_errors("cannot save the checkpoint to", out, reading=False, atomic=True):
+            save_pretrained(model, out, tokenizer, extra_metadata={"method": args.method, "size": size},
+                            extra_files=report)
+    print(json.dumps(result, indent=2))
     return 0
 
 
 def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, device: str) -> dict[str, Any]:
     """Dense evaluation, scoring, materialization and compressed evaluation of a loaded model."""
-    from compress.api import score
+    from compress.api import check_model, score
     from lowrank import size_report
 
+    check_model(model, args.method)  # a structure the method cannot compress is refused before any work
     dense = size_report(model)
     result: dict[str, Any] = {"model": str(args.model or "smollm2-135m"), "method": args.method, "size": size,
-                              "device": device, "dtype": str(next(model.parameters()).dtype)}
+                              "device": device, "dtype": str(next(model.parameters()).dtype), "bos": args.bos,
+                              "window_prefix": _window_prefix(tokenizer, args)}
     if args.offload:
         result["offload"] = True
     # Under torchrun / accelerate launch all processes score together (ACIP: FSDP, docs/acip.md),
@@ -343,10 +503,14 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
     # so that all reach the scoring's first collective together (its timeout is minutes).
     follower = _launched_rank() > 0
     if not args.no_eval:
-        eval_text, eval_len = _eval_text_and_len(args, args.data)
+        eval_texts, eval_len = _eval_texts(args, args.data)
         result["eval_seq_len"] = eval_len
-        result["dense_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
-        print(f"dense perplexity: {result['dense_perplexity']:.3f}")
+        # One perplexity per evaluation text; the first is also reported as dense_perplexity.
+        result["perplexities"] = {label: {"dense": _perplexity(model, tokenizer, text, eval_len, args, device)}
+                                  for label, text in eval_texts}
+        result["dense_perplexity"] = result["perplexities"][eval_texts[0][0]]["dense"]
+        for label, values in result["perplexities"].items():
+            print(f"dense perplexity [{label}]: {values['dense']:.3f}")
     t0 = time.perf_counter()
     from compress.methods import get_method
 
@@ -356,12 +520,14 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
         checkpoint_dir = str(Path(args.save_plan) / "checkpoint")
     plan = score(model, tokenizer, args.method, data=args.data, seq_len=args.seq_len,
                  num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size,
-                 checkpoint_dir=checkpoint_dir, resume=args.resume or None, offload=args.offload or None, **opts)
+                 checkpoint_dir=checkpoint_dir, resume=args.resume or None, offload=args.offload or None,
+                 bos=args.bos, **opts)
     if follower:
         return result
     result["calibration_seconds"] = round(time.perf_counter() - t0, 2)
     if args.save_plan:
-        plan.save(_writable_dir(args.save_plan))
+        with file_errors("cannot save the plan to", args.save_plan, reading=False):
+            plan.save(_writable_dir(args.save_plan))
     t0 = time.perf_counter()
     plan.materialize_(model, size, **_materialize_kwargs(plan, args))
     result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
@@ -371,6 +537,7 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
         "compressed_params": report.model_params,
         "target_fraction": round(report.target_fraction, 5),
         "model_fraction": round(report.model_fraction, 5),
+        "untargeted_dense_params": report.untargeted_params,  # e.g. fused 3-D MoE experts, left dense
     })
     print(report.summary())
     describe = getattr(plan, "describe", None)
@@ -380,8 +547,12 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
             print(extra.pop("summary"))
         result.update(extra)
     if not args.no_eval:
-        result["compressed_perplexity"] = _perplexity(model, tokenizer, eval_text, eval_len, args, device)
-        print(f"compressed perplexity: {result['compressed_perplexity']:.3f}")
+        for label, text in eval_texts:
+            values = result["perplexities"][label]
+            values["compressed"] = _perplexity(model, tokenizer, text, eval_len, args, device)
+            values["ratio"] = round(values["compressed"] / values["dense"], 5)
+            print(f"compressed perplexity [{label}]: {values['compressed']:.3f} ({values['ratio']:.3f}× dense)")
+        result["compressed_perplexity"] = result["perplexities"][eval_texts[0][0]]["compressed"]
     return result
 
 
@@ -394,7 +565,8 @@ def run_materialize(argv: list[str]) -> int:
     args = _materialize_parser().parse_args(argv)
     size = check_size(args.size)
     out = _writable_dir(args.out)
-    plan = load_any_plan(args.scores)
+    with file_errors("cannot read the plan", args.scores):
+        plan = load_any_plan(args.scores)
     kwargs = _materialize_kwargs(plan, args)
     if args.offload:
         if isinstance(plan, ScoreMap):
@@ -405,6 +577,7 @@ def run_materialize(argv: list[str]) -> int:
         plan.select(size, rank_multiple=args.rank_multiple)
     device = _device(args.device)
     model, tokenizer = _load_for(args, device)
+    _check_room(out, _estimated_checkpoint_bytes(model, size), "not enough room for the checkpoint at")
     t0 = time.perf_counter()
     with _streamed(model, args, device):
         plan.materialize_(model, size, **kwargs)
@@ -412,9 +585,10 @@ def run_materialize(argv: list[str]) -> int:
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
     print(report.summary())
     print(f"selected and materialized in {seconds:.3f} s")
-    save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size,
-                                                          "reset": kwargs.get("reset", True)
-                                                          if isinstance(plan, ScoreMap) else None})
+    with file_errors("cannot save the checkpoint to", out, reading=False, atomic=True):
+        save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size,
+                                                              "reset": kwargs.get("reset", True)
+                                                              if isinstance(plan, ScoreMap) else None})
     print(f"saved {out}")
     return 0
 
@@ -455,14 +629,15 @@ def _parse_sizes(spec: str) -> list[float]:
 
 def run_curve(argv: list[str]) -> int:
     from compress.acip.scoremap import ScoreMap, load_any_plan, temporarily_materialized
-    from compress.data import load_text, pack_tokens, tokenize_text
+    from compress.data import pack_tokens, tokenize_text
     from compress.eval import perplexity_of_ids
     from compress.model import load_model
     from lowrank import size_report
 
     args = _curve_parser().parse_args(argv)
     sizes = _parse_sizes(args.sizes)
-    plan = load_any_plan(args.scores)
+    with file_errors("cannot read the plan", args.scores):
+        plan = load_any_plan(args.scores)
     kwargs = _materialize_kwargs(plan, args)
     if isinstance(plan, ScoreMap):
         low = plan.min_size()
@@ -473,26 +648,38 @@ def run_curve(argv: list[str]) -> int:
     out = _writable_dir(args.out or args.scores)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    chunks = pack_tokens(tokenize_text(tokenizer, load_text(args.data, "eval")), args.seq_len)
+    with file_errors("cannot load model", _model_path(args.model)):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    prefix = _window_prefix(tokenizer, args)
     limit = args.eval_chunks if args.eval_chunks is not None else (None if device.startswith("cuda") else 16)
-    if limit is not None:
-        chunks = chunks[:limit]
-    rows = [{"requested_size": 1.0, "size": 1.0, "rank_multiple": "", "perplexity": None, "params": None,
+    texts = {}  # label -> chunks; one perplexity column per text, the first also as "perplexity"
+    for label, text in _eval_texts(args, args.data)[0]:
+        texts[label] = pack_tokens(tokenize_text(tokenizer, text), args.seq_len, prefix)[:limit]
+
+    def perplexities() -> dict[str, float]:
+        return {label: perplexity_of_ids(model, chunks, batch_size=args.eval_batch_size, progress=False)
+                for label, chunks in texts.items()}
+
+    def columns(values: dict[str, float]) -> dict[str, float]:
+        first = next(iter(values.values()))
+        return {"perplexity": first, **({f"ppl[{k}]": v for k, v in values.items()} if len(values) > 1 else {})}
+
+    dense = perplexities()
+    rows = [{"requested_size": 1.0, "size": 1.0, "rank_multiple": "", **columns(dense), "params": None,
              "seconds": 0.0, "label": "dense"}]
-    rows[0]["perplexity"] = perplexity_of_ids(model, chunks, batch_size=args.eval_batch_size, progress=False)
     rows[0]["params"] = size_report(model).target_params
-    print(f"dense: perplexity {rows[0]['perplexity']:.3f}")
+    print("dense: perplexity " + ", ".join(f"{k} {v:.3f}" for k, v in dense.items()))
     for size in sizes:
         t0 = time.perf_counter()
         with temporarily_materialized(model, plan, size, **kwargs):
             seconds = time.perf_counter() - t0
             report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
-            ppl = perplexity_of_ids(model, chunks, batch_size=args.eval_batch_size, progress=False)
+            values = perplexities()
         rows.append({"requested_size": size, "size": round(report.target_fraction, 6),
-                     "rank_multiple": args.rank_multiple, "perplexity": ppl, "params": report.target_params,
+                     "rank_multiple": args.rank_multiple, **columns(values), "params": report.target_params,
                      "seconds": round(seconds, 4), "label": plan.method})
-        print(f"size {size:.3f} (actual {report.target_fraction:.4f}): perplexity {ppl:.3f}")
+        print(f"size {size:.3f} (actual {report.target_fraction:.4f}): perplexity "
+              + ", ".join(f"{k} {v:.3f} ({v / dense[k]:.3f}× dense)" for k, v in values.items()))
     csv_path = out / "curve.csv"
     keys = list(rows[0])
     lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
@@ -510,12 +697,20 @@ def _plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    points = [(r["size"], r["perplexity"]) for r in rows if r["label"] != "dense"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=rows[-1]["label"])
-    ax.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="dense")
+    per_text = [k for k in rows[0] if k.startswith("ppl[")]
+    if per_text:  # several texts: perplexity ÷ dense on each
+        for key in per_text:
+            points = [(r["size"], r[key] / rows[0][key]) for r in rows if r["label"] != "dense"]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key[4:-1])
+        ax.axhline(1.0, color="gray", linestyle="--", label="dense")
+        ax.set_ylabel("perplexity ÷ dense")
+    else:
+        points = [(r["size"], r["perplexity"]) for r in rows if r["label"] != "dense"]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=rows[-1]["label"])
+        ax.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="dense")
+        ax.set_ylabel("perplexity")
     ax.set_xlabel("size (fraction of targeted linear weights)")
-    ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -550,20 +745,26 @@ def run_eval(argv: list[str]) -> int:
         raise UserError(f"--task-batch-size must be at least 1, got {args.task_batch_size}")
     out = _writable_dir(args.out) if args.out else None
     device = _device(args.device)
-    text, seq_len = _eval_text_and_len(args, args.data)
+    texts, seq_len = _eval_texts(args, args.data)
     task_manager = check_tasks(tasks) if tasks else None  # unknown task names fail here
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    with file_errors("cannot load model", _model_path(args.model)):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
     log(report.summary())
-    ppl = _perplexity(model, tokenizer, text, seq_len, args, device)
-    log(f"perplexity: {ppl:.3f} (seq_len {seq_len})")
+    prefix = _window_prefix(tokenizer, args, log)
+    perplexities = {}  # one per text; the first is also "perplexity"
+    for label, text in texts:
+        perplexities[label] = _perplexity(model, tokenizer, text, seq_len, args, device)
+        log(f"perplexity [{label}]: {perplexities[label]:.3f} (seq_len {seq_len})")
+    ppl = perplexities[texts[0][0]]
     result: dict[str, Any] = {"model": str(args.model or DEFAULT_MODEL), "device": device,
                               "dtype": str(next(model.parameters()).dtype), "perplexity": ppl, "seq_len": seq_len,
-                              "data": str(args.eval_data or args.data or "default"),
+                              "bos": args.bos, "window_prefix": prefix,
+                              "data": texts[0][0], "perplexities": perplexities,
                               "model_params": report.model_params, "target_fraction": report.target_fraction}
     if tasks:
         scores = zero_shot(model, tokenizer, tasks, limit, args.task_batch_size, task_manager=task_manager)
@@ -579,6 +780,11 @@ def run_eval(argv: list[str]) -> int:
         result["samples"] = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
         for i, sample in enumerate(result["samples"], 1):
             log(f"[sample {i}] {sample['prompt']!r} -> {sample['completion']!r}")
+        from compress.sanity import sanity_metrics
+
+        result["sanity"] = sanity_metrics(completions)  # calibration artifacts, repeated n-grams
+        log(f"samples: {result['sanity']['artifacts']['total']} calibration artifacts, "
+            f"repeated {result['sanity']['repeat_n']}-gram rate {result['sanity']['repetition']:.1f}%")
     if out is not None:
         result["out"] = str(out / "eval_report.json")
         write_report(result, out)
@@ -618,6 +824,19 @@ def run_bench(argv: list[str]) -> int:
     return 0
 
 
+def run_tune(argv: list[str]) -> int:
+    from compress import tune
+
+    p = argparse.ArgumentParser(prog="python -m compress tune",
+                                description="Time a compressed checkpoint's own layer shapes on this GPU (fused, "
+                                            "two-GEMM, dense per T bucket) and store the fastest in the per-device "
+                                            "tuning cache that the dispatch, `compress bench` and serving read.")
+    tune.add_arguments(p)
+    result = tune.run(p.parse_args(argv))
+    print(tune.summary(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -629,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_curve(argv[1:])
         if argv and argv[0] == "bench":
             return run_bench(argv[1:])
+        if argv and argv[0] == "tune":
+            return run_tune(argv[1:])
         return run_compress(build_parser().parse_args(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

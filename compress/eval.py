@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.data import pack_tokens, tokenize_text
+from compress.data import chunk_prefix, pack_tokens, tokenize_text
 from compress.errors import UserError
 
 __all__ = [
@@ -56,11 +56,15 @@ def perplexity_of_ids(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "perplexity",
+    chunk_nll: list[float] | None = None,
 ) -> float:
-    """exp(mean next-token NLL) over [n, seq_len] chunks; each chunk is scored independently.
+    """exp(mean next-token NLL) over [n, L] chunks; each chunk is scored independently.
 
-    The NLL is summed in float64 over every predicted token (seq_len − 1 per chunk), so the
-    result does not depend on the batch size.
+    Every token after a chunk's first is scored (L − 1 per chunk): for windows packed with a prefix
+    token (`compress.data.pack_tokens(..., prefix=BOS)`, L = 1 + seq_len) that is exactly the window's
+    seq_len tokens, the first predicted from the prefix, as in lm-eval's rolling log-likelihood. The
+    NLL is summed in float64, so the result does not depend on the batch size. A `chunk_nll` list gets
+    each chunk's summed NLL appended (for paired noise estimates between two models on the same chunks).
     """
     device = next(model.parameters()).device
     total_nll = 0.0
@@ -77,8 +81,12 @@ def perplexity_of_ids(
         nll = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
             batch[:, 1:].reshape(-1),
-            reduction="sum",
+            reduction="sum" if chunk_nll is None else "none",
         )
+        if chunk_nll is not None:
+            rows = nll.double().view(batch.shape[0], -1).sum(dim=1)
+            chunk_nll.extend(rows.tolist())
+            nll = rows.sum()
         total_nll += float(nll.double())
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
@@ -93,12 +101,15 @@ def perplexity(
     *,
     max_chunks: int | None = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> float:
     """Perplexity of `text` in non-overlapping chunks of `seq_len` tokens (the tail is dropped).
 
-    `max_chunks` caps the work (the first chunks are taken), for quick CPU runs.
+    `bos` picks the token put in front of each chunk (`compress.data.chunk_prefix`; ``"auto"``: the
+    one the tokenizer adds by default, if any). `max_chunks` caps the work (the first chunks are
+    taken), for quick CPU runs.
     """
-    chunks = pack_tokens(tokenize_text(tokenizer, text), seq_len)
+    chunks = pack_tokens(tokenize_text(tokenizer, text), seq_len, chunk_prefix(tokenizer, bos))
     if max_chunks is not None:
         chunks = chunks[:max_chunks]
     return perplexity_of_ids(model, chunks, batch_size=batch_size, progress=progress)
@@ -329,3 +340,4 @@ def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "eval_
             os.unlink(tmp)
         raise
     return path
+

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from compress.errors import UserError
+from lowrank.checkpoint import apply_umask_permissions
+from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import aligned_rank, replace_module_, target_linears
 
@@ -52,6 +54,7 @@ def write_plan_dir(directory: str | os.PathLike, tensors: dict[str, Tensor], met
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "plan.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    apply_umask_permissions(tmp)  # safetensors writes 0o600
     os.replace(tmp, directory / "plan.safetensors")
     (directory / "plan.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(directory / "plan.json.tmp", directory / "plan.json")
@@ -184,6 +187,7 @@ class FactorPlan:
                 layer = LowRankLinear.from_factors(U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype),
                                                    bias)
                 replace_module_(model, name, layer)
+            fault_point("materialize")  # fault suite (tests/test_faults.py); inert otherwise
         return ranks
 
     # ---------------------------------------------------------------- persistence
@@ -199,6 +203,7 @@ class FactorPlan:
                 tensors[f"{name}.dense_weight"] = lf.dense_weight.contiguous()
         tmp = directory / "plan.safetensors.tmp"
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+        apply_umask_permissions(tmp)  # safetensors writes 0o600
         os.replace(tmp, directory / "plan.safetensors")
         meta = {"method": self.method, "allocation": self.allocation, "layers": list(self.layers),
                 "metadata": self.metadata}

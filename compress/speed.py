@@ -540,6 +540,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
     results: dict = {"env": env_info(), "settings": settings, "models": {}}
+    if cuda:
+        from lowrank_kernels.lowrank_matmul import dispatch_info
+
+        results["dispatch"] = dispatch_info(torch.device("cuda"))  # which tuned table / cache applied
     archive_path = out_dir / f"{stem}_traces.zip" if cfg["profile"] else None  # --profile implies out_dir
     archive = zipfile.ZipFile(archive_path, "w", compression=zipfile.ZIP_DEFLATED) if archive_path else None
     try:

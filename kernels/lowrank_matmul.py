@@ -17,15 +17,17 @@ Three GPU paths, picked per call by the number of rows ``T`` of ``x`` (see ``_se
   cuBLAS' 16-byte alignment, and with split-K for the skinny first GEMM).
 * ``torch``: ``F.linear(F.linear(x, V), U, bias)``; the CPU path and the reference.
 
-Tuned choices for H100 ship in ``configs/h100_lowrank_matmul.json`` so that a server
-never autotunes; shapes missing there use the heuristics in ``_default_choice``.
+Tuned choices ship per device in ``configs/lowrank_matmul.<device key>.json`` (H100 and H200), keyed
+by device properties, never by name, and ``python -m compress tune`` adds a per-device cache for a
+checkpoint's own shapes; ``lowrank_kernels.tuning`` says which table applies to a GPU.  Shapes no
+table of this device covers run cuBLAS' two GEMMs (``_default_choice``): torch's own path.
 
 Dense fallback: for small layers (SmolLM2's 576-wide projections) one dense cuBLAS GEMM beats
 both factorized paths at every T up to ~1024, because launch latency, not bytes, sets the time.
 ``lowrank_matmul(..., dense_weight=W)`` with ``W = U @ V`` precomputed (see
 ``LowRankLinear.enable_dense_fallback``) then runs ``F.linear(x, W, bias)`` wherever
-``dense_is_faster`` says so: from the shipped table's side-by-side timings for tuned shapes,
-else from a per-T latency model fitted to the same H100 sweep.  On H100
+``dense_is_faster`` says so: from the device's table's side-by-side timings for tuned shapes,
+else from a per-T latency model fitted to the same sweep.  On H100
 (bf16) the table picks the fused kernel at T=1 (1.04-1.66x faster than torch's two GEMMs,
 still ~2x off the HBM floor) and cuBLAS' two GEMMs from T=4 on; ranks that break 16-byte
 row alignment are slow in every GEMM library, so pad them once with ``pad_rank``.
@@ -63,7 +65,9 @@ __all__ = [
     "lowrank_matmul_ref",
     "BACKENDS",
     "dense_is_faster",
+    "dispatch_info",
     "pad_rank",
+    "reload_tables",
     "set_default_backend",
 ]
 
@@ -904,9 +908,12 @@ def _ext_gemv():
 # ----------------------------------------------------------------------------------------
 # Dispatch: tuned table (JSON) -> in-process autotune (opt-in) -> heuristics
 # ----------------------------------------------------------------------------------------
-CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "h100_lowrank_matmul.json"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The H100 SXM table (capability 9.0, 132 SMs, 80 GiB, 50 MiB L2); every shipped table is
+# CONFIG_DIR/lowrank_matmul.<device key>.json and is chosen by lowrank_kernels.tuning.dispatch_table.
+CONFIG_PATH = CONFIG_DIR / "lowrank_matmul.cc90_sm132_mem80g_l2_50m.json"
 T_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
-_TABLE: dict | None = None
+_TABLES: dict[int, tuple[dict, str | None]] = {}
 _CHOICE_CACHE: dict[tuple, tuple[str, dict]] = {}
 _DENSE_CACHE: dict[tuple, bool] = {}
 _DEFAULT_BACKEND = os.environ.get("LOWRANK_MATMUL_BACKEND", "auto")
@@ -925,14 +932,51 @@ def config_key(n: int, m: int, r: int) -> str:
     return f"{n}x{m}r{r}"
 
 
-def _load_table() -> dict:
-    global _TABLE
-    if _TABLE is None:
-        try:
-            _TABLE = json.loads(CONFIG_PATH.read_text())
-        except (OSError, ValueError):
-            _TABLE = {}
-    return _TABLE
+def _load_table(path: Path | None = None) -> dict:
+    """One table file as stored (default: the H100 table, ``CONFIG_PATH``); {} if unreadable."""
+    try:
+        return json.loads((path or CONFIG_PATH).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _table_for(device: torch.device) -> tuple[dict, str | None]:
+    """(table, trust) for a device, cached per device index: see ``lowrank_kernels.tuning``.
+
+    trust is "exact" (use the choices and timings), "sibling" (same chip, other memory: only clear
+    dense-fallback verdicts) or None (nothing applies; CPU too).
+    """
+    if device.type != "cuda":
+        return {}, None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    hit = _TABLES.get(idx)
+    if hit is None:
+        from lowrank_kernels import tuning
+
+        hit = tuning.dispatch_table(tuning.device_properties(torch.cuda.get_device_properties(idx)), CONFIG_DIR)
+        _TABLES[idx] = hit
+    return hit
+
+
+def dispatch_info(device: torch.device) -> dict[str, Any]:
+    """Which table the dispatch uses on ``device``: key, trust, source files, tuned shapes (for result JSON)."""
+    from lowrank_kernels import tuning
+
+    info: dict[str, Any] = {"device_key": None, "trust": None, "sources": [], "tuned_shapes": 0}
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        dev = tuning.device_properties(torch.cuda.get_device_properties(idx))
+        table, trust = _table_for(torch.device("cuda", idx))
+        info.update(device_key=tuning.device_key(dev), trust=trust, sources=list(table.get("sources", [])),
+                    tuned_shapes=len(table.get("entries", {})) if trust == "exact" else 0)
+    return info
+
+
+def reload_tables() -> None:
+    """Forget the tables and choices read so far (after ``compress tune`` wrote the cache, say)."""
+    _TABLES.clear()
+    _CHOICE_CACHE.clear()
+    _DENSE_CACHE.clear()
 
 
 def _bucket(T: int, available: list[int]) -> int:
@@ -953,7 +997,7 @@ def fused_candidates(T: int) -> list[dict[str, Any]]:
     FMA (GEMV) variants keep one ~16-32 KB weight tile per program in flight (two ahead
     with ``prefetch=2``), several programs per SM with ``programs_per_sm``; the tl.dot
     variants rely on Triton's cp.async pipeline instead of register double-buffers.
-    ``_default_choice`` takes the first entry, so new entries go at the end.
+    The tuners time these; new entries go at the end.
     """
     if T == 1:
         return [
@@ -1012,15 +1056,13 @@ def gemm_candidates(T: int, which: int) -> list[dict[str, Any]]:
 
 
 def _default_choice(T: int, N: int, M: int, R: int) -> tuple[str, dict]:
-    aligned = R % 8 == 0 and N % 8 == 0 and M % 8 == 0
-    # H100 sweeps: the fused GEMV wins at T=1; for 2 <= T <= 256 cuBLAS' two GEMMs were as fast
-    # as any fused or Triton variant; for misaligned ranks and T >= 256 padding U per call
-    # (one copy of U) beats running cuBLAS or Triton on 2/4/8-byte aligned rows.
-    if T == 1:
-        return "triton_fused", fused_candidates(T)[0]
-    if aligned or T < 256:
-        return "two_gemm", {"gemm1": "cublas", "gemm2": "cublas"}
-    return "two_gemm", {"gemm1": "cublas", "gemm2": "cublas", "pad_u": True}
+    """The choice for a shape and T no table of this device measured: cuBLAS' two GEMMs.
+
+    That is torch's ``F.linear(F.linear(x, V), U, bias)`` itself, so an untuned device or shape is
+    never slower than it.  Untuned fused configs were not safe: on an H200 the H100's default T=1
+    config ran 4096->11008 r=1472 in 27.3 us against 19.3 us for torch's two GEMMs (issue #17).
+    """
+    return "two_gemm", {"gemm1": "cublas", "gemm2": "cublas"}
 
 
 def _autotune(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str, dict]:
@@ -1061,8 +1103,8 @@ def _select(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str,
     if hit is not None:
         return hit
     choice = None
-    table = _load_table()
-    entries = table.get("entries", {})
+    table, trust = _table_for(x2.device)
+    entries = table.get("entries", {}) if trust == "exact" else {}
     entry = entries.get(config_key(N, M, R))
     if entry is None and R % 8 == 0 and U.stride(0) % 8 == 0:
         # Untuned aligned rank of a tuned layer shape: borrow the nearest tuned aligned rank.
@@ -1072,8 +1114,7 @@ def _select(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str,
         same = [r for r in same if r % 8 == 0]
         if same:
             entry = entries[config_key(N, M, min(same, key=lambda r: (abs(r - R), r)))]
-    match = table.get("gpu_match", "H100")
-    if entry and match.lower() in torch.cuda.get_device_name(x2.device).lower():
+    if entry:
         b = _bucket(T, [int(k) for k in entry])
         choice = (entry[str(b)]["backend"], entry[str(b)].get("config", {}))
     if choice is None and os.environ.get("LOWRANK_MATMUL_AUTOTUNE", "0") == "1" \
@@ -1087,16 +1128,12 @@ def _select(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> tuple[str,
     return choice
 
 
-def _table_applies(device: torch.device) -> bool:
-    match = _load_table().get("gpu_match", "H100")
-    return device.type == "cuda" and match.lower() in torch.cuda.get_device_name(device).lower()
-
-
 def predicted_ms(T: int, N: int, M: int, R: int | None, model: dict | None = None) -> float | None:
     """Latency-model estimate (ms) of the factorized dispatch (``R``) or of dense (``R=None``).
 
     The table's ``latency_model`` holds, per T bucket, ``ms = c0 + c1 * bytes + c2 * flops`` fitted
-    by least squares to one H100 sweep (``bench.tune_lowrank --merge-dense``): ``c0`` captures the
+    by least squares to one sweep on the table's device (``bench.tune_lowrank --merge-dense``); the
+    default ``model`` is the H100 table's.  ``c0`` captures the
     launch cost that dominates small layers, ``c1``/``c2`` the bandwidth- and compute-bound terms.
     Ranks that are not multiples of 8 (ragged rows, slow in every GEMM library) have their own fit.
     """
@@ -1115,27 +1152,35 @@ def predicted_ms(T: int, N: int, M: int, R: int | None, model: dict | None = Non
 def dense_is_faster(T: int, N: int, M: int, R: int, device: torch.device) -> bool:
     """Whether one dense GEMM with ``W = U @ V`` beats the factorized dispatch at ``T`` rows.
 
-    Tuned shapes use the measured side-by-side timings in the shipped table (``dense_ms`` against
-    ``sweep_ms``, the dispatch's time in the same sweep); other shapes use ``predicted_ms``.  Off the
-    table's GPU (or on CPU) the answer is False: nothing was measured there.  Constant for given
-    arguments, so ``torch.compile`` evaluates it once at trace time.
+    Tuned shapes use the measured side-by-side timings in this device's table (``dense_ms`` against
+    ``sweep_ms``, the factorized dispatch's time measured beside it); other shapes use the table's
+    latency model (``predicted_ms``).  A sibling device's table (same chip, other memory class;
+    ``lowrank_kernels.tuning``) counts only where dense took under ``SIBLING_DENSE_MARGIN`` of the
+    factorized time.  With no table for the device (or on CPU) the answer is False: nothing was
+    measured.  Constant for given arguments, so ``torch.compile`` evaluates it once at trace time.
     """
     key = (T if T <= 16 else _bucket(T, list(T_BUCKETS)), N, M, R, device.type, device.index)
     hit = _DENSE_CACHE.get(key)
     if hit is not None:
         return hit
     answer = False
-    if _table_applies(device):
-        entry = _load_table().get("entries", {}).get(config_key(N, M, R)) or {}
+    table, trust = _table_for(device)
+    if trust is not None:
+        from lowrank_kernels.tuning import SIBLING_DENSE_MARGIN
+
+        margin = 1.0 if trust == "exact" else SIBLING_DENSE_MARGIN
+        entry = table.get("entries", {}).get(config_key(N, M, R)) or {}
         measured = {int(t): v for t, v in entry.items() if "dense_ms" in v and "sweep_ms" in v}
         b = _bucket(T, list(measured)) if measured else None
         # A measured point decides only near its own T (within 2x): some entries were tuned at
         # small T only, and the balance flips between decode and prefill.
         if b is not None and abs(math.log2(b) - math.log2(max(T, 1))) <= 1.0:
-            answer = measured[b]["dense_ms"] < measured[b]["sweep_ms"]
+            answer = measured[b]["dense_ms"] < margin * measured[b]["sweep_ms"]
         else:
-            dense, factored = predicted_ms(T, N, M, None), predicted_ms(T, N, M, R)
-            answer = dense is not None and factored is not None and dense < factored
+            model = table.get("latency_model")
+            dense = predicted_ms(T, N, M, None, model) if model else None
+            factored = predicted_ms(T, N, M, R, model) if model else None
+            answer = dense is not None and factored is not None and dense < margin * factored
     _DENSE_CACHE[key] = answer
     return answer
 

@@ -15,10 +15,13 @@ weights stream in. No custom code is executed from the checkpoint and nothing is
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import get_module, replace_module_, target_linears
 
@@ -216,19 +220,105 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_permissions(root: str | os.PathLike) -> None:
+    """Give `root` (a file, or a directory and everything in it) the modes `os.makedirs` / `open`
+    would: 0o777 (dirs) or 0o666 (files) less the umask. `tempfile.mkdtemp` makes 0o700 and
+    safetensors writes 0o600 files, which a serving process running as another user cannot read."""
+    mask = _umask()
+    root = Path(root)
+    for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where the platform, C library or file system cannot; an error of the swap itself raises.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl...
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Clean up after saves to `out_dir` that were killed: their temporary directories go, and a
+    previous checkpoint moved aside by a save killed between its two renames goes back.
+
+    The names carry the writing process's id; only those of processes that no longer exist count.
+    """
+    for p in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*-*")):
+        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or not p.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:  # alive, but not ours to signal
+            continue
+        if kind == "old" and not out_dir.exists():
+            os.replace(p, out_dir)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_pretrained(
     model: nn.Module,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     *,
     extra_metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
     max_shard_size: str = "5GB",
 ) -> Path:
     """Write `model` (compressed or dense) as a Hugging Face directory, atomically.
 
     Everything is written into a temporary directory beside `out_dir`, flushed, verified and
     then renamed into place, so a crash never leaves a directory that loads as a valid model.
-    An existing `out_dir` is replaced only once the new one is complete.
+    An existing `out_dir` is replaced only once the new one is complete, in one atomic exchange
+    where the file system has it (Linux), so a kill at any moment leaves the old or the new one.
+    `extra_files` ({name: text}, e.g. a report) are written into the directory before it is moved
+    into place. Directory and files get the modes the umask gives (not `mkdtemp`'s 0o700).
     """
     out_dir = Path(out_dir).absolute()
     parent = out_dir.parent
@@ -244,7 +334,8 @@ def save_pretrained(
     layout = compression_layout(model)
     if extra_metadata:
         layout["metadata"] = extra_metadata
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
     config = model.config
     previous = getattr(config, "quantization_config", None)
     had_previous = hasattr(config, "quantization_config")
@@ -259,16 +350,24 @@ def save_pretrained(
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        fault_point("save:written")
         _verify_directory(tmp)
+        apply_umask_permissions(tmp)
         _fsync_tree(tmp)
-        if out_dir.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
+        fault_point("save:swap")
+        if out_dir.exists() and _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous checkpoint
+        elif out_dir.exists():  # no atomic exchange here: two renames (a kill between them is undone next time)
+            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=parent))
             backup.rmdir()
             os.replace(out_dir, backup)
             os.replace(tmp, out_dir)
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

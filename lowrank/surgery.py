@@ -18,7 +18,9 @@ from lowrank.linear import LowRankLinear
 __all__ = [
     "SizeReport",
     "aligned_rank",
+    "block_linear_names",
     "decoder_layers",
+    "expert_structure",
     "factorize_",
     "get_module",
     "layer_param_count",
@@ -26,6 +28,7 @@ __all__ = [
     "replace_module_",
     "size_report",
     "target_linears",
+    "untargeted_weights",
 ]
 
 # Default rank alignment. Tensor-core GEMMs tile K and N in multiples of 64/128 and a
@@ -85,6 +88,55 @@ def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> di
     return found
 
 
+def block_linear_names(model: nn.Module) -> str:
+    """The targeted linears of one decoder block, as names within it ("self_attn.qkv_proj, mlp.down_proj, ...").
+
+    For error messages that say which structure a method met.
+    """
+    prefix, _ = decoder_layers(model)
+    names = [n[len(prefix) + 1 :].partition(".")[2] for n in target_linears(model)]
+    return ", ".join(dict.fromkeys(names))
+
+
+def _held_by(name: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether parameter `name` belongs to one of `modules` (or to a submodule of one)."""
+    parts = name.split(".")[:-1]
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts) + 1))
+
+
+def untargeted_weights(model: nn.Module) -> dict[str, int]:
+    """Weight tensors (parameters of 2 or more dimensions) inside the decoder blocks that no targeted linear holds.
+
+    {parameter name: element count}. Compression leaves them dense: the fused 3-D expert weights of
+    mixture-of-experts blocks (transformers 5's MixtralExperts, Qwen2MoeExperts, ...), routers that are
+    not `nn.Linear`, and the like. Norm scales and biases (1-D) are not listed. `size_report` counts them.
+    """
+    prefix, _ = decoder_layers(model)
+    targets = target_linears(model)
+    return {name: p.numel() for name, p in model.named_parameters()
+            if name.startswith(prefix + ".") and p.dim() >= 2 and not _held_by(name, targets)}
+
+
+def expert_structure(model: nn.Module) -> str | None:
+    """A description of the model's first mixture-of-experts structure inside the decoder blocks, or None.
+
+    Found by module name (``experts``) or class (``...Experts``, ``...SparseMoeBlock``), or by a 3-D weight;
+    methods that cannot prune expert MLPs (minify, surgeon) refuse a model for which this is not None.
+    """
+    prefix, _ = decoder_layers(model)
+    blocks = [(n, m) for n, m in model.named_modules() if n.startswith(prefix + ".")]
+    experts = [(n, m) for n, m in blocks if n.rpartition(".")[2] == "experts" or type(m).__name__.endswith("Experts")]
+    moe = [(n, m) for n, m in blocks if type(m).__name__.endswith(("SparseMoeBlock", "MoeBlock"))]
+    for name, module in experts[:1] or moe[:1]:
+        fused = [f"{n} {list(p.shape)}" for n, p in module.named_parameters() if p.dim() >= 3]
+        what = f"fused 3-D expert weights {', '.join(fused)}" if fused else "expert MLPs"
+        return f"{name} ({type(module).__name__}: {what})"
+    for name, p in model.named_parameters():
+        if name.startswith(prefix + ".") and p.dim() >= 3:
+            return f"{name} (a 3-D weight {list(p.shape)}, as fused expert weights are)"
+    return None
+
+
 def record_dense_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """The targeted linears' ORIGINAL (out, in) shapes, stored on the model as ``_lowrank_dense_shapes``.
 
@@ -122,6 +174,13 @@ class SizeReport:
     model_params: int
     model_dense_params: int
     ranks: dict[str, int] = field(default_factory=dict)
+    # Weights inside the decoder blocks that no targeted linear holds (`untargeted_weights`), left dense,
+    # by structure name with the block index dropped ("mlp.experts.gate_up_proj": count over all blocks).
+    untargeted: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def untargeted_params(self) -> int:
+        return sum(self.untargeted.values())
 
     @property
     def target_fraction(self) -> float:
@@ -132,11 +191,16 @@ class SizeReport:
         return self.model_params / self.model_dense_params
 
     def summary(self) -> str:
-        return (
+        line = (
             f"targeted linears: {self.target_params:,} / {self.target_dense_params:,} params "
             f"({100 * self.target_fraction:.2f}%); whole model: {self.model_params:,} / "
             f"{self.model_dense_params:,} ({100 * self.model_fraction:.2f}%)"
         )
+        if self.untargeted_params:
+            line += (f"; left dense, not targeted: {self.untargeted_params:,} params "
+                     f"({100 * self.untargeted_params / self.model_dense_params:.2f}% of the dense model) in "
+                     f"{', '.join(self.untargeted)}")
+        return line
 
 
 def _unique_param_count(model: nn.Module) -> int:
@@ -179,7 +243,13 @@ def size_report(model: nn.Module, dense_shapes: Mapping[str, tuple[int, int]] | 
     current_weights = sum(m.U.numel() + m.V.numel() if isinstance(m, LowRankLinear) else m.weight.numel()
                           for m in targets.values())
     model_dense = model_params - current_weights + dense_params
-    return SizeReport(target_params, dense_params, model_params, model_dense, ranks)
+    prefix, _ = decoder_layers(model)
+    untargeted: dict[str, int] = {}
+    for name, count in untargeted_weights(model).items():
+        # "model.layers.3.mlp.experts.down_proj" -> "mlp.experts.down_proj"
+        structure = name[len(prefix) + 1 :].partition(".")[2]
+        untargeted[structure] = untargeted.get(structure, 0) + count
+    return SizeReport(target_params, dense_params, model_params, model_dense, ranks, untargeted)
 
 
 RankSpec = Mapping[str, int] | Callable[[str, nn.Linear], int | None]

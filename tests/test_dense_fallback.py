@@ -80,15 +80,18 @@ def test_dense_weight_validation():
 
 
 def _table(entries: dict, model: dict | None = None) -> dict:
-    return {"gpu_match": "H100", "entries": entries, "latency_model": model or {}}
+    return {"entries": entries, "latency_model": model or {}}
+
+
+def _use_table(monkeypatch, table: dict, trust: str | None = "exact") -> None:
+    monkeypatch.setattr(LM, "_table_for", lambda device: (table, trust))
+    monkeypatch.setattr(LM, "_DENSE_CACHE", {})
 
 
 def test_decision_from_measured_entries(monkeypatch):
     entries = {"576x576r128": {"1": {"backend": "triton_fused", "dense_ms": 0.0036, "sweep_ms": 0.0043},
                                "8192": {"backend": "two_gemm", "dense_ms": 0.012, "sweep_ms": 0.010}}}
-    monkeypatch.setattr(LM, "_TABLE", _table(entries))
-    monkeypatch.setattr(LM, "_DENSE_CACHE", {})
-    monkeypatch.setattr(LM, "_table_applies", lambda device: True)
+    _use_table(monkeypatch, _table(entries))
     dev = torch.device("cuda", 0)  # constructing a device object does not touch CUDA
     assert LM.dense_is_faster(1, 576, 576, 128, dev)
     assert LM.dense_is_faster(2, 576, 576, 128, dev)  # nearest bucket in log2
@@ -104,21 +107,19 @@ def test_decision_from_latency_model(monkeypatch):
     # dense: 3 us + 0.4 us/MB; factorized: 4.5 us + 0.4 us/MB (launch-bound small layers lose)
     model = {"1": {"dense": [3e-3, 4e-10, 0.0], "lowrank": [4.5e-3, 4e-10, 0.0],
                    "lowrank_ragged": [5e-3, 8e-10, 0.0]}}
-    monkeypatch.setattr(LM, "_TABLE", _table({}, model))
-    monkeypatch.setattr(LM, "_DENSE_CACHE", {})
-    monkeypatch.setattr(LM, "_table_applies", lambda device: True)
+    _use_table(monkeypatch, _table({}, model))
     dev = torch.device("cuda", 0)
     small, big = (576, 576, 128), (4096, 4096, 1024)
     for n, m, r in (small, big):
-        dense = LM.predicted_ms(1, n, m, None)
-        factored = LM.predicted_ms(1, n, m, r)
+        dense = LM.predicted_ms(1, n, m, None, model)
+        factored = LM.predicted_ms(1, n, m, r, model)
         assert dense == pytest.approx(3e-3 + 4e-10 * 2 * (m * n + (m + n)))
         assert factored == pytest.approx(4.5e-3 + 4e-10 * 2 * (r * (m + n) + (m + n)))
         assert LM.dense_is_faster(1, n, m, r, dev) == (dense < factored)
     assert LM.dense_is_faster(1, 576, 576, 128, dev)
     assert not LM.dense_is_faster(1, 4096, 4096, 1024, dev)
     # a ragged rank uses its own (slower) fit
-    assert LM.predicted_ms(1, 4096, 4096, 1023) > LM.predicted_ms(1, 4096, 4096, 1024)
+    assert LM.predicted_ms(1, 4096, 4096, 1023, model) > LM.predicted_ms(1, 4096, 4096, 1024, model)
 
 
 def test_measured_point_only_decides_near_its_t(monkeypatch):
@@ -127,13 +128,28 @@ def test_measured_point_only_decides_near_its_t(monkeypatch):
                                 "4": {"backend": "two_gemm", "dense_ms": 0.004, "sweep_ms": 0.007}}}
     model = {"1": {"dense": [1e-3, 0.0, 0.0], "lowrank": [2e-3, 0.0, 0.0], "lowrank_ragged": [2e-3, 0.0, 0.0]},
              "8192": {"dense": [2e-2, 0.0, 0.0], "lowrank": [1e-2, 0.0, 0.0], "lowrank_ragged": [1e-2, 0.0, 0.0]}}
-    monkeypatch.setattr(LM, "_TABLE", _table(entries, model))
-    monkeypatch.setattr(LM, "_DENSE_CACHE", {})
-    monkeypatch.setattr(LM, "_table_applies", lambda device: True)
+    _use_table(monkeypatch, _table(entries, model))
     dev = torch.device("cuda", 0)
     assert LM.dense_is_faster(1, 1536, 576, 192, dev)
     assert LM.dense_is_faster(8, 1536, 576, 192, dev)  # within 2x of the T=4 point
     assert not LM.dense_is_faster(8192, 1536, 576, 192, dev)  # the latency model decides
+
+
+def test_sibling_table_counts_only_clear_dense_wins(monkeypatch):
+    # same chip, other memory class: dense must have won by the margin, measured or modelled
+    entries = {"576x576r128": {"1": {"backend": "triton_fused", "dense_ms": 0.0036, "sweep_ms": 0.0043},
+                               "16": {"backend": "two_gemm", "dense_ms": 0.0030, "sweep_ms": 0.0060}}}
+    model = {"1024": {"dense": [1e-2, 0.0, 0.0], "lowrank": [1.1e-2, 0.0, 0.0], "lowrank_ragged": [2e-2, 0.0, 0.0]}}
+    dev = torch.device("cuda", 0)
+    _use_table(monkeypatch, _table(entries, model), trust="exact")
+    assert LM.dense_is_faster(1, 576, 576, 128, dev)
+    assert LM.dense_is_faster(1024, 4096, 4096, 1024, dev)  # the model: 10 us < 11 us
+    _use_table(monkeypatch, _table(entries, model), trust="sibling")
+    assert not LM.dense_is_faster(1, 576, 576, 128, dev)  # 3.6 vs 4.3 us: not clear enough
+    assert LM.dense_is_faster(16, 576, 576, 128, dev)  # 3.0 vs 6.0 us: clear
+    assert not LM.dense_is_faster(1024, 4096, 4096, 1024, dev)
+    _use_table(monkeypatch, _table(entries, model), trust=None)
+    assert not any(LM.dense_is_faster(t, 576, 576, 128, dev) for t in (1, 16))
 
 
 def test_fit_relative_recovers_exact_model():
@@ -173,11 +189,15 @@ def test_merge_dense_annotates_and_fits():
     assert "24/24" in lines[-1]
 
 
-def test_shipped_table_has_dense_timings():
-    table = LM._load_table()
-    assert table.get("latency_model"), "run bench.tune_lowrank --merge-dense"
-    with_dense = [p for e in table["entries"].values() for p in e.values() if "dense_ms" in p]
-    assert with_dense and all(p["dense_ms"] > 0 and p["sweep_ms"] > 0 for p in with_dense)
+def test_shipped_tables_have_dense_timings():
+    from lowrank_kernels.tuning import shipped_tables
+
+    tables = shipped_tables()
+    assert tables, "no dispatch table shipped"
+    for path, table in tables:
+        assert table.get("latency_model"), f"{path.name}: run bench.tune_lowrank --merge-dense"
+        with_dense = [p for e in table["entries"].values() for p in e.values() if "dense_ms" in p]
+        assert with_dense and all(p["dense_ms"] > 0 and p["sweep_ms"] > 0 for p in with_dense), path.name
 
 
 def test_linear_enable_dense_fallback_cpu():
@@ -236,9 +256,9 @@ def test_compile_fullgraph_with_dense_copy():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_smollm2_shape_falls_back_on_h100():
-    if "H100" not in torch.cuda.get_device_name():
-        pytest.skip("the shipped measurements are H100's")
+def test_gpu_smollm2_shape_falls_back():
+    if LM._table_for(torch.device("cuda", torch.cuda.current_device()))[1] != "exact":
+        pytest.skip("no shipped table or tuning cache for this device (python -m compress tune)")
     layer = LowRankLinear(576, 576, 128, device="cuda", dtype=torch.bfloat16)
     assert layer.enable_dense_fallback([1]) is True
     x = torch.randn(1, 576, device="cuda", dtype=torch.bfloat16)

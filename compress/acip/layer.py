@@ -92,6 +92,11 @@ class MaskBank(nn.Module):
         self.register_buffer("layer_index", segments.layer_index(device), persistent=False)
         self.values: Tensor | None = None
         self._offsets = segments.offsets
+        # Training-loss settings read by the ACIP step (compress.acip.train): distillation weight, whether
+        # the NLL term is dropped, and `teacher` (while True every layer runs with all masks on, no LoRA).
+        self.distill = 0.0
+        self.distill_only = False
+        self.teacher = False
 
     def refresh(self) -> Tensor:
         # mask_forward has value 1[p>0]·scale; dividing by scale gives the layer a 0/1 mask whose
@@ -154,6 +159,8 @@ class MaskedSVDLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d = self._bank.slice(self.layer)
+        if self._bank.teacher:  # distillation's teacher: the full-rank factorization, i.e. the dense layer
+            return masked_lowrank(x, self.U, self.Vs, torch.ones_like(d), self.bias)
         y = masked_lowrank(x, self.U, self.Vs, d, self.bias)
         if self.lora_A is not None:
             h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))

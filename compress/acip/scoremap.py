@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from compress.acip.functional import Segments, Selection, global_order, select_for_size, size_for_counts
 from compress.errors import UserError
+from lowrank.checkpoint import apply_umask_permissions
+from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import replace_module_, target_linears
 
@@ -276,6 +278,7 @@ class ScoreMap:
             module = targets[name]
             count = int(selection.counts[i])
             ranks[name] = self._materialize_layer(model, name, module, lf, local[i], count, reset, device)
+            fault_point("materialize")  # fault suite (tests/test_faults.py); inert otherwise
         return ranks
 
     def _materialize_layer(self, model: nn.Module, name: str, module: nn.Linear, lf: ScoreMapLayer,
@@ -366,6 +369,7 @@ class ScoreMap:
         (directory / JSON_NAME).unlink(missing_ok=True)
         tmp = directory / (TENSORS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "lowrank-scoremap", "version": str(FORMAT_VERSION)})
+        apply_umask_permissions(tmp)  # safetensors writes 0o600
         os.replace(tmp, directory / TENSORS_NAME)
         meta = {
             "format": "lowrank-scoremap",
@@ -394,6 +398,10 @@ class ScoreMap:
             meta = json.loads((directory / JSON_NAME).read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{directory / JSON_NAME} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("layers"), list) or "method" not in meta \
+                or "identity" not in meta:
+            raise UserError(f"{directory / JSON_NAME} does not describe a score map "
+                            "(an object with method, layers and identity)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise UserError(f"score map format {meta.get('format_version')} is newer than this toolkit "
                             f"supports ({FORMAT_VERSION})")

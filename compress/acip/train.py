@@ -9,6 +9,11 @@
    every step. LoRA alone is then post-tuned with the masks frozen.
 3. The result is a `ScoreMap` (the SVD factors, the scores and the LoRA branches).
 
+Objectives that keep the model general (off by default; docs/domains.md): `distill` adds a KL term
+toward the same network with every mask on and no LoRA (the dense model, so no second copy);
+`holdout` keeps calibration chunks out of training and early-stops the post-tuning on their NLL,
+restoring the best LoRA; `gram_shrink` regularizes the whitening Gram toward the plain basis.
+
 Checkpoints (`checkpoint_dir`, every `checkpoint_every` steps, on Ctrl-C and at the end) hold
 everything the next step depends on: masks, scores, LoRA, optimizer state, step counters,
 RNG states and the data position; the SVD factors are written once. `resume=True` continues
@@ -55,10 +60,12 @@ from compress.acip.functional import (
 from compress.acip.layer import MaskBank, MaskedSVDLinear
 from compress.acip.scoremap import ScoreMap, ScoreMapLayer, check_identity, model_identity
 from compress.errors import UserError
+from lowrank.checkpoint import apply_umask_permissions
+from lowrank.faults import fault_point
 from lowrank.surgery import replace_module_, target_linears
 
-__all__ = ["ACIPConfig", "ACIPPaused", "compute_svd_factors", "compute_whitened_factors", "install_masked_layers",
-           "run_acip", "training_step"]
+__all__ = ["ACIPConfig", "ACIPPaused", "compute_svd_factors", "compute_whitened_factors", "distill_loss",
+           "holdout_nll", "install_masked_layers", "run_acip", "split_holdout", "training_step"]
 
 STATE_NAME = "state.pt"
 FACTORS_NAME = "factors.safetensors"
@@ -90,6 +97,18 @@ class ACIPConfig:
     factor_dtype: str = "float32"  # precision U, s, Vh are stored in (bfloat16 halves the score map)
     basis: str = "whitened"  # whitened: SVD of W·S, S = chol(input Gram) (SVD-LLM); plain: SVD of W (paper)
     whiten_samples: int = 128  # calibration chunks (evenly spaced) whose inputs form the Gram; 0 = all
+    gram_shrink: float = 0.0  # whitened basis: Gram (1-a)·G + a·mean(diag G)·I (compress.methods.svd.shrink_gram)
+    # Distillation: loss = NLL + distill·KL(teacher ‖ student) on the next-token distributions, the teacher
+    # being the same network with every mask on and no LoRA (= the dense model); 0 = off (the paper's loss).
+    distill: float = 0.0
+    distill_only: bool = False  # with distill > 0: drop the NLL term (pure distillation)
+    # Early stopping of the LoRA post-tuning: `holdout` chunks (a fraction < 1 or a count ≥ 1, evenly spaced
+    # over the calibration chunks) are never trained on; every `holdout_every` post-tuning steps their NLL
+    # is measured and the LoRA with the lowest is kept; `holdout_patience` evaluations without a gain stop
+    # the post-tuning (0 = never stop early, still restore the best). 0 = off.
+    holdout: float = 0.0
+    holdout_every: int = 50
+    holdout_patience: int = 4
     activation_checkpointing: str = "none"  # none | full | selective (keeps the SVD matmul outputs)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 200
@@ -118,16 +137,29 @@ class ACIPConfig:
             raise UserError("batch_size ≥ 1, lora_rank ≥ 0, mask_scale > 0 and lr > 0 are required")
         if self.distributed not in ("auto", "none", "fsdp"):
             raise UserError(f"distributed must be auto, none or fsdp, got {self.distributed!r}")
+        from compress.methods.svd import check_shrink
+
+        check_shrink(self.gram_shrink)
+        if not self.distill >= 0:
+            raise UserError(f"distill must be ≥ 0, got {self.distill}")
+        if self.distill_only and not self.distill > 0:
+            raise UserError("distill_only needs distill > 0")
+        if self.holdout < 0 or (self.holdout >= 1 and self.holdout != int(self.holdout)):
+            raise UserError(f"holdout must be a fraction in [0, 1) or a whole number of chunks, got {self.holdout}")
+        if self.holdout_every < 1 or self.holdout_patience < 0:
+            raise UserError("holdout_every ≥ 1 and holdout_patience ≥ 0 are required")
 
 
 # Config fields that change the result: a checkpoint written under other values cannot be resumed.
 _RESULT_KEYS = ("stop_ratio", "lr", "reg_start", "reg_update_every", "reg_update_factor", "mask_scale",
                 "lora_rank", "lora_alpha", "lora_dropout", "post_tune_steps", "batch_size",
-                "size_includes_lora", "svd_dtype", "factor_dtype", "basis", "whiten_samples", "seed")
+                "size_includes_lora", "svd_dtype", "factor_dtype", "basis", "whiten_samples", "seed",
+                "gram_shrink", "distill", "distill_only", "holdout", "holdout_every", "holdout_patience")
 
 
 # Result-relevant settings that checkpoints written before they existed ran with.
-_LEGACY_DEFAULTS = {"basis": "plain"}
+_LEGACY_DEFAULTS = {"basis": "plain", "gram_shrink": 0.0, "distill": 0.0, "distill_only": False, "holdout": 0.0,
+                    "holdout_every": 50, "holdout_patience": 4}
 
 
 class ACIPPaused(Exception):
@@ -162,7 +194,7 @@ def compute_svd_factors(
 @torch.no_grad()
 def compute_whitened_factors(
     model: nn.Module, names: list[str], chunks: Tensor, *, samples: int = 128, batch_size: int = 4,
-    factor_dtype: str = "float32", progress: bool = False,
+    factor_dtype: str = "float32", progress: bool = False, shrink: float = 0.0,
 ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, Any]]:
     """Factors W = U·diag(s)·Vh in the whitened basis, on the CPU; returns (factors, whitening info).
 
@@ -171,7 +203,8 @@ def compute_whitened_factors(
     Dropping the smallest s is then the best truncation in the norm of the layer's outputs on
     the calibration inputs, ‖(W − W')·Xᵀ‖ (SVD-LLM), so ACIP's masks score directions the data
     uses. Grams, damping and the whitened SVD are those of the `svd` method (float64 SVD).
-    `samples` chunks, evenly spaced over `chunks`, feed the Gram (0: all of them).
+    `samples` chunks, evenly spaced over `chunks`, feed the Gram (0: all of them). `shrink` whitens
+    by (1 − shrink)·G + shrink·mean(diag G)·I (1: the plain basis, up to scaling of the rows).
     """
     from compress.calibrate import collect_input_grams
     from compress.methods.svd import whitened_svd_factors
@@ -192,7 +225,7 @@ def compute_whitened_factors(
     for name in items:
         # Balanced factors u·√Σ and √Σ·Q̂ᵀS⁻¹ (float32), split back into U, s, Vh. A zero singular
         # value (rank-deficient W·S) leaves a zero triplet, which contributes nothing either way.
-        u_bal, v_bal, s, damping = whitened_svd_factors(targets[name].weight, grams[name], name)
+        u_bal, v_bal, s, damping = whitened_svd_factors(targets[name].weight, grams[name], name, shrink)
         root = s.clamp_min(0).sqrt()
         inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
         out[name] = ((u_bal * inv).to(store).cpu(), s.float().cpu(), (v_bal * inv[:, None]).to(store).cpu())
@@ -200,7 +233,8 @@ def compute_whitened_factors(
             damped[name] = damping
     tokens = grams.tokens
     del grams
-    return out, {"samples": int(chunks.shape[0]), "tokens": int(tokens), "damped_layers": damped}
+    return out, {"samples": int(chunks.shape[0]), "tokens": int(tokens), "damped_layers": damped,
+                 "gram_shrink": float(shrink)}
 
 
 def install_masked_layers(
@@ -274,6 +308,55 @@ def disable_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------------- data
+def split_holdout(chunks: Tensor, holdout: float) -> tuple[Tensor, Tensor | None]:
+    """(training chunks, held-out chunks or None): `holdout` < 1 is a fraction, ≥ 1 a count of chunks.
+
+    The held-out chunks are evenly spaced over `chunks` (a mixture's chunks come grouped by source, so
+    every source is represented); at least one chunk always stays for training.
+    """
+    if not holdout:
+        return chunks, None
+    n = chunks.shape[0]
+    count = int(holdout) if holdout >= 1 else max(1, round(holdout * n))
+    count = min(count, n - 1)
+    if count <= 0:
+        warnings.warn(f"ACIP holdout={holdout}: {n} calibration chunk(s) leave none to hold out; early "
+                      "stopping is off", stacklevel=2)
+        return chunks, None
+    # Every k-th chunk rather than the tail, so a mixture's sources are all represented.
+    idx = torch.linspace(0, n - 1, count).round().long().unique()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    return chunks[keep], chunks[idx]
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over positions of KL(teacher ‖ student) between next-token distributions, in float32."""
+    t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    s = torch.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+@torch.no_grad()
+def holdout_nll(model: nn.Module, bank: MaskBank, chunks: Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token NLL of `chunks` under the current masks and LoRA, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        bank.refresh()
+        total, count = 0.0, 0
+        for start in range(0, chunks.shape[0], batch_size):
+            batch = chunks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            nll = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                              batch[:, 1:].reshape(-1), reduction="sum")
+            total += float(nll.double())
+            count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
 def _chunks_hash(chunks: Tensor) -> str:
     return hashlib.sha256(chunks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -363,6 +446,7 @@ def _write_factors(directory: Path, factors: dict[str, tuple[Tensor, Tensor, Ten
         tensors[f"{name}.U"], tensors[f"{name}.s"], tensors[f"{name}.Vh"] = U, s, Vh
     tmp = directory / (FACTORS_NAME + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    apply_umask_permissions(tmp)  # safetensors writes 0o600
     os.replace(tmp, directory / FACTORS_NAME)
     tmp_meta = directory / (META_NAME + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
@@ -387,6 +471,12 @@ class _State:
     scores: Tensor | None = None
     history: list = dataclasses.field(default_factory=list)
     train_seconds: float = 0.0
+    # Early stopping of the post-tuning (config.holdout): best held-out NLL, its post-tuning step, its LoRA.
+    best_holdout: float | None = None
+    best_post_step: int = 0
+    bad_evals: int = 0
+    holdout_history: list = dataclasses.field(default_factory=list)
+    best_lora: dict | None = None
 
 
 def run_acip(
@@ -420,6 +510,7 @@ def run_acip(
     identity = model_identity(model, names)
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     chunk_hash = _chunks_hash(chunks)
+    chunks, held_out = split_holdout(chunks, config.holdout)  # held-out chunks: never trained on
 
     dist = None
     if resolve_mode(config.distributed) == "fsdp":
@@ -463,7 +554,7 @@ def run_acip(
         if config.basis == "whitened":
             factors, whitening = compute_whitened_factors(
                 model, names, chunks, samples=config.whiten_samples, batch_size=config.batch_size,
-                factor_dtype=config.factor_dtype, progress=progress)
+                factor_dtype=config.factor_dtype, progress=progress, shrink=config.gram_shrink)
         else:
             factors = compute_svd_factors(model, names, svd_dtype=config.svd_dtype,
                                           factor_dtype=config.factor_dtype, progress=progress)
@@ -490,6 +581,7 @@ def run_acip(
                                              biases=biases)
         net.requires_grad_(False)
         bank.p.requires_grad_(True)
+        bank.distill, bank.distill_only = float(config.distill), bool(config.distill_only)
         lora_params = []
         for layer in layers.values():
             if layer.lora_A is not None:
@@ -522,12 +614,18 @@ def run_acip(
         enable_activation_checkpointing(net, config.activation_checkpointing)
         stepper = _Stepper(net, bank, optimizer, device, graphs=graphs)
         try:
-            _train(net, bank, layers, stepper, optimizer, batches, state, config, ckpt, callback, device, dist)
+            _train(net, bank, layers, stepper, optimizer, batches, state, config, ckpt, callback, device, dist,
+                   held_out)
         finally:
             stepper.release()
             disable_activation_checkpointing(net, config.activation_checkpointing)
         result = _score_map(factors, state, bank, layers, config, identity, names)
         result.metadata["whitening"] = whitening
+        if held_out is not None:
+            result.metadata["holdout"] = {
+                "holdout_chunks": int(held_out.shape[0]), "best_holdout_nll": state.best_holdout,
+                "best_post_step": state.best_post_step, "post_steps_run": state.post_steps,
+                "history": state.holdout_history}
         result.metadata["step_mode"] = stepper.mode
         if stepper.note:
             result.metadata["step_mode_note"] = stepper.note
@@ -583,6 +681,9 @@ def _save_state(ckpt: Path, state: _State, bank: MaskBank, layers: dict[str, Mas
         "optimizer": optimizer.state_dict(),
         "epoch": position[0], "cursor": position[1],
         "rng": rng,
+        "early_stopping": {"best_holdout": state.best_holdout, "best_post_step": state.best_post_step,
+                           "bad_evals": state.bad_evals, "history": json.dumps(state.holdout_history),
+                           "best_lora": state.best_lora},
     }
     if rng_ranks is not None:  # a distributed run: every rank's RNG state, rank 0's is `rng`
         payload["rng_ranks"] = rng_ranks
@@ -603,6 +704,13 @@ def _restore(payload: dict, state: _State, bank: MaskBank, layers: dict[str, Mas
     state.train_seconds = payload.get("train_seconds", 0.0)
     state.lam = payload.get("lambda", 0.0)
     state.history = json.loads(payload.get("history", "[]"))
+    early = payload.get("early_stopping") or {}
+    state.best_holdout = early.get("best_holdout")
+    state.best_post_step = early.get("best_post_step", 0)
+    state.bad_evals = early.get("bad_evals", 0)
+    state.holdout_history = json.loads(early.get("history", "[]"))
+    best = early.get("best_lora")
+    state.best_lora = None if best is None else {n: (a.to(device), b.to(device)) for n, (a, b) in best.items()}
     state.scores = None if payload["scores"] is None else payload["scores"].to(device)
     if state.phase != "acip":
         bank.p.requires_grad_(False)
@@ -622,8 +730,25 @@ def _step_body(model: nn.Module, bank: MaskBank, optimizer: torch.optim.Optimize
                reg: float | Tensor | None) -> Tensor:
     # Forward, backward, update; the gradients are left in place (a CUDA graph rewrites them).
     bank.refresh()
-    nll = model(input_ids=batch, labels=batch, use_cache=False).loss
-    loss = nll + reg * l1_penalty(bank.p) if reg is not None else nll
+    weight = bank.distill
+    if weight:
+        # The teacher is the same network with every mask on and no LoRA: the dense model, no second copy.
+        with torch.no_grad():
+            bank.teacher = True
+            try:
+                teacher = model(input_ids=batch, use_cache=False).logits
+            finally:
+                bank.teacher = False
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+        nll = out.loss
+        kl = distill_loss(out.logits, teacher)
+        loss = weight * kl if bank.distill_only else nll + weight * kl
+        del teacher, out
+    else:
+        nll = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss = nll
+    if reg is not None:
+        loss = loss + reg * l1_penalty(bank.p)
     loss.backward()
     optimizer.step()
     return nll.detach()
@@ -728,8 +853,29 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
            optimizer: torch.optim.Optimizer, batches: _Batches, state: _State, config: ACIPConfig,
            ckpt: Path | None,
            callback: Callable[[dict[str, Any]], bool | None] | None, device: torch.device,
-           dist: DistributedRun | None = None) -> None:
+           dist: DistributedRun | None = None, held_out: Tensor | None = None) -> None:
     segments = bank.segments
+
+    def check_holdout() -> None:
+        # Early stopping: held-out NLL of the current LoRA; keep the best, count evaluations without a gain.
+        nll = holdout_nll(model, bank, held_out, config.batch_size, device)
+        state.holdout_history.append({"post_step": state.post_steps, "nll": round(nll, 6)})
+        if state.best_holdout is None or nll < state.best_holdout:
+            state.best_holdout, state.best_post_step, state.bad_evals = nll, state.post_steps, 0
+            state.best_lora = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+                               for n, m in layers.items() if m.lora_A is not None}
+        else:
+            state.bad_evals += 1
+        if config.holdout_patience and state.bad_evals >= config.holdout_patience:
+            state.phase = "done"
+
+    def restore_best() -> None:
+        if state.best_lora is None:
+            return
+        with torch.no_grad():
+            for n, (a, b) in state.best_lora.items():
+                layers[n].lora_A.copy_(a)
+                layers[n].lora_B.copy_(b)
     extra = config.lora_rank if config.size_includes_lora else 0
     num_layers = len(segments.lengths)
     writer = dist is None or dist.is_writer
@@ -776,10 +922,17 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                                           f"sizes ≥ {state.ratio:.3f}", stacklevel=2)
                         state.phase = "post_tune" if config.post_tune_steps > 0 else "done"
                         bank.p.requires_grad_(False)
+                        if held_out is not None and state.phase == "post_tune":
+                            check_holdout()  # the LoRA as pruning left it is a candidate too
                 else:
                     state.post_steps += 1
                     if state.post_steps >= config.post_tune_steps:
                         state.phase = "done"
+                    if held_out is not None and (state.post_steps % config.holdout_every == 0
+                                                 or state.phase == "done"):
+                        check_holdout()
+                    if held_out is not None and state.phase == "done":
+                        restore_best()
                 if dist is None:
                     loss_value, stop_now = float(nll.detach()), False
                 else:  # the loss over the whole batch, and a Ctrl-C seen by any rank so far, on every rank
@@ -805,6 +958,7 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                     state.phase = "done"
                 position = (batches.epoch, batches.cursor)
                 rng = _snapshot_rng(device)
+                fault_point("acip:step")  # fault suite (tests/test_faults.py); inert otherwise
                 if ckpt is not None and (pause or state.step % config.checkpoint_every == 0
                                          or state.phase == "done"):
                     save(position, rng)

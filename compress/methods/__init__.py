@@ -25,6 +25,9 @@ class MethodSpec:
     score: Callable[..., Any]
     description: str
     needs_calibration: bool = True
+    # Raises UserError (one line naming the structure) for a model the method cannot compress; run
+    # before any data is read or any evaluation starts (`compress.api.check_model`).
+    check_model: Callable[[Any], Any] | None = None
 
     def option_names(self) -> list[str]:
         """The fields of this method's config, i.e. the keys `make_config` (and --method-opt) accept."""
@@ -70,11 +73,12 @@ _BUILTIN_MODULES = ("compress.methods.svd", "compress.methods.acip", "compress.m
                     "compress.methods.surgeon", "compress.methods.svd_llm", "compress.methods.asvd")
 
 
-def register_method(name: str, config_cls: type, description: str, *, needs_calibration: bool = True):
+def register_method(name: str, config_cls: type, description: str, *, needs_calibration: bool = True,
+                    check_model: Callable[[Any], Any] | None = None):
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration)
+        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration, check_model)
         return fn
 
     return decorator

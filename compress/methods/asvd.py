@@ -76,6 +76,13 @@ def activation_scales(abs_mean: Tensor, alpha: float = 0.5) -> tuple[Tensor, int
     return torch.where(low, torch.full_like(s, floor), s), int(low.sum())
 
 
+def shrink_scales(scales: Tensor, alpha: float) -> Tensor:
+    """(1 − α)·s + α·mean(s): ASVD's counterpart of `svd`'s Gram shrinkage (α = 1: plain SVD up to a scale)."""
+    if not alpha:
+        return scales
+    return (1.0 - alpha) * scales + alpha * scales.mean()
+
+
 def scaled_svd_factors(weight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Balanced full-rank factors (U, V) of W from the SVD of W·diag(s), sorted by Σ. Returns (U, V, Σ)."""
     s = scales.to(device=weight.device, dtype=torch.float64)
@@ -216,8 +223,13 @@ class ASVDConfig:
     batch_size: int = 4
     progress: bool = True
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
+    # Shrink the scaling toward uniform, s ← (1 − a)·s + a·mean(s) (`shrink_scales`): 0 = ASVD, 1 = plain SVD.
+    gram_shrink: float = 0.0
 
     def __post_init__(self) -> None:
+        from compress.methods.svd import check_shrink
+
+        check_shrink(self.gram_shrink)
         raw = self.ratios
         if isinstance(raw, str):
             parts = [p for p in raw.replace(";", ",").split(",") if p.strip()]
@@ -339,6 +351,7 @@ def _score_asvd(model: nn.Module, chunks: Tensor, config: ASVDConfig) -> ASVDPla
             scales, n_low = activation_scales(means[name], config.alpha)
         except ValueError as exc:
             raise UserError(f"{name}: {exc}") from exc
+        scales = shrink_scales(scales, config.gram_shrink)
         # Under offload the weight is in CPU memory: this layer alone goes to the accelerator for its SVD.
         U, V, sigma = scaled_svd_factors(weight.to(device), scales)
         layers[name] = LayerFactors(U.cpu(), V.cpu(), sigma.cpu(), weight.detach().float().cpu())
@@ -351,6 +364,7 @@ def _score_asvd(model: nn.Module, chunks: Tensor, config: ASVDConfig) -> ASVDPla
     meta = {
         "plan_type": ASVDPlan.__name__,
         "alpha": float(config.alpha),
+        "gram_shrink": float(config.gram_shrink),
         "ratios": list(config.ratios),
         "sensitivity": {n: [v if math.isfinite(v) else None for v in row] for n, row in table.items()},
         "dense_perplexity": dense_ppl if math.isfinite(dense_ppl) else None,

@@ -65,7 +65,15 @@ from compress.methods import options_of, register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import decoder_layers, layer_param_count, record_dense_shapes, replace_module_, target_linears
+from lowrank.surgery import (
+    block_linear_names,
+    decoder_layers,
+    expert_structure,
+    layer_param_count,
+    record_dense_shapes,
+    replace_module_,
+    target_linears,
+)
 
 __all__ = [
     "AGGREGATIONS",
@@ -310,8 +318,12 @@ def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
     """
     try:
         linears = target_linears(model)
+        experts = expert_structure(model)
     except ValueError as exc:
         raise UserError(f"minify: {exc}") from exc
+    if experts is not None:
+        raise UserError(f"minify cannot prune mixture-of-experts MLPs: {experts}; "
+                        "svd, svd-llm, asvd and acip run on such models and count the experts they leave dense")
     parts: dict[str, dict[str, str]] = {}
     for name in linears:
         parent, _, leaf = name.rpartition(".")
@@ -320,8 +332,8 @@ def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
     mlps = {p: MlpNames(d["gate_proj"], d["up_proj"], d["down_proj"])
             for p, d in parts.items() if len(d) == 3}
     if not mlps:
-        raise UserError("minify needs gated MLPs (gate_proj, up_proj, down_proj linears); "
-                        "this model has none")
+        raise UserError("minify needs gated MLPs with separate gate_proj, up_proj, down_proj linears; this model's "
+                        f"blocks have {block_linear_names(model)} (fused or ungated MLPs are not supported)")
     for p, names in mlps.items():
         mods = [linears[n] for n in (names.gate, names.up, names.down)]
         if any(isinstance(m, LowRankLinear) for m in mods):
@@ -707,7 +719,7 @@ def _taylor_pass(model: nn.Module, chunks: Tensor, mlps: Mapping[str, MlpNames],
 
 @register_method("minify", MinifyConfig,
                  "Taylor-Ridge minification: drop MLP channels by global Taylor sensitivity, ridge-heal "
-                 "down_proj (--size = kept fraction of MLP parameters)")
+                 "down_proj (--size = kept fraction of MLP parameters)", check_model=find_mlps)
 def score_minify(model: nn.Module, chunks: Tensor, config: MinifyConfig) -> MinifyPlan:
     """Calibrate once (forward + backward per batch); the plan materializes any MLP retention."""
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:

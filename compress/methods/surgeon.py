@@ -69,7 +69,7 @@ from compress.methods import options_of, register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import record_dense_shapes, replace_module_, target_linears
+from lowrank.surgery import block_linear_names, expert_structure, record_dense_shapes, replace_module_, target_linears
 
 __all__ = [
     "STRUCTURES",
@@ -365,8 +365,12 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
     """
     try:
         linears = target_linears(model)
+        experts = expert_structure(model)
     except ValueError as exc:
         raise UserError(f"surgeon: {exc}") from exc
+    if experts is not None:
+        raise UserError(f"surgeon cannot prune mixture-of-experts MLPs: {experts}; "
+                        "svd, svd-llm, asvd and acip run on such models and count the experts they leave dense")
     factorized = [n for n, m in linears.items() if isinstance(m, LowRankLinear)]
     if factorized:
         raise UserError(f"surgeon prunes dense linears; {factorized[0]} is already factorized "
@@ -400,8 +404,8 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
                                 f"{up.out_features}, {down.in_features})")
             mlps[parent] = MlpChannels(d["gate_proj"], d["up_proj"], d["down_proj"])
     if not attentions and not mlps:
-        raise UserError("surgeon needs q/k/v/o_proj attention or gate/up/down_proj MLP linears; "
-                        "this model has neither")
+        raise UserError("surgeon needs separate q/k/v/o_proj attention or gate/up/down_proj MLP linears; this "
+                        f"model's blocks have {block_linear_names(model)} (fused projections are not supported)")
     return attentions, mlps
 
 
@@ -896,6 +900,10 @@ def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: Surge
     if bar is not None:
         bar.close()
     kept = _current_params(model, names) if physical else masks.kept()
+    if size <= 0.99 and kept >= dense_total:
+        # Never hand back (and let the CLI save) an unpruned model as a compressed one.
+        raise UserError(f"surgeon removed nothing at size {size} (no {'unit' if physical else 'weight'} of "
+                        f"{block_linear_names(model)} could be pruned within the options' floors); nothing written")
     zeroed = 0 if physical else _current_params(model, names) - kept
     return {"shots": stats, "kept_fraction": kept / dense_total, "zeroed_params": zeroed,
             "structure": options.structure}
@@ -992,7 +1000,8 @@ class SurgeonPlan:
 
 @register_method("surgeon", SurgeonConfig,
                  "LLM Surgeon: K-FAC structured pruning of MLP channels and attention KV groups with correlated "
-                 "updates over several shots (--size = kept fraction of targeted linear parameters)")
+                 "updates over several shots (--size = kept fraction of targeted linear parameters)",
+                 check_model=find_units)
 def score_surgeon(model: nn.Module, chunks: Tensor, config: SurgeonConfig) -> SurgeonPlan:
     """Validate the model and options; the pruning itself runs in `SurgeonPlan.materialize_`."""
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:

@@ -13,6 +13,10 @@ If G is not positive definite (dead input features, too few tokens), the Cholesk
 with damping δ·mean(diag G)·I for δ = 1e-6, 1e-5, ..., 1e-1, and the δ used is recorded.
 A non-finite Gram is an error that names the layer.
 
+`gram_shrink` = α whitens by (1 − α)·G + α·mean(diag G)·I (`shrink_gram`): α = 0 is the
+above, α = 1 the plain SVD of W. A small α keeps the truncation from fitting the calibration
+domain's input statistics too closely (docs/domains.md).
+
 `offload=True` (`--offload`): the weights stay in CPU memory and calibration goes block by
 block (`compress.calibrate.blockwise_input_grams` under `compress.streaming.offloaded`): one
 block's weights and Grams are on the accelerator, its layers are factorized there, the factors
@@ -27,13 +31,14 @@ import torch
 from torch import Tensor
 
 from compress.calibrate import blockwise_input_grams, collect_input_grams
+from compress.errors import UserError
 from compress.methods import register_method
 from compress.plan import FactorPlan, LayerFactors
 from compress.streaming import is_offloaded, maybe_offloaded
 from lowrank.linear import balanced_factors, svd_factors
 from lowrank.surgery import target_linears
 
-__all__ = ["SVDConfig", "cholesky_with_damping", "whitened_svd_factors"]
+__all__ = ["SVDConfig", "check_shrink", "cholesky_with_damping", "shrink_gram", "whitened_svd_factors"]
 
 
 @dataclass
@@ -41,6 +46,33 @@ class SVDConfig:
     batch_size: int = 4
     progress: bool = True
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
+    # Shrink the whitening Gram toward a multiple of I: G_a = (1 - a)·G + a·mean(diag G)·I.
+    # 0 = SVD-LLM's whitening (fits the calibration domain closely); 1 = the plain SVD of W.
+    gram_shrink: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_shrink(self.gram_shrink)
+
+
+def check_shrink(alpha: float, name: str = "gram_shrink") -> float:
+    """`alpha` as a float in [0, 1], or UserError."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def shrink_gram(gram: Tensor, alpha: float) -> Tensor:
+    """(1 − α)·G + α·mean(diag G)·I, in G's dtype: a Gram regularized toward isotropic inputs.
+
+    α = 0 returns G itself (the whitening fits the calibration inputs exactly); α = 1 gives
+    mean(diag G)·I, whose whitened SVD is the plain SVD of W. In between, directions the
+    calibration text barely excites keep part of their weight, so the truncation does not
+    discard what another domain's inputs use.
+    """
+    if alpha == 0.0:
+        return gram
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return (1.0 - alpha) * gram + alpha * gram.diagonal().mean() * eye
 
 
 def cholesky_with_damping(gram: Tensor, name: str = "layer", max_damping: float = 1e-1) -> tuple[Tensor, float]:
@@ -61,8 +93,14 @@ def cholesky_with_damping(gram: Tensor, name: str = "layer", max_damping: float 
             raise ValueError(f"{name}: calibration Gram is not positive definite even with damping {max_damping}")
 
 
-def whitened_svd_factors(weight: Tensor, gram: Tensor, name: str = "layer") -> tuple[Tensor, Tensor, Tensor, float]:
-    """Balanced full-rank factors (U, V) of W in the whitened basis, sorted by Σ. Returns (U, V, Σ, δ)."""
+def whitened_svd_factors(weight: Tensor, gram: Tensor, name: str = "layer",
+                         shrink: float = 0.0) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Balanced full-rank factors (U, V) of W in the whitened basis, sorted by Σ. Returns (U, V, Σ, δ).
+
+    `shrink` > 0 whitens by `shrink_gram(gram, shrink)` instead of the Gram itself.
+    """
+    if shrink:
+        gram = shrink_gram(gram.to(torch.float64), shrink)
     chol, damping = cholesky_with_damping(gram, name)
     w = weight.detach().to(device=chol.device, dtype=torch.float64)
     u, s, qh = torch.linalg.svd(w @ chol, full_matrices=False)
@@ -87,13 +125,16 @@ def score_svd(model, chunks: Tensor, config: SVDConfig) -> FactorPlan:
 
             items = tqdm(list(items), desc="whitened SVD", unit="layer", leave=False)
         for name, module in items:
-            _factor_layer(name, module, grams[name], layers, dampings)
+            _factor_layer(name, module, grams[name], layers, dampings, config.gram_shrink)
         meta = {"calibration_tokens": grams.tokens, "damped_layers": dampings}
+        if config.gram_shrink:
+            meta["gram_shrink"] = config.gram_shrink
         return FactorPlan("svd", layers, allocation="uniform", metadata=meta)
 
 
-def _factor_layer(name: str, module, gram: Tensor, layers: dict[str, LayerFactors], dampings: dict[str, float]) -> None:
-    U, V, s, damping = whitened_svd_factors(module.weight, gram, name)
+def _factor_layer(name: str, module, gram: Tensor, layers: dict[str, LayerFactors], dampings: dict[str, float],
+                  shrink: float = 0.0) -> None:
+    U, V, s, damping = whitened_svd_factors(module.weight, gram, name, shrink)
     layers[name] = LayerFactors(U.cpu(), V.cpu(), s.cpu(), module.weight.detach().float().cpu())
     if damping:
         dampings[name] = damping
@@ -108,12 +149,14 @@ def _score_svd_blockwise(model, chunks: Tensor, config: SVDConfig) -> FactorPlan
     for _, grams in blockwise_input_grams(model, chunks, targets, batch_size=config.batch_size,
                                           progress=config.progress, desc="svd: calibrate + factorize"):
         for name in grams:
-            _factor_layer(name, model.get_submodule(name), grams[name], layers, dampings)
+            _factor_layer(name, model.get_submodule(name), grams[name], layers, dampings, config.gram_shrink)
         tokens = grams.tokens
     # Same layer order as the whole-model pass (plans are compared and saved in this order).
     layers = {name: layers[name] for name in targets}
     dampings = {name: dampings[name] for name in targets if name in dampings}
     meta = {"calibration_tokens": tokens, "damped_layers": dampings}
+    if config.gram_shrink:
+        meta["gram_shrink"] = config.gram_shrink
     return FactorPlan("svd", layers, allocation="uniform", metadata=meta)
 
 

@@ -59,6 +59,7 @@ from compress.methods import options_of, register_method
 from compress.methods.svd import SVDConfig, cholesky_with_damping, score_svd
 from compress.plan import FactorPlan, register_plan_type
 from compress.streaming import execution_device, held, maybe_offloaded
+from lowrank.checkpoint import apply_umask_permissions
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import decoder_layers, replace_module_, target_linears
 
@@ -186,6 +187,7 @@ class SVDLLMConfig(SVDLLMOptions):
 
     progress: bool = True
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
+    gram_shrink: float = 0.0  # the whitening's Gram shrinkage toward the plain SVD (as `svd`; 0 = off)
 
     def options(self) -> SVDLLMOptions:
         return options_of(self, SVDLLMOptions)
@@ -257,6 +259,7 @@ class SVDLLMPlan(FactorPlan):
         ids = self.calibration_ids if self.calibration_ids is not None else torch.zeros(0, 0, dtype=torch.int64)
         tmp = directory / (_IDS_FILE + ".tmp")
         save_file({"ids": ids.detach().cpu().to(torch.int64).contiguous()}, str(tmp))
+        apply_umask_permissions(tmp)  # safetensors writes 0o600
         os.replace(tmp, directory / _IDS_FILE)
         return directory
 
@@ -287,7 +290,7 @@ def score_svd_llm(model: nn.Module, chunks: Tensor, config: SVDLLMConfig) -> SVD
         raise UserError("svd-llm needs calibration token ids of shape [n ≥ 1, seq_len]")
     options = config.options()
     base = score_svd(model, chunks, SVDConfig(batch_size=config.batch_size, progress=config.progress,
-                                              offload=config.offload))
+                                              offload=config.offload, gram_shrink=config.gram_shrink))
     ids = chunks if options.update_samples is None else chunks[: options.update_samples]
     meta = {**base.metadata, "plan_type": SVDLLMPlan.__name__, "options": dataclasses.asdict(options),
             "update_sequences": int(ids.shape[0])}

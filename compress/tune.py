@@ -1,0 +1,379 @@
+"""``python -m compress tune``: measure a checkpoint's own factorized layer shapes on this GPU.
+
+    python -m compress tune --model CKPT [--tokens 1,4,8,16,64,256,1024,4096] [--budget-s 120]
+    python -m compress tune --shapes 4096x4096r1024,4096x11008r1472 [--out FILE]
+
+For every distinct (in_features, out_features, rank) of the checkpoint's `LowRankLinear` layers
+(read from its config's ``quantization_config``; no weights are loaded) and every T bucket in
+``--tokens``, it times on rotating random weights (more bytes than twice the L2, CUDA-graph
+replays, medians) the candidates the dispatch can run: cuBLAS' two GEMMs (torch's own path), a
+short list of fused Triton configs for T <= 8, Triton/padded GEMMs for ranks that are not
+multiples of 8, and one dense GEMM of the same layer. Each candidate's output is checked against
+an fp32 reference before it is timed, so a config that computes a wrong answer can never win.
+
+The fastest factorized path per shape and T, with the dense time beside it (what
+``lowrank_kernels.dense_is_faster`` compares for the dense fallback), goes into this device's
+tuning cache (``lowrank_kernels.tuning``: ``~/.cache/lowrank-kit/tuning/<device key>.json``, or
+``$LOWRANK_TUNING_DIR``), which ``lowrank_matmul``, ``python -m compress bench`` and
+``lowrank.serving`` read from then on. Shapes are measured in an order that covers every
+(in, out) pair before a second rank of it, and no new point starts after ``--budget-s``; ranks
+left out borrow the nearest measured aligned rank of the same (in, out), or run torch's two GEMMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserError
+
+__all__ = ["DEFAULT_TOKENS", "add_arguments", "candidates", "checkpoint_shapes", "main", "parse_shapes", "run",
+           "tune_shapes"]
+
+DEFAULT_TOKENS = (1, 4, 8, 16, 64, 256, 1024, 4096)
+DEFAULT_BUDGET_S = 120.0
+_CUBLAS = {"gemm1": "cublas", "gemm2": "cublas"}
+# Fused T=1 configs worth timing (indices into fused_candidates(1)): the H100 winners (two_launch
+# variants), the default barrier kernel and its two-programs-per-SM form.
+_T1_FUSED = (3, 4, 0, 5)
+_MAX_COPIES = 256
+# Set False where the fused kernel's grid barrier failed its smoke test: only two_launch/local configs run.
+BARRIER_OK = True
+
+Shape = tuple[int, int, int]  # (in_features n, out_features m, rank r)
+
+
+# ---------------------------------------------------------------------------- shapes
+def parse_shapes(spec: str) -> list[Shape]:
+    """``"4096x11008r1472,576x576r128"`` (in x out, rank) -> [(4096, 11008, 1472), (576, 576, 128)]."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        try:
+            n, rest = item.lower().split("x")
+            m, r = rest.split("r")
+            shape = (int(n), int(m), int(r))
+        except ValueError as exc:
+            raise UserError(f"--shapes takes INxOUTrRANK items, e.g. 4096x11008r1472; got {item!r}") from exc
+        if min(shape) <= 0 or shape[2] > min(shape[0], shape[1]):
+            raise UserError(f"--shapes: {item!r} needs positive sizes and rank <= min(in, out)")
+        out.append(shape)
+    if not out:
+        raise UserError("--shapes is empty")
+    return out
+
+
+def _parse_tokens(spec: str | None) -> list[int]:
+    if spec is None:
+        return list(DEFAULT_TOKENS)
+    try:
+        tokens = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError as exc:
+        raise UserError(f"--tokens must be a comma list of row counts, got {spec!r}") from exc
+    if not tokens or tokens[0] <= 0:
+        raise UserError(f"--tokens must be positive row counts, got {spec!r}")
+    return tokens
+
+
+def checkpoint_shapes(source: str | None) -> Counter:
+    """Counter of (in, out, rank) over a compressed checkpoint's factorized layers, from its config alone."""
+    from compress.model import _resolve_source
+
+    name, _extra = _resolve_source(source)
+    path = Path(name)
+    if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not read {path / 'config.json'}: {exc}") from exc
+    else:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name).to_dict()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not load the config of {source!r}: {str(exc).splitlines()[0]}") from exc
+    quant = config.get("quantization_config") or {}
+    counts: Counter = Counter()
+    if quant.get("quant_method") != "lowrank":
+        return counts
+    widths, dense = quant.get("widths") or {}, quant.get("dense_shapes") or {}
+    for layer, rank in (quant.get("ranks") or {}).items():
+        shape = widths.get(layer) or dense.get(layer)
+        if shape is None:
+            raise UserError(f"the checkpoint's quantization_config gives {layer!r} a rank but no shape")
+        out_f, in_f = shape
+        counts[(int(in_f), int(out_f), int(rank))] += 1
+    return counts
+
+
+def order_shapes(counts: Counter) -> list[Shape]:
+    """Round robin over (in, out) pairs, each pair's ranks by frequency: every pair gets a rank early."""
+    groups: dict[tuple[int, int], list[Shape]] = {}
+    for shape, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        groups.setdefault(shape[:2], []).append(shape)
+    pairs = sorted(groups, key=lambda nm: -sum(counts[s] * s[2] * (s[0] + s[1]) for s in groups[nm]))
+    out: list[Shape] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        out += [groups[nm][i] for nm in pairs if i < len(groups[nm])]
+    return out
+
+
+# ---------------------------------------------------------------------------- candidates and timing
+def candidates(T: int, n: int, m: int, r: int) -> list[tuple[str, dict]]:
+    """(backend, config) pairs timed for one shape and T; the first is cuBLAS' two GEMMs."""
+    from lowrank_kernels.lowrank_matmul import fused_candidates, gemm_candidates
+
+    out: list[tuple[str, dict]] = [("two_gemm", dict(_CUBLAS))]
+    if T == 1:
+        fused = fused_candidates(1)
+        out += [("triton_fused", dict(fused[i])) for i in _T1_FUSED if i < len(fused)]
+    elif T <= 8:
+        out += [("triton_fused", dict(c)) for c in fused_candidates(T)]
+    if not BARRIER_OK:
+        out = [(b, c) for b, c in out if b != "triton_fused" or c.get("sync", "barrier") != "barrier"]
+    if r % 8 != 0 and T >= 16:
+        g1, g2 = gemm_candidates(T, 1), gemm_candidates(T, 2)
+        out.append(("two_gemm", {"gemm1": "cublas", "gemm2": g2[0]}))
+        if T >= 256:
+            out.append(("two_gemm", dict(_CUBLAS, pad_u=True)))
+            out.append(("two_gemm", {"gemm1": g1[0], "gemm2": "cublas"}))
+    return out
+
+
+def label(backend: str, cfg: dict | None) -> str:
+    """Short name of a candidate for logs and the table's ``candidates`` lists."""
+    if backend == "two_gemm" and cfg:
+        def one(c: Any) -> str:
+            return "cb" if c == "cublas" else f"t{c['block_m']}x{c['block_n']}x{c['block_k']}s{c.get('split_k', 1)}"
+        return f"2g[{one(cfg.get('gemm1', 'cublas'))}|{one(cfg.get('gemm2', 'cublas'))}]" + (
+            "pad" if cfg.get("pad_u") else "")
+    if backend == "triton_fused" and cfg:
+        keys = ("block_r1", "block_k1", "block_m2", "block_r2", "num_warps", "block_t_fma", "sync",
+                "programs_per_sm")
+        return "F:" + ",".join(str(cfg[k]) for k in keys if k in cfg)
+    return backend
+
+
+def _copies(nbytes: int, l2_bytes: int) -> int:
+    """Weight copies to rotate through so that one pass reads more than twice the L2 from HBM."""
+    return int(min(_MAX_COPIES, max(2, math.ceil(2 * l2_bytes / max(nbytes, 1)))))
+
+
+class _Weights:
+    """Rotating factor pairs and dense matrices of one shape (random, scaled like trained layers)."""
+
+    def __init__(self, n: int, m: int, r: int, dtype: Any, l2_bytes: int, seed: int) -> None:
+        import torch
+
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        k = _copies(dtype.itemsize * r * (m + n), l2_bytes)
+        self.U = [torch.randn(m, r, device="cuda", dtype=dtype, generator=g) / math.sqrt(r) for _ in range(k)]
+        self.V = [torch.randn(r, n, device="cuda", dtype=dtype, generator=g) / math.sqrt(n) for _ in range(k)]
+        kd = _copies(dtype.itemsize * m * n, l2_bytes)
+        self.W = [torch.randn(m, n, device="cuda", dtype=dtype, generator=g) / math.sqrt(n) for _ in range(kd)]
+
+
+def _time_candidate(w: _Weights, x: Any, backend: str, cfg: dict) -> float:
+    import torch
+    import torch.nn.functional as F
+    from lowrank_kernels.lowrank_matmul import lowrank_matmul_launch
+
+    from compress.timing import time_rotating
+
+    out = torch.full((x.shape[0], w.U[0].shape[0]), float("nan"), device=x.device, dtype=x.dtype)
+    lowrank_matmul_launch(x, w.U[0], w.V[0], backend=backend, config=cfg, out=out)
+    ref = F.linear(F.linear(x.float(), w.V[0].float()), w.U[0].float())
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    if not (err < 3e-2) or not bool(torch.isfinite(out).all()):
+        raise RuntimeError(f"wrong result (relative error {err:.3e})")
+    return time_rotating([lambda U=U, V=V: lowrank_matmul_launch(x, U, V, backend=backend, config=cfg)
+                          for U, V in zip(w.U, w.V, strict=True)])
+
+
+def _time_dense(w: _Weights, x: Any) -> float:
+    import torch.nn.functional as F
+
+    from compress.timing import time_rotating
+
+    return time_rotating([lambda W=W: F.linear(x, W) for W in w.W])
+
+
+def tune_point(w: _Weights, n: int, m: int, r: int, T: int, dtype: Any,
+               log: Callable[[str], None] = print) -> dict | None:
+    """Time every candidate and dense at one shape and T; the table entry (None if nothing ran)."""
+    import torch
+
+    x = torch.randn(T, n, device=w.U[0].device, dtype=dtype)
+    timed: list[tuple[float, str, dict]] = []
+    for backend, cfg in candidates(T, n, m, r):
+        try:
+            timed.append((_time_candidate(w, x, backend, cfg), backend, cfg))
+        except Exception as exc:  # noqa: BLE001 - a failing config is reported and skipped
+            log(f"  [tune] {n}x{m}r{r} T={T} {label(backend, cfg)} skipped: {exc!r}"[:300])
+    if not timed:
+        return None
+    timed.sort(key=lambda t: t[0])
+    ms, backend, cfg = timed[0]
+    two_gemm = next((t for t, b, c in timed if b == "two_gemm" and c == _CUBLAS), float("nan"))
+    dense = _time_dense(w, x)
+    return {"backend": backend, "config": cfg, "ms": ms, "two_gemm_ms": two_gemm, "dense_ms": dense,
+            "sweep_ms": ms, "candidates": [[label(b, c), t] for t, b, c in timed[:6]]}
+
+
+def tune_shapes(shapes: Iterable[Shape], tokens: Iterable[int], *, budget_s: float = DEFAULT_BUDGET_S,
+                dtype: Any = None, log: Callable[[str], None] = print) -> dict:
+    """Measure ``shapes`` (in order) at ``tokens`` rows within ``budget_s``; returns a dispatch table.
+
+    No new point starts after the budget; the table lists the (shape, T) points left out.
+    """
+    import torch
+    from lowrank_kernels.lowrank_matmul import config_key
+    from lowrank_kernels.tuning import device_key, device_properties
+
+    from compress.timing import env_info
+
+    dtype = dtype or torch.bfloat16
+    t0 = time.time()
+    deadline = t0 + budget_s
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    dev = device_properties(props)
+    l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    tokens = list(tokens)
+    entries: dict[str, dict] = {}
+    skipped: list[str] = []
+    for n, m, r in shapes:
+        key = config_key(n, m, r)
+        if time.time() > deadline:
+            skipped.append(key)
+            continue
+        w = _Weights(n, m, r, dtype, l2, seed=n * 7 + m * 3 + r)
+        for T in tokens:
+            if time.time() > deadline:
+                skipped.append(f"{key}@T{T}")
+                continue
+            point = tune_point(w, n, m, r, T, dtype, log)
+            if point is None:
+                continue
+            entries.setdefault(key, {})[str(T)] = point
+            log(f"  {key:18s} T={T:5d} {label(point['backend'], point['config']):34s} {point['ms'] * 1e3:8.1f}us"
+                f"  2gemm {point['two_gemm_ms'] * 1e3:8.1f}us  dense {point['dense_ms'] * 1e3:8.1f}us")
+        del w
+        torch.cuda.empty_cache()
+    return {
+        "generated_by": "python -m compress tune",
+        "note": "entries[<in>x<out>r<rank>][T] = fastest measured factorized backend/config (no bias); "
+                "dense_ms: one dense GEMM of the same layer beside it; sweep_ms = ms (what dense_is_faster "
+                "compares); T is matched to the nearest bucket in log2.",
+        "device_key": device_key(dev),
+        "device": dev,
+        "env": env_info(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "tokens": tokens,
+        "budget_s": budget_s,
+        "seconds": round(time.time() - t0, 1),
+        "skipped": skipped,
+        "entries": entries,
+    }
+
+
+# ---------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="compressed checkpoint whose factorized layer shapes are tuned: HF directory or hub id "
+                        "(default: bundled SmolLM2-135M-Instruct, which is dense: nothing to tune)")
+    p.add_argument("--shapes", default=None,
+                   help="instead of --model: comma list of INxOUTrRANK layer shapes, e.g. 4096x11008r1472")
+    p.add_argument("--tokens", default=None,
+                   help=f"row counts (decode batch sizes, prefill lengths) to tune (default "
+                        f"{','.join(map(str, DEFAULT_TOKENS))})")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"no new measurement starts after this many seconds (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--out", default=None, help="also write the table to this JSON file")
+    p.add_argument("--no-cache", action="store_true", help="do not write the per-device tuning cache")
+    p.add_argument("--replace", action="store_true",
+                   help="replace this device's cache instead of merging the new points into it")
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Tune per `args`; returns {"table", "cache" (path or None), "out" (path or None)}. Raises `UserError`."""
+    tokens = _parse_tokens(args.tokens)
+    if not args.budget_s > 0:
+        raise UserError(f"--budget-s must be positive, got {args.budget_s}")
+    if args.shapes and args.model:
+        raise UserError("pass --model or --shapes, not both")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("compress tune times kernels on a CUDA GPU and none is visible")
+    if args.shapes:
+        counts = Counter(parse_shapes(args.shapes))
+    else:
+        counts = checkpoint_shapes(args.model)
+        if not counts:
+            raise UserError(f"{args.model or 'the default model'} has no factorized layers (not a compressed "
+                            "checkpoint): nothing to tune")
+    from lowrank_kernels import tuning
+    from lowrank_kernels.lowrank_matmul import reload_tables
+
+    shapes = order_shapes(counts)
+    log(f"[tune] {len(shapes)} distinct layer shapes ({sum(counts.values())} layers) x T in {tokens}; "
+        f"budget {args.budget_s:.0f} s")
+    table = tune_shapes(shapes, tokens, budget_s=args.budget_s, dtype=getattr(torch, args.dtype), log=log)
+    table["layers"] = {f"{n}x{m}r{r}": c for (n, m, r), c in counts.items()}
+    result: dict = {"table": table, "cache": None, "out": None}
+    if not args.no_cache:
+        try:
+            result["cache"] = str(tuning.save_cache(table["device"], table, replace=args.replace))
+        except OSError as exc:
+            raise UserError(f"could not write the tuning cache: {exc}") from exc
+        reload_tables()
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=1) + "\n")
+        result["out"] = str(out)
+    return result
+
+
+def summary(result: dict) -> str:
+    table = result["table"]
+    lines = [f"device {table['device_key']} ({table['device'].get('name')}): {len(table['entries'])} shapes tuned in "
+             f"{table['seconds']:.0f} s" + (f", {len(table['skipped'])} points left out (budget)"
+                                             if table["skipped"] else "")]
+    dense_wins = sum(p["dense_ms"] < p["ms"] for e in table["entries"].values() for p in e.values())
+    fused = sum(p["backend"] == "triton_fused" for e in table["entries"].values() for p in e.values())
+    points = sum(len(e) for e in table["entries"].values())
+    lines.append(f"{points} points: fused kernel fastest at {fused}, dense faster than every factorized path at "
+                 f"{dense_wins} (used where a dense copy is held: --dense-fallback)")
+    if result.get("cache"):
+        lines.append(f"wrote {result['cache']}")
+    if result.get("out"):
+        lines.append(f"wrote {result['out']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compress tune", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        result = run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Device-keyed dispatch tables (``lowrank_kernels.tuning``) and ``python -m compress tune`` on the CPU.
+
+Nothing here touches CUDA: device properties are plain objects shaped like
+``torch.cuda.get_device_properties(i)``, and the tuner is only checked for refusing cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import lowrank_kernels.lowrank_matmul as LM
+import pytest
+import torch
+from lowrank_kernels import tuning
+
+from compress import cli, tune
+from compress.errors import UserError
+
+GIB, MIB = 2**30, 2**20
+H100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                       total_memory=int(79.2 * GIB), L2_cache_size=50 * MIB)
+H200 = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132,
+                       total_memory=int(139.8 * GIB), L2_cache_size=60 * MIB)
+# Same properties as the H100, another marketing name: the key must not care.
+H100_RENAMED = SimpleNamespace(**{**vars(H100), "name": "GH100 engineering sample"})
+A100 = SimpleNamespace(name="NVIDIA A100-SXM4-80GB", major=8, minor=0, multi_processor_count=108,
+                       total_memory=int(79.1 * GIB), L2_cache_size=40 * MIB)
+
+
+def _table(dev, entries=None) -> dict:
+    return {"device": tuning.device_properties(dev), "entries": entries or {}, "latency_model": {}}
+
+
+def test_device_key_from_properties_not_names():
+    h100, h200 = tuning.device_properties(H100), tuning.device_properties(H200)
+    assert tuning.device_key(h100) == "cc90_sm132_mem80g_l2_50m"
+    assert tuning.device_key(h200) == "cc90_sm132_mem140g_l2_60m"
+    assert tuning.device_key(tuning.device_properties(H100_RENAMED)) == tuning.device_key(h100)
+    assert tuning.match(h100, tuning.device_properties(H100_RENAMED)) == "exact"
+    assert tuning.match(h100, h200) == "sibling"  # same chip, other memory
+    assert tuning.match(h200, h100) == "sibling"
+    assert tuning.match(h100, tuning.device_properties(A100)) is None
+    assert tuning.match(None, h100) is None
+    assert tuning.match({"name": "NVIDIA H100 80GB HBM3"}, h100) is None  # a name alone never matches
+
+
+def test_shipped_tables_are_named_by_their_device_key():
+    tables = tuning.shipped_tables()
+    assert tables
+    for path, table in tables:
+        assert path.name == f"lowrank_matmul.{tuning.device_key(table['device'])}.json"
+        assert table.get("device_key", tuning.device_key(table["device"])) == tuning.device_key(table["device"])
+    assert LM.CONFIG_PATH in [p for p, _ in tables]
+
+
+def test_dispatch_table_exact_sibling_none_and_cache(tmp_path, monkeypatch):
+    configs, cache = tmp_path / "configs", tmp_path / "cache"
+    configs.mkdir()
+    shipped = _table(H100, {"576x576r128": {"1": {"backend": "triton_fused", "config": {}}}})
+    (configs / "lowrank_matmul.cc90_sm132_mem80g_l2_50m.json").write_text(json.dumps(shipped))
+    monkeypatch.setenv("LOWRANK_TUNING_DIR", str(cache))
+    h100, h200 = tuning.device_properties(H100_RENAMED), tuning.device_properties(H200)
+
+    table, trust = tuning.dispatch_table(h100, configs)
+    assert trust == "exact" and "576x576r128" in table["entries"]
+    table, trust = tuning.dispatch_table(h200, configs)
+    assert trust == "sibling"
+    assert tuning.dispatch_table(tuning.device_properties(A100), configs) == ({}, None)
+
+    # a tuning run on the H200 makes its table exact there, and leaves the H100 alone
+    tuned = {"entries": {"4096x4096r1024": {"1": {"backend": "two_gemm", "config": {}, "ms": 0.02}}}}
+    path = tuning.save_cache(h200, tuned)
+    assert path == cache / "cc90_sm132_mem140g_l2_60m.json"
+    table, trust = tuning.dispatch_table(h200, configs)
+    assert trust == "exact" and list(table["entries"]) == ["4096x4096r1024"]
+    assert tuning.dispatch_table(h100, configs)[0]["entries"].keys() == {"576x576r128"}
+    # a second run merges per shape and T bucket unless told to replace
+    tuning.save_cache(h200, {"entries": {"4096x4096r1024": {"8": {"backend": "two_gemm", "config": {}}}}})
+    assert set(tuning.load_cache(h200)["entries"]["4096x4096r1024"]) == {"1", "8"}
+    tuning.save_cache(h200, {"entries": {"576x576r128": {"1": {"backend": "two_gemm"}}}}, replace=True)
+    assert list(tuning.load_cache(h200)["entries"]) == ["576x576r128"]
+    # a cache file written on another device is ignored
+    (cache / "cc90_sm132_mem80g_l2_50m.json").write_text(json.dumps(_table(H200, tuned["entries"])))
+    assert tuning.load_cache(h100) is None
+
+    monkeypatch.setenv("LOWRANK_TUNING_DIR", "off")
+    assert tuning.cache_dir() is None and tuning.load_cache(h200) is None
+    assert tuning.dispatch_table(h200, configs)[1] == "sibling"
+    with pytest.raises(OSError):
+        tuning.save_cache(h200, tuned)
+
+
+def test_cached_entry_overrides_shipped_one():
+    base = {"entries": {"a": {"1": {"backend": "triton_fused"}, "16": {"backend": "two_gemm"}}},
+            "latency_model": {"1": {}}, "sources": ["shipped"]}
+    over = {"entries": {"a": {"1": {"backend": "two_gemm"}}, "b": {"4": {"backend": "two_gemm"}}},
+            "latency_model": {"4": {}}, "sources": ["cache"]}
+    out = tuning.merge_tables(base, over)
+    assert out["entries"]["a"] == {"1": {"backend": "two_gemm"}, "16": {"backend": "two_gemm"}}
+    assert "b" in out["entries"] and out["latency_model"] == {"4": {}}
+    assert out["sources"] == ["shipped", "cache"]
+    assert base["entries"]["a"]["1"]["backend"] == "triton_fused"  # inputs untouched
+
+
+def test_untuned_device_runs_torch_two_gemms(monkeypatch):
+    monkeypatch.setattr(LM, "_table_for", lambda device: ({}, None))
+    monkeypatch.setattr(LM, "_CHOICE_CACHE", {})
+    x, U, V = torch.randn(1, 64), torch.randn(48, 16), torch.randn(16, 64)
+    assert LM._select(x, U, V, None) == ("two_gemm", {"gemm1": "cublas", "gemm2": "cublas"})
+
+
+def test_tune_refuses_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["tune", "--shapes", "4096x4096r1024"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "CUDA" in err[0], err
+    assert tune.main(["--shapes", "4096x4096r1024"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "4096x4096"], ["--shapes", "64x64r65"], ["--tokens", "0,1"],
+                                  ["--budget-s", "0"], ["--shapes", "8x8r4", "--model", "x"]])
+def test_tune_bad_arguments_are_user_errors(argv, capsys):
+    assert cli.main(["tune", *argv]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_tune_reads_shapes_from_a_checkpoint_config(tmp_path):
+    quant = {"quant_method": "lowrank",
+             "ranks": {"model.layers.0.mlp.up_proj": 1504, "model.layers.1.mlp.up_proj": 1504,
+                       "model.layers.0.self_attn.q_proj": 1024},
+             "dense_shapes": {"model.layers.0.mlp.up_proj": [11008, 4096], "model.layers.1.mlp.up_proj": [11008, 4096],
+                              "model.layers.0.self_attn.q_proj": [4096, 4096]}}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quant}))
+    counts = tune.checkpoint_shapes(str(tmp_path))
+    assert counts == Counter({(4096, 11008, 1504): 2, (4096, 4096, 1024): 1})
+    assert tune.order_shapes(counts) == [(4096, 11008, 1504), (4096, 4096, 1024)]
+    assert tune.parse_shapes("4096x11008r1504, 576x576r128") == [(4096, 11008, 1504), (576, 576, 128)]
+    with pytest.raises(UserError):
+        tune.parse_shapes("576by576")
+
+
+def test_tune_shapes_table_drives_the_dispatch(monkeypatch, tmp_path):
+    """tune_shapes with stand-in timings (no GPU): table format, budget, cache, dispatch and dense fallback."""
+    import compress.tune as ct
+
+    monkeypatch.setenv("LOWRANK_TUNING_DIR", str(tmp_path / "cache"))
+
+    class FakeWeights:
+        def __init__(self, n, m, r, dtype, l2, seed):
+            self.U, self.V, self.W = [torch.zeros(m, r)], [torch.zeros(r, n)], [torch.zeros(m, n)]
+
+    def fake_candidate(w, x, backend, cfg):
+        if cfg.get("sync") == "local":
+            raise RuntimeError("wrong result")
+        T, (m, r) = x.shape[0], w.U[0].shape
+        fused_bonus = 0.7 if backend == "triton_fused" and T == 1 and m >= 4096 else 1.0
+        return 1e-3 * (5 + r * m / 1e5) * fused_bonus
+
+    monkeypatch.setattr(ct, "_Weights", FakeWeights)
+    monkeypatch.setattr(ct, "_time_candidate", fake_candidate)
+    monkeypatch.setattr(ct, "_time_dense", lambda w, x: 1e-3 * (3 + w.W[0].numel() / 2e5))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: H200)
+    shapes = [(4096, 4096, 1024), (576, 576, 128)]
+    table = ct.tune_shapes(shapes, [1, 8, 64], budget_s=60, log=lambda s: None)
+    assert table["device_key"] == "cc90_sm132_mem140g_l2_60m" and not table["skipped"]
+    big, small = table["entries"]["4096x4096r1024"], table["entries"]["576x576r128"]
+    assert big["1"]["backend"] == "triton_fused" and big["64"]["backend"] == "two_gemm"
+    assert all(p["dense_ms"] < p["sweep_ms"] for p in small.values())
+    assert not any(p["dense_ms"] < p["sweep_ms"] for p in big.values())
+    dev = tuning.device_properties(H200)
+    tuning.save_cache(dev, table)
+    monkeypatch.setattr(LM, "_table_for", lambda device: tuning.dispatch_table(dev, tmp_path / "no-shipped"))
+    LM.reload_tables()
+    gpu = torch.device("cuda", 0)
+    assert LM.dense_is_faster(1, 576, 576, 128, gpu) and LM.dense_is_faster(8, 576, 576, 128, gpu)
+    assert not LM.dense_is_faster(1, 4096, 4096, 1024, gpu)
+    assert not LM.dense_is_faster(8192, 576, 576, 128, gpu)  # far from every tuned T, no latency model
+    monkeypatch.setattr(LM, "_CHOICE_CACHE", {})
+    x, U, V = torch.empty(1, 4096), torch.empty(4096, 1024), torch.empty(1024, 4096)
+    assert LM._select(x, U, V, None)[0] == "triton_fused"
+    assert LM._select(torch.empty(64, 4096), U, V, None)[0] == "two_gemm"
+    # an exhausted budget measures nothing new and says so
+    none = ct.tune_shapes(shapes, [1], budget_s=1e-9, log=lambda s: None)
+    assert none["entries"] == {} and len(none["skipped"]) == 2
+    LM.reload_tables()
