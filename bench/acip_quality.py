@@ -28,6 +28,10 @@ baseline, each basis's results) and the running ACIP checkpoint live there: when
 out during training the run is checkpointed and the script exits with status 3; running the same
 command again (same work dir, e.g. on a still-warm machine) resumes where it stopped. Without a
 work dir, training is cut short instead and sizes below what the score map then covers are null.
+
+Other domains (docs/domains.md): at `--ood-sizes` (default 0.9, 0.8, 0.6) every variant is also scored on
+the out-of-domain texts of `bench.domains` (`--ood`: docs, legal, code) with the generation sanity
+metrics; each result row then carries ``domains`` (perplexity and ÷ dense per text, worst OOD ratio).
 """
 
 from __future__ import annotations
@@ -74,6 +78,10 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--graph-check", action="store_true",
                    help="first compare a few eager and CUDA-graph steps (dropout off) and report the difference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ood", default="docs,legal,code",
+                   help="bench.domains texts scored beside WikiText-2 test (comma list, or 'none')")
+    p.add_argument("--ood-sizes", default="0.9,0.8,0.6", help="sizes at which the other texts are scored")
+    p.add_argument("--ood-chunks", type=int, default=128, help="windows per out-of-domain text, at most")
     return p.parse_args()
 
 
@@ -82,7 +90,7 @@ def _windows(ids: torch.Tensor, seq_len: int, stride: int) -> torch.Tensor:
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
-def _load(args: argparse.Namespace, device: str) -> tuple[Any, torch.Tensor, torch.Tensor, str]:
+def _load(args: argparse.Namespace, device: str) -> tuple[Any, torch.Tensor, torch.Tensor, str, Any]:
     if args.tiny:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,7 +107,7 @@ def _load(args: argparse.Namespace, device: str) -> tuple[Any, torch.Tensor, tor
         ids = torch.tensor(tokens)
         calib = _windows(ids[:15_000], args.seq_len, args.stride)
         evals = _windows(ids[15_000:], args.seq_len, args.seq_len)
-        return model, calib, evals, "tiny-random-llama"
+        return model, calib, evals, "tiny-random-llama", None
     from compress.data import tokenize_text
     from compress.model import load_model
 
@@ -111,7 +119,7 @@ def _load(args: argparse.Namespace, device: str) -> tuple[Any, torch.Tensor, tor
     test = tokenize_text(tokenizer, Path(root, "test.txt").read_text(encoding="utf-8"))
     calib = _windows(valid, args.seq_len, args.stride)
     evals = _windows(test, args.seq_len, args.seq_len)
-    return model, calib, evals, os.environ.get("SMOLLM2_GGUF", "smollm2-135m (default)")
+    return model, calib, evals, os.environ.get("SMOLLM2_GGUF", "smollm2-135m (default)"), tokenizer
 
 
 def _sync(device: str) -> None:
@@ -193,7 +201,7 @@ def main() -> int:
     work = Path(args.work_dir) if args.work_dir else None
     if work is not None:
         _check_work_dir(work, args)
-    model, calib, evals, model_name = _load(args, device)
+    model, calib, evals, model_name, tokenizer = _load(args, device)
     if args.eval_chunks is not None:
         evals = evals[: args.eval_chunks]
     load_seconds = time.perf_counter() - t_script
@@ -209,6 +217,16 @@ def main() -> int:
     print(f"loaded {model_name} in {load_seconds:.1f} s; dense perplexity {dense_ppl:.3f} "
           f"({evals.shape[0]} chunks, {eval_seconds:.2f} s)", flush=True)
     graph_check = _graph_check(model, calib, args, device) if args.graph_check else None
+    # Out-of-domain texts (bench.domains): scored at --ood-sizes, with the generation sanity metrics.
+    from bench import domains
+
+    ood_names = [n for n in args.ood.split(",") if n.strip() and n != "none"] if tokenizer is not None else []
+    ood_sizes = {round(float(v), 4) for v in args.ood_sizes.split(",") if v.strip()}
+    suite = domains.eval_chunks(tokenizer, args.seq_len, names=ood_names,
+                                max_chunks=args.ood_chunks) if ood_names else {}
+    t0 = time.perf_counter()
+    dense_suite = domains.suite_report(model, tokenizer, suite, batch_size=args.eval_batch_size) if suite else None
+    ood_seconds = time.perf_counter() - t0
 
     def evaluate(plan, kwargs: dict[str, Any], covered_from: float = 0.0) -> list[dict[str, Any]]:
         rows = []
@@ -224,8 +242,13 @@ def main() -> int:
                 materialize_s = time.perf_counter() - t0
                 actual = size_report(model).target_fraction
                 value = ppl()
-            rows.append({"size": size, "actual_size": round(actual, 5), "perplexity": round(value, 4),
-                         "materialize_seconds": round(materialize_s, 4)})
+                row = {"size": size, "actual_size": round(actual, 5), "perplexity": round(value, 4),
+                       "materialize_seconds": round(materialize_s, 4)}
+                if suite and round(size, 4) in ood_sizes:
+                    row["domains"] = domains.suite_report(model, tokenizer, suite, dense_suite,
+                                                          batch_size=args.eval_batch_size)
+                    row["domains"]["ratio"]["test"] = round(value / dense_ppl, 5)  # WikiText-2 test
+            rows.append(row)
         return rows
 
     # The svd baseline first: its cost is then known, not a risk to the deadline.
@@ -248,6 +271,7 @@ def main() -> int:
         piece = _cached(work, f"acip_{basis}.json")
         if piece is None:
             reserve = plans_per_size * (eval_seconds * 1.15 + 0.5) + 25.0
+            reserve += len(variants) * len([v for v in SIZES if round(v, 4) in ood_sizes]) * ood_seconds * 1.1
             train_deadline = t_script + args.budget_s - reserve
             ckpt = str(work / f"ckpt_{basis}") if work is not None else None
             config = _acip_config(args, basis, device, checkpoint_dir=ckpt, resume=work is not None)
@@ -325,6 +349,8 @@ def main() -> int:
             "acip": {k: v for k, v in piece.items() if k != "results"},
             "results": dict(piece["results"]),
             "graph_check": graph_check,
+            "domains": {"texts": domains.provenance(suite),
+                        "dense": dense_suite, "ood_sizes": sorted(ood_sizes)} if suite else None,
             "wall_seconds_this_call": round(time.perf_counter() - t_script, 1),
             "env": env_info(),
         }
@@ -336,8 +362,27 @@ def main() -> int:
         print(f"wrote {path}", flush=True)
 
     _print_table(dense_ppl, pieces, svd_piece)
+    if dense_suite is not None:
+        _print_domains(pieces, svd_piece, dense_suite)
     print(f"wall time {time.perf_counter() - t_script:.1f} s")
     return 0
+
+
+def _print_domains(pieces: dict[str, dict[str, Any]], svd_piece: dict[str, Any] | None,
+                   dense_suite: dict[str, Any]) -> None:
+    from bench import domains
+
+    rows = []
+    columns = {f"{'' if basis == 'plain' else 'w:'}{name}": results for basis, piece in pieces.items()
+               for name, results in piece["results"].items()}
+    if svd_piece is not None:
+        columns["svd"] = svd_piece["results"]
+    for name, results in columns.items():
+        rows += [{"label": f"{name} {r['size']:g}", **r["domains"]} for r in results if r.get("domains")]
+    texts = ["test", *dense_suite["ppl"]]
+    dense = {"test": 1.0, **dense_suite["ppl"]}  # the test column is already a ratio
+    print("perplexity ÷ dense on each text (test = WikiText-2 test; docs/domains.md):")
+    print(domains.format_ratio_table(rows, texts, dense))
 
 
 def _check_work_dir(work: Path, args: argparse.Namespace) -> None:

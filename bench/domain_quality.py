@@ -74,40 +74,55 @@ def _svd_job(calib: str, shrink: float, sizes: tuple[float, ...], tier: str = "c
                "default" if not shrink else f"gram_shrink={shrink:g}")
 
 
-def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], steps: int, *, sizes=ACIP_VARIANT_SIZES,
-              magnitude: bool = False, per_step: float = 1 / 16, tier: str = "core") -> Job:
+PRUNE_STEPS = 1145  # ACIP's pruning phase on SmolLM2 with the paper's schedule (bench/results, whitened)
+
+
+def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_tune: int = 1000, *,
+              sizes=ACIP_VARIANT_SIZES, magnitude: bool = False, per_step: float = 1 / 16, tier: str = "core",
+              scale: float = 1.0) -> Job:
+    """An ACIP job; `scale` > 1 runs the paper's schedule that much faster (as bench.acip_quality --time-scale)."""
     evals = len(sizes) * (2 if magnitude else 1)
+    steps = (PRUNE_STEPS + post_tune) / scale
+    options = dict(options)
+    if "post_tune_steps" in options:
+        options["post_tune_steps"] = max(1, round(options["post_tune_steps"] / scale))
     return Job(key, tier, 12 + steps * per_step + EVAL_SECONDS * evals, "acip", calib, sizes, options, variant,
-               {"magnitude": magnitude})
+               {"magnitude": magnitude, "time_scale": scale})
 
 
-# Ordered by how much each job tells; the paper schedule is 2145 steps (1145 pruning + 1000 post-tuning).
-GRID: list[Job] = [
-    _svd_job("wiki", 0.0, SVD_SIZES),
-    _svd_job("mix", 0.0, SVD_SIZES),
-    _acip_job("acip-mix", "default", "mix", {}, 2145, sizes=ACIP_SIZES, magnitude=True),
-    _acip_job("acip-mix-kl", "distill=1 (KL to dense)", "mix", {"distill": 1.0}, 2145, per_step=1 / 12),
-    _acip_job("acip-mix-es", "early stop (16 held out)", "mix", {"holdout": 16, "holdout_every": 50,
-                                                                 "holdout_patience": 4}, 2145),
-    _acip_job("acip-mix-short", "post_tune_steps=200", "mix", {"post_tune_steps": 200}, 1345),
-    _svd_job("mix", 0.05, (0.9, 0.8)),
-    _svd_job("mix", 0.3, (0.9, 0.8)),
-    Job("minify-mix", "core", 8 + 3 * EVAL_SECONDS, "minify", "mix", (0.9,), {},
-        extra={"variants": {"default": {}, "unhealed": {"heal": False}, "ridge=1e-2": {"ridge": 1e-2}}}),
-    Job("surgeon-mix", "core", 2 * (75 + EVAL_SECONDS), "surgeon", "mix", (0.9, 0.8), {}),
-    # extra: the calibration domain's effect on ACIP, a smaller LoRA, a shrunk basis, surgeon variants
-    _acip_job("acip-wiki", "default", "wiki", {}, 2145, magnitude=True, tier="extra"),
-    _acip_job("acip-mix-r8", "lora_rank=8", "mix", {"lora_rank": 8}, 2145, tier="extra"),
-    _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, 2145, tier="extra"),
-    _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix",
-              {"distill": 1.0, "holdout": 16, "holdout_every": 50, "holdout_patience": 4}, 2145, per_step=1 / 12,
-              tier="extra"),
-    _svd_job("wiki", 0.05, (0.9, 0.8), tier="extra"),
-    _svd_job("wiki", 0.3, (0.9, 0.8), tier="extra"),
-    Job("surgeon-mix-nolora", "extra", 35 + EVAL_SECONDS, "surgeon", "mix", (0.8,), {"lora_steps": 0}, "no LoRA"),
-    Job("surgeon-wiki", "extra", 75 + EVAL_SECONDS, "surgeon", "wiki", (0.8,), {}),
-    Job("minify-wiki", "extra", 8 + EVAL_SECONDS, "minify", "wiki", (0.9,), {}, extra={"variants": {"default": {}}}),
-]
+def grid(acip_time_scale: float = 1.0) -> list[Job]:
+    """The jobs, ordered by how much each tells (the paper's ACIP schedule: 1145 pruning + 1000 post-tuning steps)."""
+    s = acip_time_scale
+    es = {"holdout": 16, "holdout_every": max(1, round(50 / s)), "holdout_patience": 4}
+    return [
+        _svd_job("wiki", 0.0, SVD_SIZES),
+        _svd_job("mix", 0.0, SVD_SIZES),
+        _acip_job("acip-mix", "default", "mix", {}, sizes=ACIP_SIZES, magnitude=True, scale=s),
+        _acip_job("acip-mix-kl", "distill=1 (KL to dense)", "mix", {"distill": 1.0}, per_step=1 / 12, scale=s),
+        _acip_job("acip-mix-es", "early stop (16 held out)", "mix", es, scale=s),
+        _acip_job("acip-mix-short", "post_tune_steps=200", "mix", {"post_tune_steps": 200}, 200, scale=s),
+        _svd_job("mix", 0.05, (0.9, 0.8)),
+        _svd_job("mix", 0.3, (0.9, 0.8)),
+        Job("minify-mix", "core", 8 + 3 * EVAL_SECONDS, "minify", "mix", (0.9,), {},
+            extra={"variants": {"default": {}, "unhealed": {"heal": False}, "ridge=1e-2": {"ridge": 1e-2}}}),
+        Job("surgeon-mix", "core", 2 * (75 + EVAL_SECONDS), "surgeon", "mix", (0.9, 0.8), {}),
+        # extra: the calibration domain's effect on ACIP, a smaller LoRA, a shrunk basis, surgeon variants
+        _acip_job("acip-wiki", "default", "wiki", {}, magnitude=True, tier="extra", scale=s),
+        _acip_job("acip-mix-r8", "lora_rank=8", "mix", {"lora_rank": 8}, tier="extra", scale=s),
+        _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
+        _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es}, per_step=1 / 12,
+                  tier="extra", scale=s),
+        _svd_job("wiki", 0.05, (0.9, 0.8), tier="extra"),
+        _svd_job("wiki", 0.3, (0.9, 0.8), tier="extra"),
+        Job("surgeon-mix-nolora", "extra", 35 + EVAL_SECONDS, "surgeon", "mix", (0.8,), {"lora_steps": 0},
+            "no LoRA"),
+        Job("surgeon-wiki", "extra", 75 + EVAL_SECONDS, "surgeon", "wiki", (0.8,), {}),
+        Job("minify-wiki", "extra", 8 + EVAL_SECONDS, "minify", "wiki", (0.9,), {},
+            extra={"variants": {"default": {}}}),
+    ]
+
+
+GRID: list[Job] = grid()
 
 CALIB_SAMPLES = {"svd": 64, "acip": 256, "minify": 128, "surgeon": 64}
 SMOKE_CALIB_SAMPLES = {"svd": 8, "acip": 12, "minify": 8, "surgeon": 6}
@@ -273,6 +288,10 @@ def run_svd(ctx: Context, job: Job) -> dict[str, Any]:
 
 def _acip_base(ctx: Context) -> dict[str, Any]:
     base: dict[str, Any] = {"progress": False, "seed": 0, "cuda_graphs": ctx.device == "cuda"}
+    scale = ctx.args.acip_time_scale
+    if scale != 1.0:  # the paper's schedule `scale` times faster, as bench.acip_quality --time-scale
+        base.update(lr=5e-5 * scale, reg_update_every=max(1, round(4 / scale)),
+                    reg_update_factor=1.01 ** max(1.0, scale / 4), post_tune_steps=max(1, round(1000 / scale)))
     if ctx.args.smoke:  # a schedule that prunes a tiny model to its stop ratio in a few dozen steps
         base.update(stop_ratio=0.5, lr=1e-2, reg_start=1e-2, reg_update_every=1, reg_update_factor=1.3,
                     post_tune_steps=6, max_steps=40, lora_rank=4, whiten_samples=0, batch_size=2)
@@ -287,6 +306,8 @@ def run_acip(ctx: Context, job: Job) -> dict[str, Any]:
     options = {**_acip_base(ctx), **job.options}
     if ctx.args.smoke and "holdout" in job.options:
         options.update(holdout=2, holdout_every=2, holdout_patience=1)
+    if ctx.args.smoke and "post_tune_steps" in job.options:
+        options["post_tune_steps"] = 3
     config = _config("acip", **options)
     t0 = time.perf_counter()
     evals = len(job.sizes) * (2 if job.extra.get("magnitude") else 1)
@@ -406,6 +427,7 @@ def _payload(ctx: Context, part: str, skipped: list[str]) -> dict[str, Any]:
     targets = check_targets(ctx.rows, ctx.dense.get("sanity"))
     return {
         "bench": "domain_quality", "part": part, "smoke": ctx.args.smoke, **ctx.info,
+        "acip_time_scale": ctx.args.acip_time_scale,
         "device": torch.cuda.get_device_name(0) if ctx.device == "cuda" else "cpu",
         "eval_dtype": str(ctx.eval_dtype), "seq_len": ctx.args.seq_len, "eval_chunks_cap": ctx.args.eval_chunks,
         "texts": domains.provenance(ctx.texts, allow_stand_in=ctx.args.smoke),
@@ -443,6 +465,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-chunks", type=int, default=128, help="windows scored per text, at most (default 128)")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None, help="sanity sample length (default 48; smoke 8)")
+    p.add_argument("--acip-time-scale", type=float, default=1.0,
+                   help="run ACIP's schedule this much faster (default 1: the paper's 2145 steps; 2 halves "
+                        "every ACIP job's cost)")
     p.add_argument("--smoke", action="store_true", help="CPU end-to-end check on a tiny random model (< 1 min)")
     p.add_argument("--list", action="store_true", help="print the grid, its estimates and parts, and exit")
     args = p.parse_args(argv)
@@ -457,7 +482,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def select_jobs(args: argparse.Namespace) -> tuple[list[Job], str]:
     if args.jobs:
         wanted = [k.strip() for k in args.jobs.split(",") if k.strip()]
-        by_key = {j.key: j for j in GRID}
+        by_key = {j.key: j for j in grid(args.acip_time_scale)}
         unknown = [k for k in wanted if k not in by_key]
         if unknown:
             raise SystemExit(f"unknown job(s) {unknown}; known: {', '.join(by_key)}")
@@ -468,15 +493,15 @@ def select_jobs(args: argparse.Namespace) -> tuple[list[Job], str]:
             raise ValueError
     except ValueError:
         raise SystemExit(f"--part must be K/N with 1 ≤ K ≤ N, got {args.part!r}") from None
-    jobs = [j for j in GRID if args.grid == "all" or j.tier == "core"]
+    jobs = [j for j in grid(args.acip_time_scale) if args.grid == "all" or j.tier == "core"]
     return split_parts(jobs, n)[k - 1], f"{k}/{n}"
 
 
 def _print_grid(args: argparse.Namespace) -> None:
     for n in (1, 2, 3, 4):
-        parts = split_parts([j for j in GRID if args.grid == "all" or j.tier == "core"], n)
+        parts = split_parts([j for j in grid(args.acip_time_scale) if args.grid == "all" or j.tier == "core"], n)
         print(f"{n} part(s): " + " | ".join(f"{sum(j.estimate_s for j in part):.0f} s" for part in parts))
-    for i, job in enumerate(GRID, 1):
+    for i, job in enumerate(grid(args.acip_time_scale), 1):
         print(f"{i:2d}. {job.key:<18} {job.tier:<5} ~{job.estimate_s:5.0f} s  {job.kind} [{job.calibration}] "
               f"{job.variant} sizes {list(job.sizes)} {job.options}")
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 __all__ = ["CALIBRATIONS", "EVAL_TEXTS", "OOD_TEXTS", "REPORT_TEXTS", "SELECTION_TEXT", "calibration_chunks",
-           "eval_chunks", "format_ratio_table", "perplexities", "provenance", "ratios", "resolve", "worst_ood"]
+           "eval_chunks", "format_ratio_table", "perplexities", "provenance", "ratios", "resolve", "suite_report",
+           "worst_ood"]
 
 WIKI_VALID = "$WIKITEXT2/valid.txt"
 WIKI_TEST = "$WIKITEXT2/test.txt"
@@ -105,6 +106,26 @@ def ratios(ppl: Mapping[str, float], dense: Mapping[str, float]) -> dict[str, fl
 def worst_ood(ratio: Mapping[str, float]) -> float | None:
     values = [ratio[k] for k in OOD_TEXTS if k in ratio]
     return max(values) if values else None
+
+
+def suite_report(model: nn.Module, tokenizer, texts: Mapping[str, torch.Tensor], dense: Mapping[str, Any] | None = None,
+                 *, batch_size: int = 16, max_new_tokens: int = 48, samples: bool = True) -> dict[str, Any]:
+    """Perplexity on every text, ÷ `dense`'s (an earlier `suite_report` of the dense model) when given, and the
+    generation sanity metrics on the fixed prompts (`compress.sanity`), with their check against dense's."""
+    from compress.sanity import greedy_completions, sanity_check, sanity_metrics
+
+    ppl = perplexities(model, texts, batch_size)
+    out: dict[str, Any] = {"ppl": ppl}
+    if dense is not None:
+        out["ratio"] = ratios(ppl, dense["ppl"])
+        out["worst_ood"] = worst_ood(out["ratio"])
+    if samples:
+        completions = greedy_completions(model, tokenizer, max_new_tokens=max_new_tokens)
+        metrics = sanity_metrics(completions)
+        if dense is not None and "sanity" in dense:
+            metrics.update(sanity_check(metrics, dense["sanity"]))
+        out["sanity"], out["samples"] = metrics, completions
+    return out
 
 
 def _sha256_file(path: Path) -> str:

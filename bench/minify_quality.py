@@ -17,6 +17,10 @@ non-overlapping 1024-token chunks. Rows:
 
 Times: forward/backward/Gram of the scoring pass, and materialization (ridge solves) per
 row. The JSON goes to `<--out>/minify_quality_<gpu>.json`; the table is printed last.
+
+Other domains (docs/domains.md): the main-table and composition rows are also scored on the
+out-of-domain texts of `bench.domains` (`--ood`: docs, legal, code) with the generation sanity metrics
+(row field ``domains``), and a table of perplexity ÷ dense per text follows the main one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench import domains
 from compress.eval import perplexity_of_ids
 from compress.methods.minify import MinifyConfig, MinifyPlan, score_minify
 from compress.timing import env_info, gpu_slug, write_result
@@ -89,7 +94,7 @@ def _real_setup(args: argparse.Namespace, device: str) -> tuple[nn.Module, torch
     info = {"model": os.environ.get("SMOLLM2_GGUF") or "bundled SmolLM2-135M-Instruct",
             "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens of valid.txt, seed 0",
             "eval": f"test.txt, {test.shape[0]} chunks of {test.shape[1]} tokens"}
-    return model, calib, test, info
+    return model, calib, test, info, tokenizer
 
 
 class Bench:
@@ -99,6 +104,13 @@ class Bench:
         self.model, self.test, self.eval_dtype, self.batch = model, test, eval_dtype, batch
         self.rows: list[dict[str, Any]] = []
         self.dense_ppl = self.ppl(copy.deepcopy(model))
+        self.tokenizer, self.suite, self.dense_suite = None, {}, None
+
+    def set_domains(self, tokenizer: Any, suite: dict[str, torch.Tensor]) -> None:
+        """Score main / compose rows on `suite` (bench.domains texts) too, with the generation sanity metrics."""
+        self.tokenizer, self.suite = tokenizer, suite
+        self.dense_suite = domains.suite_report(copy.deepcopy(self.model).to(self.eval_dtype), tokenizer, suite,
+                                                batch_size=self.batch)
 
     def ppl(self, m: nn.Module) -> float:
         m = m.to(self.eval_dtype)
@@ -121,6 +133,10 @@ class Bench:
         row["model_fraction"] = round(report.model_fraction, 5)
         row["perplexity"] = self.ppl(m)
         row["increase"] = row["perplexity"] / self.dense_ppl - 1.0
+        if self.suite and group in ("main", "compose"):
+            row["domains"] = domains.suite_report(m, self.tokenizer, self.suite, self.dense_suite,
+                                                  batch_size=self.batch)
+            row["domains"]["ratio"]["test"] = round(row["perplexity"] / self.dense_ppl, 5)
         row["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
@@ -172,19 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per scoring / SVD calibration batch")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--ood", default="docs,legal,code",
+                   help="bench.domains texts scored beside test.txt for main/compose rows (comma list, or 'none')")
+    p.add_argument("--ood-chunks", type=int, default=128, help="windows per out-of-domain text, at most")
     p.add_argument("--max-seconds", type=float, default=210,
                    help="skip the remaining ablation rows past this wall time, so the run fits its 4 minutes")
     args = p.parse_args(argv)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = None
     if args.tiny:
         model, calib, test, info = _tiny_setup(device)
     else:
-        model, calib, test, info = _real_setup(args, device)
+        model, calib, test, info, tokenizer = _real_setup(args, device)
     eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     setup_s = time.perf_counter() - start
     bench = Bench(model, test, eval_dtype, args.eval_batch_size)
     print(f"dense perplexity {bench.dense_ppl:.3f} ({eval_dtype})", flush=True)
+    ood_names = [n for n in args.ood.split(",") if n.strip() and n != "none"]
+    if tokenizer is not None and ood_names:
+        bench.set_domains(tokenizer, domains.eval_chunks(tokenizer, args.seq_len, names=ood_names,
+                                                         max_chunks=args.ood_chunks))
 
     # ---- one scoring pass serves every minify row
     t0 = time.perf_counter()
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "skipped_ablations": skipped,
         "rows": bench.rows,
+        "domains": None if bench.dense_suite is None else {
+            "texts": domains.provenance(bench.suite), "dense": bench.dense_suite},
         "composition_same_size": [{k: r[k] for k in ("label", "target_fraction", "model_fraction",
                                                       "perplexity")} for r in compose],
     }
@@ -274,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: payload[k] for k in ("dense_perplexity", "timing_seconds", "targets",
                                                "composition_same_size")}, indent=2))
     print(_table(bench.rows, bench.dense_ppl))
+    if bench.dense_suite is not None:
+        rows = [{"label": r["label"], **r["domains"]} for r in bench.rows if r.get("domains")]
+        print("perplexity ÷ dense on each text (test = WikiText-2 test; docs/domains.md):")
+        print(domains.format_ratio_table(rows, ["test", *bench.suite], {"test": bench.dense_ppl,
+                                                                         **bench.dense_suite["ppl"]}))
     return 0
 
 

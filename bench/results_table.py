@@ -350,6 +350,9 @@ def build_rows(results: Path) -> tuple[list[Row], dict[str, dict | None]]:
     rows += _surgeon_rows(data["surgeon"], "surgeon")
     rows += _surgeon_rows(data["surgeon_run1"], "surgeon_run1")
     data["families"] = family_files(results)
+    from bench.domain_table import domain_sections
+
+    data["domains"] = domain_sections(results)
     return rows, data
 
 
@@ -685,6 +688,7 @@ def render_markdown(rows: list[Row], data: dict[str, dict | None], png_name: str
         md += ["", f"![perplexity vs targeted-linear size]({png_name})", "",
                f"Log-y perplexity against the measured targeted-linear fraction, one line per row; dense dashed. "
                f"Values above {PLOT_YMAX:.0e} are drawn at the top edge as open triangles."]
+    md += ["", *data.get("domains", [])]  # quality off the calibration domain (bench.domain_table)
     md += ["", *family_sections(data.get("families") or [])]
     md += ["## Speed: decode and prefill on the H100 (`bench/results/e2e_h100*.json`)", "",
            "Static KV cache, one CUDA-graph replay per decoded token (*graphed*); *graphed + compiled* also runs "

@@ -18,6 +18,10 @@ skipped and listed):
   ranking, no update, heads only / MLP only, LoRA correction;
 - cost: one shot on a LLaMA-7B-shaped stack of --cost-layers layers (random weights from
   orthonormal factors with a decaying spectrum): curvature memory and time per phase.
+
+Other domains (docs/domains.md): main rows are also scored on the out-of-domain texts of `bench.domains`
+(`--ood`: docs, legal, code) with the generation sanity metrics (row field ``domains``), and a table of
+perplexity ÷ dense per text is printed last.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench import domains
 from compress.eval import perplexity_of_ids
 from compress.methods.surgeon import SurgeonOptions, surgeon_prune_
 from compress.timing import env_info, gpu_slug, write_result
@@ -54,12 +59,13 @@ def _split_valid(chunks: torch.Tensor, samples: int) -> tuple[torch.Tensor, torc
     return chunks[pick], chunks[pool:]
 
 
-def _setup(args: argparse.Namespace, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def _setup(args: argparse.Namespace, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict,
+                                                           Any]:
     if args.tiny:
         from bench.minify_quality import _tiny_setup
 
         model, calib, test, info = _tiny_setup(device)
-        return model, calib[:16], calib[16:], test, info
+        return model, calib[:16], calib[16:], test, info, None
     from compress.data import load_text, pack_tokens, tokenize_text
     from compress.errors import UserError
     from compress.model import load_model
@@ -75,7 +81,7 @@ def _setup(args: argparse.Namespace, device: str) -> tuple[nn.Module, torch.Tens
             "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens from the first 80% of valid.txt, seed 0",
             "held_out": f"last 20% of valid.txt: {held.shape[0]} chunks (ablations)",
             "eval": f"test.txt, {test.shape[0]} chunks of {test.shape[1]} tokens"}
-    return model, calib, held, test, info
+    return model, calib, held, test, info, tokenizer
 
 
 class Runner:
@@ -89,6 +95,13 @@ class Runner:
                               if isinstance(m, nn.Linear) and n.endswith(("gate_proj", "up_proj", "down_proj")))
         self.rows: list[dict[str, Any]] = []
         self.dense = {"test": self.ppl(copy.deepcopy(model), test), "held": self.ppl(copy.deepcopy(model), held)}
+        self.tokenizer, self.suite, self.dense_suite = None, {}, None
+
+    def set_domains(self, tokenizer: Any, suite: dict[str, torch.Tensor]) -> None:
+        """Score main test rows on `suite` (bench.domains texts) too, with the generation sanity metrics."""
+        self.tokenizer, self.suite = tokenizer, suite
+        self.dense_suite = domains.suite_report(copy.deepcopy(self.model).to(self.eval_dtype), tokenizer, suite,
+                                                batch_size=self.eval_batch)
 
     def ppl(self, m: nn.Module, chunks: torch.Tensor) -> float:
         m = m.to(self.eval_dtype)
@@ -108,6 +121,10 @@ class Runner:
                "model_fraction": round(report.model_fraction, 5), "split": split, **extra}
         row["perplexity"] = self.ppl(m, self.test if split == "test" else self.held)
         row["increase"] = row["perplexity"] / self.dense[split] - 1.0
+        if self.suite and group == "main" and split == "test":
+            row["domains"] = domains.suite_report(m, self.tokenizer, self.suite, self.dense_suite,
+                                                  batch_size=self.eval_batch)
+            row["domains"]["ratio"]["test"] = round(row["perplexity"] / self.dense["test"], 5)
         row["seconds"] = round(seconds, 3)
         self.rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "shots"}), flush=True)
@@ -233,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the minify / svd rows")
     p.add_argument("--cost-layers", type=int, default=4, help="LLaMA-7B-shaped layers for the cost row (0: skip)")
     p.add_argument("--max-seconds", type=float, default=500)
+    p.add_argument("--ood", default="docs,legal,code",
+                   help="bench.domains texts scored beside test.txt for the main rows (comma list, or 'none')")
+    p.add_argument("--ood-chunks", type=int, default=128, help="windows per out-of-domain text, at most")
     p.add_argument("--cost-only", action="store_true", help="only the LLaMA-7B-shaped cost row (no SmolLM2 needed)")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -244,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cost, indent=2))
         print(f"wrote {path}")
         return 0
-    model, calib, held, test, info = _setup(args, device)
+    model, calib, held, test, info, tokenizer = _setup(args, device)
     eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     run = Runner(model, calib, held, test, eval_dtype, args.eval_batch_size)
     print(f"dense perplexity: test {run.dense['test']:.3f}, held-out valid {run.dense['held']:.3f}", flush=True)
+    ood_names = [n for n in args.ood.split(",") if n.strip() and n != "none"]
+    if tokenizer is not None and ood_names:
+        run.set_domains(tokenizer, domains.eval_chunks(tokenizer, args.seq_len, names=ood_names,
+                                                       max_chunks=args.ood_chunks))
     skipped: list[str] = []
 
     def budget_left() -> bool:
@@ -324,11 +348,18 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "rows": run.rows,
         "cost": cost,
+        "domains": None if run.dense_suite is None else {"texts": domains.provenance(run.suite),
+                                                         "dense": run.dense_suite},
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     path = write_result(f"surgeon_quality_{'tiny' if args.tiny else gpu_slug()}", payload, args.out)
     print(f"wrote {path}")
     print(_table([r for r in run.rows if "perplexity" in r], run.dense))
+    if run.dense_suite is not None:
+        rows = [{"label": r["label"], **r["domains"]} for r in run.rows if r.get("domains")]
+        print("perplexity ÷ dense on each text (test = WikiText-2 test; docs/domains.md):")
+        print(domains.format_ratio_table(rows, ["test", *run.suite], {"test": run.dense["test"],
+                                                                       **run.dense_suite["ppl"]}))
     return 0
 
 

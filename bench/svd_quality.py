@@ -7,6 +7,10 @@ Protocol: calibrate on `--valid` (64 random windows of 1024 tokens, seed 0), eva
 `--test` in non-overlapping chunks, bf16 on the GPU. One plan per method serves every size
 (its scoring time and each size's materialization time are recorded: SVD-LLM's sequential update
 runs at materialization). Writes `<--name>_<gpu>.json` into `--out` (default bench/results).
+
+Every model (dense included) is also scored on the out-of-domain texts of `bench.domains` (`--ood`,
+default docs, legal, code; the first `--ood-chunks` windows of each) beside `--test`, with the generation
+sanity metrics, and a table of perplexity ÷ dense per text is printed last (docs/domains.md).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from compress.data import calibration_batches, load_text
+from bench import domains
+from compress.data import calibration_batches, load_text, pack_tokens, tokenize_text
 from compress.eval import perplexity
 from compress.methods import get_method
 from compress.model import load_model
@@ -39,6 +44,9 @@ def main() -> None:
     p.add_argument("--name", default="svd_quality", help="result file stem")
     p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the dense model at --dense-seq-lens")
+    p.add_argument("--ood", default="docs,legal,code",
+                   help="bench.domains texts scored beside --test (comma list, or 'none')")
+    p.add_argument("--ood-chunks", type=int, default=128, help="windows per out-of-domain text, at most")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +66,13 @@ def main() -> None:
         results["dense"] = {int(s): ppl(dense_bf16, int(s)) for s in args.dense_seq_lens.split(",")}
         del dense_bf16
         print("dense", results["dense"], flush=True)
+
+    ood_names = [n for n in args.ood.split(",") if n.strip() and n != "none"]
+    suite = {"test": pack_tokens(tokenize_text(tokenizer, test_text), args.seq_len)}
+    suite.update(domains.eval_chunks(tokenizer, args.seq_len, names=ood_names, max_chunks=args.ood_chunks))
+    dense_suite = domains.suite_report(copy.deepcopy(model).to(eval_dtype), tokenizer, suite)
+    results["domains"] = {"texts": domains.provenance({k: v for k, v in suite.items() if k != "test"}),
+                          "dense": dense_suite, "rows": []}
 
     chunks = calibration_batches(tokenizer, load_text(args.valid, "calib"), seq_len=args.seq_len,
                                  num_samples=args.calib_samples, seed=0)
@@ -80,6 +95,8 @@ def main() -> None:
             fractions[str(size)] = round(size_report(compressed, getattr(compressed, "_lowrank_dense_shapes",
                                                                          None)).target_fraction, 5)
             rows[str(size)] = ppl(compressed, args.seq_len)
+            results["domains"]["rows"].append({"label": f"{method} {size:g}", "method": method, "size": size,
+                                               **domains.suite_report(compressed, tokenizer, suite, dense_suite)})
             del compressed
             print(method, size, fractions[str(size)], rows[str(size)], flush=True)
             results[method] = {"seconds_to_score": round(seconds, 2), "perplexity": rows,
@@ -90,6 +107,9 @@ def main() -> None:
     for size in sizes:
         cells = [results[m]["perplexity"].get(str(size)) for m in methods]
         print(f"{size:>6} | " + " | ".join(f"{c:.2f}" if c is not None else "-" for c in cells))
+    print("perplexity ÷ dense on each text (docs/domains.md):")
+    dense_row = {"label": "dense", "ratio": {t: 1.0 for t in suite}, "sanity": dense_suite.get("sanity")}
+    print(domains.format_ratio_table([dense_row, *results["domains"]["rows"]], list(suite), dense_suite["ppl"]))
 
 
 if __name__ == "__main__":

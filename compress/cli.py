@@ -414,14 +414,20 @@ def _eval_prompts(args: argparse.Namespace) -> list[str]:
     return list(DEFAULT_PROMPTS[:count])
 
 
+def _eval_specs(args: argparse.Namespace, data: Any) -> list[str]:
+    """The evaluation data specs: --eval-data's, else each source of `data` (weights dropped)."""
+    from compress.mixture import eval_sources
+
+    return [str(s) for s in args.eval_data] if getattr(args, "eval_data", None) else eval_sources(data)
+
+
 def _eval_texts(args: argparse.Namespace, data: Any) -> tuple[list[tuple[str, str]], int]:
     """[(label, text)] to score, and the chunk length: --eval-data's texts, else each source of `data`."""
     from compress.data import load_text
-    from compress.mixture import eval_sources, source_label
+    from compress.mixture import source_label
 
-    specs = list(args.eval_data) if getattr(args, "eval_data", None) else eval_sources(data)
     texts, labels = [], set()
-    for spec in specs:
+    for spec in _eval_specs(args, data):
         label = source_label(spec)
         label = label if label not in labels else str(spec)
         labels.add(label)
@@ -764,7 +770,7 @@ def run_eval(argv: list[str]) -> int:
     result: dict[str, Any] = {"model": str(args.model or DEFAULT_MODEL), "device": device,
                               "dtype": str(next(model.parameters()).dtype), "perplexity": ppl, "seq_len": seq_len,
                               "bos": args.bos, "window_prefix": prefix,
-                              "data": texts[0][0], "perplexities": perplexities,
+                              "data": _eval_specs(args, args.data)[0], "perplexities": perplexities,
                               "model_params": report.model_params, "target_fraction": report.target_fraction}
     if tasks:
         scores = zero_shot(model, tokenizer, tasks, limit, args.task_batch_size, task_manager=task_manager)

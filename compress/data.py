@@ -59,19 +59,19 @@ def _hub_text(spec: str, part: str) -> str:
     return "\n\n".join(ds["text"])
 
 
-def read_utf8(path: Path) -> str:
+def read_utf8(path: Path, what: str = "data file") -> str:
     """The text of `path`, decoded strictly: a file that is not UTF-8 text is refused, naming the offset
     of its first bad byte (a lenient decode would calibrate on replacement characters without a word)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"data file {path} is not UTF-8 text (first bad byte at offset {exc.start})") from None
+        raise UserError(f"{what} {path} is not UTF-8 text (first bad byte at offset {exc.start})") from None
     if "\x00" in text:
-        raise UserError(f"data file {path} is not text (NUL byte at offset {raw.index(0)})")
+        raise UserError(f"{what} {path} is not text (NUL byte at offset {raw.index(0)})")
     return text.removeprefix("\ufeff")
 
 

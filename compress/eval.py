@@ -121,7 +121,9 @@ def read_prompts(path: str | Path) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"prompts file not found: {file}")
-    prompts = [line for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    from compress.data import read_utf8
+
+    prompts = [line for line in read_utf8(file, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file has no prompts (one per line expected): {file}")
     return prompts

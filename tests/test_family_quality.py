@@ -82,6 +82,10 @@ def test_refusal_recorded_and_calls_merge(gemma_result, texts, tmp_path):
     assert "gate_up_proj" in result["refused"]["minify"] and list(result["methods"]) == ["svd"]
     saved = json.loads((tmp_path / "family_quality_phi3_cpu.json").read_text())
     assert saved["refused"].keys() == {"minify"} and saved["methods"].keys() == {"svd"}
+    from compress.errors import UserError
+
+    with pytest.raises(UserError, match="--no-dense"):  # stored dense windows of another length: no pairing
+        _run(model_dir, texts, tmp_path, "--methods", "svd", "--no-dense", "--seq-len", "16")
 
 
 def test_results_table_withholds_what_beats_dense_beyond_noise(gemma_result, tmp_path):
