@@ -37,6 +37,17 @@ def make_tiny_llama(seed: int = 0, *, arch: str = "llama", layers: int = 2, hidd
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (use it with `pytest.mark.usefixtures`). Tiny matrices: multi-threaded
+    LAPACK/OpenMP only adds spin-wait overhead (badly so on a loaded machine: a 160×64 SVD took 0.8 s with
+    2 threads vs 1 ms with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

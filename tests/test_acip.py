@@ -33,14 +33,7 @@ def fast_config(**overrides) -> ACIPConfig:
     return ACIPConfig(**base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: multi-threaded LAPACK/OpenMP only adds spin-wait overhead (badly so on a
-    # loaded machine: a 160×64 SVD took 0.8 s with 2 threads vs 1 ms with 1).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import math
 
 import pytest
-import torch
 from tiny_families import save_family
 
 from bench import family_quality as fq
@@ -22,12 +21,7 @@ from compress.data import load_text
 SEQ_LEN = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from tests.conftest import make_tiny_llama
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster (conftest)
 
 
 def _gram(n: int = 24, tokens: int = 200, seed: int = 0) -> torch.Tensor:
