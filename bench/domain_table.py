@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PATTERN = "domain_quality_*_part*.json"
+PATTERN = "domain_quality_*.json"  # one per --part (…_part1of2_<gpu>) or one merged file (…_<gpu>)
 COMMAND = ("LOWRANK_CORPORA=<exported corpora> python -m bench.domain_quality --out $OUT --part 1/2 "
            "(then --part 2/2)")
 
@@ -22,7 +22,7 @@ def domain_files(results: Path) -> dict[str, list[dict[str, Any]]]:
         data = json.loads(path.read_text())
         if data.get("smoke"):
             continue
-        slug = path.name[len("domain_quality_"):].split("_part")[0]
+        slug = path.stem[len("domain_quality_"):].split("_part")[0]
         runs.setdefault(slug, []).append({**data, "_file": path.name})
     return runs
 

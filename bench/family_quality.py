@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "protocol": {"bos": args.bos, "window_prefix": prefix,
                      "prefix_token": tokenizer.convert_ids_to_tokens(prefix) if prefix is not None else None,
                      "seq_len": args.seq_len, "scored_tokens_per_window": tokens_per_window,
-                     "calibration": f"{calib.shape[0]} x {args.seq_len} tokens from {_sources_label(calib_info)}, seed 0",
+                     "calibration": (f"{calib.shape[0]} x {args.seq_len} tokens from "
+                                     f"{_sources_label(calib_info)}, seed 0"),
                      "calibration_sources": calib_info["sources"],
                      "eval": {name: f"{Path(p_).name}, {windows[name].shape[0]} windows" for name, p_ in texts},
                      "eval_dtype": str(eval_dtype).replace("torch.", ""), "scoring_dtype": "float32",

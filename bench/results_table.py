@@ -429,6 +429,9 @@ def family_section(name: str, d: dict) -> list[str]:
         md.append(f"- **{method}** refused this family: {reason}")
     if d.get("refused"):
         md.append("")
+    md += [f"- Note: {note}" for note in d.get("notes") or ()]
+    if d.get("notes"):
+        md.append("")
     return md
 
 

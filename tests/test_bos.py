@@ -199,3 +199,52 @@ def test_smollm2_tokenizer_adds_no_bos():
     tok = AutoTokenizer.from_pretrained(cached)
     assert chunk_prefix(tok, "auto") is None
     assert chunk_prefix(tok, "always") == tok.bos_token_id
+
+
+# --- a GGUF whose metadata asks for BOS, converted by a transformers that drops it (5.17 on Gemma 3) ---
+
+
+@pytest.mark.parametrize("template", [None, "$A"])
+def test_ensure_bos_makes_the_tokenizer_add_bos(template, text):
+    from compress.model import ensure_bos
+
+    tok = _tokenizer(template)
+    assert chunk_prefix(tok, "auto") is None
+    ensure_bos(tok)
+    ids = tok(text)["input_ids"]
+    assert ids[0] == BOS and ids[1:] == tok(text, add_special_tokens=False)["input_ids"]
+    assert chunk_prefix(tok, "auto") == BOS
+    ensure_bos(tok)  # idempotent: still exactly one BOS
+    assert tok("w1 w2")["input_ids"] == [BOS, 5, 6]
+
+
+def test_ensure_bos_leaves_a_bos_tokenizer_and_one_without_bos_alone(bos_tok):
+    from compress.model import ensure_bos
+
+    before = bos_tok("w3 w4")["input_ids"]
+    ensure_bos(bos_tok)
+    assert bos_tok("w3 w4")["input_ids"] == before == [BOS, 7, 8]
+    no_bos = _tokenizer(None, bos=False)
+    ensure_bos(no_bos)  # no BOS token to add: nothing to do, no error
+    assert no_bos("w3 w4")["input_ids"] == [7, 8]
+
+
+def test_load_model_applies_the_conversion_note(tmp_path):
+    """A cached conversion's note says BOS is wanted: load_model's tokenizer adds it although the files do not."""
+    import json
+
+    from compress.model import _GGUF_NOTE, load_model
+
+    model = make_tiny_llama(vocab=len(SPECIALS) + WORDS)
+    model.save_pretrained(tmp_path)
+    _tokenizer(None).save_pretrained(tmp_path)
+    _, tok = load_model(tmp_path)
+    assert tok("w1")["input_ids"] == [5]
+    (tmp_path / _GGUF_NOTE).write_text(json.dumps({"gguf": str(tmp_path / "gone.gguf"), "add_bos_token": True,
+                                                   "tokenizer_round_trip": True}))
+    _, tok = load_model(tmp_path)
+    assert tok("w1")["input_ids"] == [BOS, 5]
+    (tmp_path / _GGUF_NOTE).write_text(json.dumps({"gguf": str(tmp_path / "gone.gguf"), "add_bos_token": True,
+                                                   "tokenizer_round_trip": False}))
+    with pytest.raises(UserError, match="needs its GGUF"):
+        load_model(tmp_path)
