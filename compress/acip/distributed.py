@@ -49,6 +49,7 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -186,6 +187,11 @@ class DistributedRun:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             # Destroyed at exit, not at the end of the run: the CLI's rank 0 still works after
             # scoring, and a script may score twice in one process.
+            global _EXIT_GROUP
+            # Destruction is collective: a follower that tears its group down while rank 0 is still
+            # saving can abort (seen with gloo on a loaded 2-core CI machine). Every rank therefore
+            # meets at exit on a side group whose timeout outlasts rank 0's evaluation and save.
+            _EXIT_GROUP = dist.new_group(backend="gloo", timeout=_EXIT_WAIT)
             atexit.register(_destroy_group)
         backend = str(dist.get_backend())
         if device.type == "cpu" and "gloo" not in backend:
@@ -277,6 +283,16 @@ class DistributedRun:
                 "device_type": self.device.type}
 
 
+_EXIT_WAIT = datetime.timedelta(hours=24)
+_EXIT_GROUP: Any = None
+
+
 def _destroy_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _EXIT_GROUP is not None:
+        try:
+            dist.barrier(group=_EXIT_GROUP)
+        except Exception:  # noqa: BLE001 - a peer died: the launcher reaps the job; still tear down
+            pass
+    dist.destroy_process_group()
