@@ -159,9 +159,20 @@ def test_select_units_removes_exactly_the_requested_count():
         chosen = select_units(costs, sizes, request)
         assert int(sizes[chosen].sum()) == request
         assert set(chosen.nonzero().squeeze(1).tolist()) == set(order[:k].tolist())
-    # Between two boundaries: the longest prefix that fits, never more than asked.
+    # Between two boundaries: the longest prefix that fits, then each later unit that still fits
+    # (a unit too large for what is left is skipped, not the end of the walk); never more than asked.
     request = int(sizes[order[:10]].sum()) + int(sizes[order[10]]) - 1
-    assert int(sizes[select_units(costs, sizes, request)].sum()) == int(sizes[order[:10]].sum())
+    chosen = select_units(costs, sizes, request)
+    assert chosen[order[:10]].all() and not chosen[order[10]]
+    assert int(sizes[chosen].sum()) <= request
+    left = request - int(sizes[order[:10]].sum())
+    for index in order[11:].tolist():
+        assert bool(chosen[index]) == (int(sizes[index]) <= left)
+        left -= int(sizes[index]) if chosen[index] else 0
+    # One oversized cheapest unit does not stop the rest from being chosen.
+    big = torch.tensor([1.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    big_sizes = torch.tensor([100, 10, 10, 10])
+    assert select_units(big, big_sizes, 30).tolist() == [False, True, True, True]
     # Raw costs (the paper's rule) and floors.
     raw = select_units(costs, sizes, int(sizes.sum()), normalize="none")
     assert raw.all()

@@ -205,8 +205,9 @@ def select_units(costs: Tensor, sizes: Tensor, request: int, *, removable: Tenso
 
     Units are ordered by cost per parameter (`normalize="params"`) or by raw cost ("none", the
     paper's rule for equal-sized rows); ties break towards the lower index. The chosen set is
-    the longest prefix of that order whose sizes sum to at most `request`, so it removes
-    exactly `request` parameters whenever a prefix does. Units where `removable` is False
+    the longest prefix of that order whose sizes sum to at most `request`, then every later unit
+    that still fits in what is left (walking on in the same order), so it removes exactly
+    `request` parameters whenever a prefix does and never stops at one oversized unit. Units where `removable` is False
     (floors) are never chosen.
     """
     if costs.shape != sizes.shape or costs.dim() != 1:
@@ -223,10 +224,21 @@ def select_units(costs: Tensor, sizes: Tensor, request: int, *, removable: Tenso
     key = torch.where(allowed, key, torch.full_like(key, math.inf))
     order = torch.sort(key, stable=True).indices
     order = order[allowed[order]]
-    cumulative = sizes[order].cumsum(0)
+    ordered_sizes = sizes[order]
+    cumulative = ordered_sizes.cumsum(0)
     count = int((cumulative <= request).sum())
     chosen = torch.zeros_like(allowed)
     chosen[order[:count]] = True
+    # Past the longest prefix, a unit larger than what is left (a whole KV group, say) is
+    # skipped rather than ending the walk: the cheaper-per-parameter smaller units behind it
+    # still fit, so the request is met instead of stalling short of it.
+    left = request - (int(cumulative[count - 1]) if count else 0)
+    for index, size in zip(order[count:].tolist(), ordered_sizes[count:].tolist(), strict=True):
+        if left <= 0:
+            break
+        if size <= left:
+            chosen[index] = True
+            left -= size
     return chosen
 
 
