@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from bench.results_table import FAMILY_NOISE_SIGMAS
+from compress.cli import parse_method_opts
 from compress.data import chunk_prefix, load_text, pack_tokens, prefix_description, tokenize_text
 from compress.errors import UserError
 from compress.eval import perplexity_of_ids
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--no-dense", action="store_true", help="reuse the dense numbers of an earlier call")
+    p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="config field for every method of this call (recorded with its results), e.g. "
+                        "--method-opt checkpoint_dir=/tmp/ck --method-opt resume=true for an ACIP run that "
+                        "continues across calls")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check on a tiny model: fast method settings, size 0.8 only unless --sizes")
     p.add_argument("--name", default=None, help="result file stem (default family_quality_<model_type>_<gpu>)")
@@ -135,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eval_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    method_opts = parse_method_opts(args.method_opt)
     for m in methods:
-        get_method(m)  # unknown names fail before any loading
+        get_method(m).make_config(**method_opts)  # unknown names and options fail before any loading
     sizes_override = [float(s) for s in args.sizes.split(",")] if args.sizes else ([0.8] if args.smoke else None)
     texts = [("test", args.test), *_eval_specs(args.eval)]
     source = Path(args.model) if args.model else default_model()
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for method in methods:
         spec = get_method(method)
-        options = {"progress": False, **(SMOKE_OPTIONS.get(method, {}) if args.smoke else {})}
+        options = {"progress": False, **(SMOKE_OPTIONS.get(method, {}) if args.smoke else {}), **method_opts}
         work = copy.deepcopy(model)
         t0 = time.perf_counter()
         try:

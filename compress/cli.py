@@ -279,7 +279,7 @@ def _scoremap_args(p: argparse.ArgumentParser) -> None:
                         "--no-reset keeps W + LoRA there)")
 
 
-def _method_opts(pairs: list[str]) -> dict[str, Any]:
+def parse_method_opts(pairs: list[str]) -> dict[str, Any]:
     """Parse KEY=VALUE pairs; values are read as bool, int, float or null where they look like one."""
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -312,7 +312,7 @@ FLAG_FOR_OPTION = {"batch_size": "--batch-size", "checkpoint_dir": "--checkpoint
 
 def _checked_method_opts(spec, args: argparse.Namespace) -> dict[str, Any]:
     """--method-opt pairs, validated against `spec`'s config before any work starts."""
-    opts = _method_opts(args.method_opt)
+    opts = parse_method_opts(args.method_opt)
     for key in opts:
         if key in FLAG_FOR_OPTION:
             raise UserError(f"--method-opt {key}=...: set it with {FLAG_FOR_OPTION[key]} instead")
