@@ -248,3 +248,44 @@ def test_load_model_applies_the_conversion_note(tmp_path):
                                                    "tokenizer_round_trip": False}))
     with pytest.raises(UserError, match="needs its GGUF"):
         load_model(tmp_path)
+
+
+def _write_gguf(path, architecture: str) -> None:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_architecture_is_read_from_the_file(tmp_path):
+    from compress.model import gguf_architecture
+
+    for arch in ("gemma3", "llama", "qwen2"):
+        _write_gguf(tmp_path / f"{arch}.gguf", arch)
+        assert gguf_architecture(tmp_path / f"{arch}.gguf") == arch
+
+
+def test_known_gguf_tokenizer_bug_is_named_with_its_fix():
+    from compress.model import gguf_tokenizer_problem
+
+    problem = gguf_tokenizer_problem("gemma3", "5.17.0")
+    assert problem is not None and "transformers>=5.25" in problem and "gemma3" in problem and "\n" not in problem
+    assert gguf_tokenizer_problem("gemma2", "4.57.1") is not None
+    for arch, version in (("gemma3", "5.25.0"), ("gemma3", "6.0.0"), ("llama", "5.17.0"), (None, "5.17.0")):
+        assert gguf_tokenizer_problem(arch, version) is None
+
+
+def test_loading_a_gemma_gguf_on_an_old_transformers_warns(tmp_path, monkeypatch):
+    """The warning comes before the conversion: even a load that fails later has told the user why."""
+    import transformers
+
+    from compress import model as model_module
+
+    _write_gguf(tmp_path / "tiny-gemma3.gguf", "gemma3")
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    monkeypatch.setattr(model_module, "_convert_gguf", lambda path: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.warns(UserWarning, match="transformers>=5.25"), pytest.raises(RuntimeError, match="stop"):
+        model_module.load_model(tmp_path / "tiny-gemma3.gguf")
