@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -160,11 +161,22 @@ def test_cli_subprocess_has_no_traceback():
 
 
 def test_cli_help_documents_options():
+    """Every option the parser accepts is in --help with a help text, and every method is listed."""
+    from compress.cli import build_parser
+    from compress.methods import available_methods
+
     result = subprocess.run([sys.executable, "-m", "compress", "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert result.returncode == 0
-    for option in ("--model", "--method", "--size", "--out", "--data", "--rank-multiple", "svd-plain"):
-        assert option in result.stdout
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]
+    assert len(options) >= 10
+    for action in options:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help text"
+        assert max(action.option_strings, key=len) in result.stdout, action.option_strings
+    for name in available_methods():
+        assert name in result.stdout, f"method {name!r} missing from --help"
+    assert "Traceback" not in result.stdout
 
 
 def test_uniform_plan_at_full_size_is_the_dense_model(random_tokens):

@@ -35,10 +35,22 @@ def test_lowrank_linear_bf16_compile_and_graph(T):
     torch.testing.assert_close(static_y, layer(fresh), rtol=0, atol=0)
 
 
-def test_inference_mode_gpu():
+@pytest.mark.parametrize("T", [1, 3, 129])
+def test_inference_mode_gpu(T):
+    """Under inference_mode the layer gives the no_grad result, as an inference tensor, within torch's own error."""
+    torch.manual_seed(T)
     layer = LowRankLinear(64, 48, 8, device="cuda", dtype=torch.float16)
+    x = torch.randn(T, 64, device="cuda", dtype=torch.float16)
+    ref = x.double() @ layer.V.double().T @ layer.U.double().T + layer.bias.double()
+    torch_err = ((x @ layer.V.T @ layer.U.T + layer.bias).double() - ref).norm() / ref.norm()
+    with torch.no_grad():
+        plain = layer(x)
     with torch.inference_mode():
-        assert layer(torch.randn(3, 64, device="cuda", dtype=torch.float16)).shape == (3, 48)
+        y = layer(x)
+    assert y.shape == (T, 48) and y.dtype == torch.float16 and torch.is_inference(y) and not y.requires_grad
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).norm() / ref.norm() <= 2 * torch_err + 1e-3
+    torch.testing.assert_close(y, plain, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -51,6 +63,15 @@ def test_graphed_decode_matches_generate_bf16(arch):
         reference = model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                                    pad_token_id=0, eos_token_id=None)
     got = GraphedDecoder(model, max_cache_len=80).generate(prompt, 64)
-    # bf16 ties can flip an argmax; require agreement up to the first divergence being a near-tie
-    same = (got == reference).all(dim=1)
-    assert same.float().mean() >= 0.5, (got, reference)
+    # bf16 ties can flip an argmax. Each row must match the reference up to its first divergence, and
+    # there the reference's own top two logits must be a near-tie (else the decoder computed wrong).
+    for row in range(prompt.shape[0]):
+        diverged = (got[row] != reference[row]).nonzero()
+        if diverged.numel() == 0:
+            continue
+        at = int(diverged[0])
+        assert at >= prompt.shape[1], "the prompt itself was changed"
+        with torch.no_grad():
+            logits = model(reference[row: row + 1, :at]).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        assert top2[0] - top2[1] <= 0.05 * top2[0].abs().clamp_min(1.0), (row, at, top2)
