@@ -16,7 +16,8 @@ Method: each timed call reads a different copy of the weights (copies rotate so 
 set exceeds twice the L2 cache, as successive layers of a model would), all inputs are
 ``randn``, and the time per call is the median over replays of a CUDA graph holding a burst
 of calls, which takes host launch overhead out for every contender alike.  The memory
-floor is bytes / 3.0 TB/s with bytes = 2·r·(in+out) + 2·T·(in+out) (dense: 2·in·out +
+floor is bytes / the measured copy bandwidth
+(`compress.timing.device_peaks`) with bytes = 2·r·(in+out) + 2·T·(in+out) (dense: 2·in·out +
 2·T·(in+out)); the copy bandwidth measured in the same run is reported beside it.
 
 Writes ``<out>/csrc_gemv_<gpu>.json``.
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.timing import HBM_TBPS, cuda_graph_median, do_bench_median, env_info, gpu_slug, write_result
+from compress.timing import cuda_graph_median, device_peaks, do_bench_median, env_info, gpu_slug, write_result
 
 SHAPES = [
     ("llama7b_qkvo_r1024", 4096, 4096, 1024),
@@ -42,14 +43,7 @@ SHAPES = [
     ("llama7b_down_r1536", 11008, 4096, 1536),
     ("smollm2_576_r144", 576, 576, 144),
 ]
-NOMINAL_TBPS = HBM_TBPS
 L2_BYTES = 50e6
-
-
-def measure_copy_tbps() -> float:
-    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / do_bench_median(lambda: dst.copy_(src)) / 1e9
 
 
 def _copies(bytes_per_set: int) -> int:
@@ -99,7 +93,7 @@ def bench_shape(
             nbytes = (dense_bytes if dense else lr_bytes) + io_bytes
             entry["bytes"] = nbytes
             entry["achieved_tbps"] = nbytes / entry["us"] / 1e6
-            entry["pct_of_floor"] = 100 * (nbytes / NOMINAL_TBPS / 1e6) / entry["us"]
+            entry["pct_of_floor"] = 100 * (nbytes / device_peaks().tbps / 1e6) / entry["us"]
             rows.append(entry)
     return rows
 
@@ -129,20 +123,21 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # not importable here: reported, not fatal
         print(f"triton lowrank_matmul unavailable: {exc}")
 
-    copy_tbps = measure_copy_tbps()
+    peaks = device_peaks()
     ts = [int(s) for s in args.t.split(",")]
     rows = []
     for name, n, m, r in SHAPES:
         rows += bench_shape(name, n, m, r, ts, contenders)
         torch.cuda.empty_cache()
-    payload = {"nominal_tbps": NOMINAL_TBPS, "measured_copy_tbps": copy_tbps, "rows": rows, "env": env_info()}
+    payload = {"floor": peaks.as_dict(), "measured_copy_tbps": peaks.tbps, "rows": rows, "env": env_info()}
     path = write_result(f"csrc_gemv_{gpu_slug()}", payload, args.out)
-    print(f"wrote {path}; measured copy bandwidth {copy_tbps:.2f} TB/s")
+    print(f"wrote {path}; measured copy bandwidth {peaks.tbps:.2f} TB/s")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} T={r['T']} {r['contender']}: ERROR {r['error']}")
     names = [c for c in contenders]
-    print(f"\nµs per call (CUDA graph, rotating weights); ext %floor at {NOMINAL_TBPS} TB/s; ext err vs fp64")
+    print(f"\nµs per call (CUDA graph, rotating weights); ext %floor at {peaks.tbps:.2f} TB/s (measured copy); "
+          "ext err vs fp64")
     header = " ".join(f"{c:>12s}" for c in names)
     print(f"{'shape':20s} {'T':>2} {header} {'ext%floor':>9} {'ext err':>8}")
     for name, *_ in SHAPES:

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from compress.timing import (
-    HBM_TBPS,
-    PEAK_BF16_TFLOPS,
     RESULTS_DIR,
+    device_peaks,
     env_info,
     gpu_slug,
     peak_extra_bytes,
@@ -49,8 +48,6 @@ PARAM_FRACTIONS = [0.25, 0.5, 0.75]
 # Rank alignment: 64 keeps r a multiple of the 16-byte vector (8 bf16) and of the usual
 # tensor-core K tile, so neither cuBLAS nor Triton pays for ragged rows or a ragged K tail.
 ALIGN = 64
-PEAK_TBPS = HBM_TBPS  # floor constants (H100 SXM, bf16)
-PEAK_TFLOPS = PEAK_BF16_TFLOPS
 L2_BYTES = 50e6
 
 
@@ -77,7 +74,8 @@ def ranks_for(n: int, m: int) -> list[tuple[float, int, bool]]:
 def floor_ms(T: int, n: int, m: int, r: int, itemsize: int = 2) -> float:
     nbytes = itemsize * r * (m + n) + itemsize * T * (m + n)
     flops = 2.0 * T * r * (m + n)
-    return max(nbytes / (PEAK_TBPS * 1e12), flops / (PEAK_TFLOPS * 1e12)) * 1e3
+    peaks = device_peaks()
+    return max(nbytes / (peaks.tbps * 1e12), flops / (peaks.tflops * 1e12)) * 1e3
 
 
 def n_copies(nbytes_per_set: int) -> int:
@@ -260,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     name = f"lowrank_{gpu_slug()}"
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_result(name, {"records": records, "env": env_info(), "align": ALIGN,
-                               "floor": {"tbps": PEAK_TBPS, "tflops": PEAK_TFLOPS}}, args.out)
+                               "floor": device_peaks().as_dict()}, args.out)
     png = plot(records, args.out / f"{name}.png")
     print(f"wrote {path}" + (f" and {png}" if png else ""))
 

@@ -63,7 +63,7 @@ from torch import nn
 from compress.errors import UserError
 from compress.timing import (
     HBM_TBPS,
-    PEAK_BF16_TFLOPS,
+    device_peaks,
     env_info,
     event_median_ms,
     gpu_slug,
@@ -237,8 +237,10 @@ def prefill_flops(model: nn.Module, tokens: int) -> float:
 def decode_floor(model: nn.Module, context: int, cache_len: int) -> dict:
     """HBM floor of one batch-1 decode step at `context` cached tokens (and over the whole static cache)."""
     weights, per_pos = decode_weight_bytes(model), kv_bytes_per_position(model)
-    bw = HBM_TBPS * 1e12
-    return {"tbps": HBM_TBPS, "weight_bytes_read": weights, "kv_bytes_read": per_pos * context,
+    peaks = device_peaks()
+    bw = peaks.tbps * 1e12
+    return {"tbps": peaks.tbps, "peaks_source": peaks.source, "weight_bytes_read": weights,
+            "kv_bytes_read": per_pos * context,
             "context": context, "floor_us": (weights + per_pos * context) / bw * 1e6,
             "static_cache_len": cache_len, "floor_static_cache_us": (weights + per_pos * cache_len) / bw * 1e6}
 
@@ -384,10 +386,12 @@ def profile_prefill(model: nn.Module, *, tokens: int, vocab: int, repeats: int, 
     prefill_ms = event_median_ms(prefill, reps=max(repeats, 3), cuda=cuda)
     rows = _profiled(prefill, cuda, archive, f"{tag}_prefill.json")
     flops = prefill_flops(model, tokens)
-    floor_ms = max(decode_weight_bytes(model) / (HBM_TBPS * 1e12), flops / (PEAK_BF16_TFLOPS * 1e12)) * 1e3
+    peaks = device_peaks()
+    floor_ms = max(decode_weight_bytes(model) / (peaks.tbps * 1e12), flops / (peaks.tflops * 1e12)) * 1e3
     kernels = kernel_table(rows, 1, prefill_ms * 1e3)
     return {"tokens": tokens, "ms": prefill_ms, "tokens_per_s": tokens * 1e3 / prefill_ms, "flops": flops,
-            "floor_ms": floor_ms, "floor_basis": f"max(bytes / {HBM_TBPS} TB/s, flops / {PEAK_BF16_TFLOPS} TFLOP/s)",
+            "floor_ms": floor_ms,
+            "floor_basis": f"max(bytes / {peaks.tbps:.2f} TB/s, flops / {peaks.tflops:.0f} TFLOP/s) ({peaks.source})",
             "pct_of_floor": 100 * floor_ms / prefill_ms, "kernel_us": sum(r["total_us"] for r in kernels),
             "kernels": kernels}
 
@@ -412,7 +416,8 @@ def profile_markdown(results: dict, top: int = 12) -> str:
     lines = ["# End-to-end profile", "",
              f"{results['env'].get('gpu')}, torch {results['env'].get('torch')}; batch-1 decode after a "
              f"{results['settings']['prompt']}-token prompt, prefill {results['settings']['prefill']} tokens. "
-             f"HBM floor: (weight bytes + KV bytes read per token) / {HBM_TBPS} TB/s.", ""]
+             f"HBM floor: (weight bytes + KV bytes read per token) / "
+             f"{results.get('peaks', {}).get('tbps', HBM_TBPS)} TB/s.", ""]
     for name, rows in results["models"].items():
         for size, row in rows.items():
             lines.append(f"## {name} {size}")
@@ -539,7 +544,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     if cfg["smoke"]:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
-    results: dict = {"env": env_info(), "settings": settings, "models": {}}
+    results: dict = {"env": env_info(), "settings": settings, "peaks": device_peaks().as_dict(), "models": {}}
     if cuda:
         from lowrank_kernels.lowrank_matmul import dispatch_info
 

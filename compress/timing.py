@@ -8,20 +8,83 @@ needs it is called, so ``python -m bench.<name> --help`` works on any machine.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 _REPO = Path(__file__).resolve().parent.parent
 # bench/results in a checkout; from an installed wheel there is none, so results go to ./bench_results.
 RESULTS_DIR = _REPO / "bench" / "results" if (_REPO / "bench").is_dir() else Path.cwd() / "bench_results"
-HBM_TBPS = 3.0  # nominal H100 SXM memory bandwidth used for every memory floor here
-PEAK_BF16_TFLOPS = 791.0  # dense bf16 tensor-core rate used for every compute floor here (H100 SXM)
+# Fallbacks for the floors when there is no GPU to measure (CPU smoke runs): an H100 SXM's figures.
+# On a GPU the floors use `device_peaks()`, measured on the device itself, so a "% of floor" is
+# against the GPU that ran, not against the GPU this was first written on.
+HBM_TBPS = 3.0
+PEAK_BF16_TFLOPS = 791.0
+
+
+@dataclass(frozen=True)
+class DevicePeaks:
+    """Memory and compute rates every floor is computed from, and where they came from."""
+
+    tbps: float  # device-to-device copy, bytes read + written per second / 1e12
+    tflops: float  # bf16 GEMM
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tbps": round(self.tbps, 3), "tflops": round(self.tflops, 1), "source": self.source}
+
+
+@functools.cache
+def device_peaks() -> DevicePeaks:
+    """Copy bandwidth and bf16 GEMM rate of GPU 0, measured once per process (~0.5 s).
+
+    ``LOWRANK_PEAK_TBPS`` / ``LOWRANK_PEAK_TFLOPS`` override the measurement (a shared GPU under
+    load would measure low). Without CUDA: the nominal H100 figures above, marked as such.
+    """
+    import torch
+
+    env_tbps, env_tflops = os.environ.get("LOWRANK_PEAK_TBPS"), os.environ.get("LOWRANK_PEAK_TFLOPS")
+    if not torch.cuda.is_available():
+        return DevicePeaks(float(env_tbps or HBM_TBPS), float(env_tflops or PEAK_BF16_TFLOPS), "nominal (no GPU)")
+
+    def best_ms(fn: Callable[[], Any], reps: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return min(times)  # a peak: the best of a few, not the median
+
+    if env_tbps:
+        tbps = float(env_tbps)
+    else:
+        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # far beyond any L2
+        dst = torch.empty_like(src)
+        tbps = 2 * src.numel() / (best_ms(lambda: dst.copy_(src), 10) * 1e-3) / 1e12
+        del src, dst
+    if env_tflops:
+        tflops = float(env_tflops)
+    else:
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        tflops = 2 * n**3 / (best_ms(lambda: a @ b, 10) * 1e-3) / 1e12
+        del a, b
+    torch.cuda.empty_cache()
+    source = "env" if env_tbps and env_tflops else "measured on this GPU (1 GiB copy, 8192^3 bf16 GEMM)"
+    return DevicePeaks(tbps, tflops, source)
 
 
 def _git_commit() -> str:

@@ -251,3 +251,18 @@ def test_empty_prompts_file_and_limit_parsing(tmp_path):
     assert evaluation.parse_limit(None) is None
     assert evaluation.parse_limit("100") == 100 and isinstance(evaluation.parse_limit("100.0"), int)
     assert evaluation.parse_limit("0.25") == 0.25
+
+
+def test_device_peaks_without_a_gpu_are_marked_nominal(monkeypatch):
+    """On a CPU the floors fall back to the nominal figures and say so; the env overrides win."""
+    from compress import timing
+
+    if torch.cuda.is_available():
+        pytest.skip("measures on a GPU instead")
+    timing.device_peaks.cache_clear()
+    peaks = timing.device_peaks()
+    assert (peaks.tbps, peaks.tflops) == (timing.HBM_TBPS, timing.PEAK_BF16_TFLOPS) and "nominal" in peaks.source
+    monkeypatch.setenv("LOWRANK_PEAK_TBPS", "4.25")
+    timing.device_peaks.cache_clear()
+    assert timing.device_peaks().tbps == 4.25 and timing.device_peaks().as_dict()["tbps"] == 4.25
+    timing.device_peaks.cache_clear()
