@@ -40,8 +40,8 @@ __all__ = ["DEFAULT_TOKENS", "add_arguments", "candidates", "checkpoint_shapes",
 DEFAULT_TOKENS = (1, 4, 8, 16, 64, 256, 1024, 4096)
 DEFAULT_BUDGET_S = 120.0
 _CUBLAS = {"gemm1": "cublas", "gemm2": "cublas"}
-# Fused T=1 configs worth timing (indices into fused_candidates(1)): the H100 winners (two_launch
-# variants), the default barrier kernel and its two-programs-per-SM form.
+# Fused T=1 configs worth timing (indices into fused_candidates(1)): the two_launch variants that
+# won the sweeps in bench/results/lowrank_tune_*, the default barrier kernel and its two-programs-per-SM form.
 _T1_FUSED = (3, 4, 0, 5)
 _MAX_COPIES = 256
 # Set False where the fused kernel's grid barrier failed its smoke test: only two_launch/local configs run.

@@ -188,7 +188,7 @@ class LowRankLinear(nn.Module):
     def enable_dense_fallback(self, tokens: Iterable[int] = DECODE_TOKENS, *, force: bool = False) -> bool:
         """Keep a dense copy W = U·V if one dense GEMM beats the factorized kernels at any of `tokens`.
 
-        Small layers (SmolLM2's 576-wide projections on an H100) are bound by launch latency, so
+        Small layers (SmolLM2's 576-wide projections) are bound by launch latency, so
         a rank-50% factorization saves bytes but not time; `lowrank_kernels.dense_is_faster` decides per
         row count from the shipped measurements, and the forward pass then picks per call. The
         copy costs out·in extra weights, so call this only where speed matters more than memory.

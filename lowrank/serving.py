@@ -1,7 +1,8 @@
 """A decode loop a serving stack can take as is: static KV cache + one CUDA-graph replay per token.
 
 Plain `generate` spends most of a small model's decode step launching kernels from Python
-(SmolLM2-135M: 15 tokens/s eager on an H100 against a memory floor above 10,000). Here the
+(for SmolLM2-135M, eager decode runs orders of magnitude below its memory floor; the measured
+figures are in bench/results/e2e_*.json). Here the
 prefill runs once eagerly at full length (large-T kernel paths), then the one-token decode step
 is captured once into a CUDA graph per batch size and replayed for every new token, with the
 token and its position written into static input buffers.

@@ -761,12 +761,13 @@ _EMULATE_GRAPHS = False
 class _Stepper:
     """Runs training steps eagerly, or as replays of a CUDA graph captured once per phase.
 
-    On a small model the eager step is bound by Python and launch overhead (SmolLM2-135M on an
-    H100: ~0.28 s per step for ~0.03 s of GPU work). A capture needs a few eager warm-up steps
-    first (lazy initialisation, cuBLAS workspaces); their effect on parameters, optimizer state
-    and RNG state is undone before capturing, so the run takes the same steps as an eager one
-    (up to which random numbers dropout draws). The batch and λ are copied into static tensors
-    before each replay. If the capture fails, the run goes on eagerly and `note` says why.
+    On a small model the eager step is bound by Python and launch overhead (for SmolLM2-135M most
+    of the step is host time; bench/results/acip_cost_*.json has the measurements). A capture needs
+    a few eager warm-up steps first (lazy initialisation, cuBLAS workspaces); their effect on
+    parameters, optimizer state and RNG state is undone before capturing, so the run takes the
+    same steps as an eager one (up to which random numbers dropout draws). The batch and λ are
+    copied into static tensors before each replay. If the capture fails, the run goes on eagerly
+    and `note` says why.
     """
 
     def __init__(self, model: nn.Module, bank: MaskBank, optimizer: torch.optim.Optimizer,
