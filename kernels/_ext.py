@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from lowrank_kernels.utils import check_lowrank_inputs
 from torch import Tensor
 
 __all__ = ["lowrank_gemv", "is_available", "load", "build_error"]
@@ -135,9 +136,10 @@ def lowrank_gemv(
 ) -> Tensor:
     """``y = x @ V.T @ U.T + bias`` for ``x [..., in]``, ``V [r, in]``, ``U [out, r]`` (inference only).
 
-    Same argument semantics and ``ValueError``s as ``lowrank_kernels.lowrank_matmul``; in addition
-    the tensors must be bf16 or fp16 on a CUDA device (``ValueError`` otherwise).  The
-    intermediate ``x·Vᵀ`` stays fp32.  No autograd: the result does not require grad.
+    Same argument semantics and ``ValueError``s as ``lowrank_matmul.lowrank_matmul`` (both check
+    through ``utils.check_lowrank_inputs``); in addition the tensors must be bf16 or fp16 on a
+    CUDA device (``ValueError`` otherwise).  The intermediate ``x·Vᵀ`` stays fp32.  No autograd:
+    the result does not require grad.
 
     ``pdl``, ``cluster_down`` and ``cluster_up`` are benchmark knobs (programmatic
     dependent launch of the second kernel; thread-block cluster sizes 1/2/4/8, 0 = auto).
@@ -146,9 +148,7 @@ def lowrank_gemv(
         ValueError: shape, dtype or device mismatch, unsupported dtype, CPU tensors.
         RuntimeError: the extension cannot be loaded or built here.
     """
-    from lowrank_kernels.lowrank_matmul import _check_inputs  # one source for the shared ValueErrors
-
-    _check_inputs(x, U, V, bias)
+    check_lowrank_inputs(x, U, V, bias)
     if x.dtype not in _DTYPES:
         raise ValueError(f"lowrank_gemv supports bfloat16 and float16 only, got {x.dtype}")
     if cluster_down not in (0, 1, 2, 4, 8) or cluster_up not in (0, 1, 2, 4, 8):

@@ -47,26 +47,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from lowrank_kernels.utils import (
+    HAS_TRITON,
+    LaunchConfig,
+    TensorDescriptor,
+    dot_precision,
+    interpreting,
+    pow2_divisor,
+    sm_count,
+    tl,
+    triton,
+)
 from torch import Tensor
-
-try:  # the package must import where Triton is absent (e.g. macOS, minimal CI images)
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-try:  # host-side TMA descriptors (Triton >= 3.4); the pointer kernel covers older versions
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except Exception:  # pragma: no cover - depends on the environment
-    TensorDescriptor = None
-
-# Triton decides at decoration time whether @triton.jit functions are interpreted, so the
-# launcher reads the same switch once, at import.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BACKENDS = ("auto", "triton", "torch")
@@ -258,8 +250,8 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- launcher
 @dataclass(frozen=True)
-class GramConfig:
-    """Launch parameters of the Triton path (see ``default_config``)."""
+class GramConfig(LaunchConfig):
+    """Launch parameters of the Triton path (see ``default_config``); JSON form via ``to_dict`` / ``from_dict``."""
 
     block_m: int = 128
     block_n: int = 128
@@ -316,7 +308,7 @@ def default_config(d: int, dtype: torch.dtype) -> GramConfig:
         return GramConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2)
     env = _env_configs()
     if str(d) in env or "*" in env:
-        return GramConfig(**env.get(str(d), env.get("*")))
+        return GramConfig.from_dict(env.get(str(d), env.get("*")))
     if d <= 1024:
         # Few tiles (15 at d=576): split-K over tokens fills the GPU.
         return GramConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -333,7 +325,6 @@ def default_config(d: int, dtype: torch.dtype) -> GramConfig:
 
 
 _TILE_TABLES: dict[tuple, Tensor] = {}
-_SM_COUNT: dict[tuple, int] = {}
 
 
 def _tile_order(d: int, bm: int, bn: int, group: int) -> list[tuple[int, int]]:
@@ -368,16 +359,6 @@ def _tile_table(d: int, cfg: GramConfig, device: torch.device) -> Tensor:
     return table
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # interpreter: any fixed value keeps the split choice deterministic
-    key = (device.type, device.index)
-    if key not in _SM_COUNT:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        _SM_COUNT[key] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[key]
-
-
 def _choose_split(n_programs: int, n_tok: int, block_k: int, sms: int) -> int:
     """Token splits that minimise (waves × steps per program) plus a split-K surcharge.
 
@@ -396,14 +377,6 @@ def _choose_split(n_programs: int, n_tok: int, block_k: int, sms: int) -> int:
         if cost < best_cost:
             best_cost, best = cost, s
     return best
-
-
-def _pow2_divisor(values: Sequence[int], cap: int) -> int:
-    """Largest power of two <= cap dividing every value (for tl.multiple_of hints)."""
-    a = cap
-    while a > 1 and any(v % a for v in values):
-        a //= 2
-    return a
 
 
 def _tma_ok(x: Tensor) -> bool:
@@ -430,14 +403,14 @@ def _launch_group(
     table = _tile_table(d, cfg, dev)
     n_tiles = table.numel() // 2
     ns = [x.shape[0] for _, x in pairs]
-    split = cfg.split_k or _choose_split(n_tiles * len(pairs), max(ns), cfg.block_k, _sm_count(dev))
+    split = cfg.split_k or _choose_split(n_tiles * len(pairs), max(ns), cfg.block_k, sm_count(dev))
     # With split-K, a program's chunk starts at a multiple of BLOCK_K; only the total
     # token count decides whether the final step is partial.
     even_k = all(n % cfg.block_k == 0 for n in ns)
     even_d = d % cfg.block_m == 0 and d % cfg.block_n == 0
     atomic = split > 1
     mirror_fused = not atomic and cfg.mirror == "fused"
-    precision = "ieee" if x0.dtype == torch.float32 else "tf32"
+    precision = dot_precision(x0.dtype)
 
     if batched:
         x_base = min((x for _, x in pairs), key=lambda t: t.data_ptr())
@@ -454,8 +427,8 @@ def _launch_group(
             meta = meta.to(dev)
         x_off_t, g_off_t = meta[: len(pairs)], meta[len(pairs) : 2 * len(pairs)]
         n_t = meta[2 * len(pairs) :].to(torch.int32)
-        x_align = _pow2_divisor(x_off, 16 // xe)
-        g_align = _pow2_divisor(g_off, 4)
+        x_align = pow2_divisor(*x_off, cap=16 // xe)
+        g_align = pow2_divisor(*g_off, cap=4)
         g_arg, x_arg, n_arg = g_base, x_base, max(ns)
         stride_x = d
     else:
@@ -470,7 +443,7 @@ def _launch_group(
         if cfg.block_n != cfg.block_m:
             b_desc = TensorDescriptor.from_tensor(x0, [cfg.block_k, cfg.block_n])
         if cfg.persistent and not atomic:
-            grid = (min(n_tiles, cfg.persistent * _sm_count(dev)), 1)
+            grid = (min(n_tiles, cfg.persistent * sm_count(dev)), 1)
         else:
             grid = (n_tiles, split)
         _gram_accumulate_tma_kernel[grid](
@@ -533,7 +506,7 @@ def _check_options(chunk_tokens: int | None, backend: str) -> None:
 def _resolve_backend(backend: str, X: Tensor) -> str:
     if backend == "torch":
         return "torch"
-    triton_ok = HAS_TRITON and (X.is_cuda or _INTERPRET)
+    triton_ok = HAS_TRITON and (X.is_cuda or interpreting())
     if backend == "triton":
         if not triton_ok:
             why = "Triton is not installed" if not HAS_TRITON else "X is not on a CUDA device"

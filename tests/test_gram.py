@@ -6,12 +6,9 @@ has no bf16) with small odd shapes; ``@pytest.mark.gpu`` tests need CUDA.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from lowrank_kernels.gram import (
-    HAS_TRITON,
     GramConfig,
     _with_split,
     default_config,
@@ -19,8 +16,9 @@ from lowrank_kernels.gram import (
     gram_accumulate_batched,
     gram_accumulate_ref,
 )
+from lowrank_kernels.utils import HAS_TRITON, interpreting
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()
 CUDA = torch.cuda.is_available()
 # The Triton path runs on CUDA, or on the CPU through the interpreter.
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
