@@ -49,8 +49,11 @@ def main() -> None:
 
     import lowrank_kernels._ext as ext
     import lowrank_kernels.lowrank_matmul as lm
+    from lowrank_kernels import tuning
 
-    check(lm.CONFIG_PATH.is_file(), f"tuned table shipped ({lm.CONFIG_PATH.name})")
+    check(callable(lm.lowrank_matmul) and lm.__name__ == "lowrank_kernels.lowrank_matmul",
+          "lowrank_kernels.lowrank_matmul is the module, its lowrank_matmul the function")
+    check(tuning.CONFIG_PATH.is_file(), f"tuned table shipped ({tuning.CONFIG_PATH.name})")
     check(all((ext._CSRC / s).is_file() for s in ext._SOURCES), f"csrc/ shipped for the JIT build ({ext._CSRC})")
 
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -1,6 +1,6 @@
 """Does the fused decode kernel get faster with more programs per SM or deeper prefetch?
 
-Times every T=1 candidate of ``lowrank_kernels.lowrank_matmul.fused_candidates(1)`` (plus a few
+Times every T=1 candidate of ``lowrank_kernels.dispatch.fused_candidates(1)`` (plus a few
 diagnostic variants) on the LLaMA-7B shapes at 50 % rank, next to dense ``F.linear`` and
 torch's two GEMMs, and records per variant the compiled kernel's registers, spills, shared
 memory, resident programs per SM (ours and the CUDA driver's count) and the grid it launched.
@@ -59,6 +59,12 @@ def _lm() -> Any:
     return lm
 
 
+def _occupancy() -> Any:
+    from lowrank_kernels import occupancy
+
+    return occupancy
+
+
 def label(cfg: dict[str, Any]) -> str:
     parts = [f"r{cfg.get('block_r1')}k{cfg.get('block_k1')}m{cfg.get('block_m2')}r{cfg.get('block_r2')}"
              f"w{cfg.get('num_warps')}"]
@@ -77,11 +83,12 @@ def label(cfg: dict[str, Any]) -> str:
 def variants() -> list[tuple[str, dict[str, Any]]]:
     """The tuner's T=1 candidates, then diagnostics: two of the multi-program grids without the
     cooperative attribute (what it costs) and deeper prefetch at one program per SM."""
-    lm = _lm()
-    cands = [dict(c) for c in lm.fused_candidates(1)]
+    from lowrank_kernels import dispatch
+
+    cands = [dict(c) for c in dispatch.fused_candidates(1)]
     extra = [dict(c, cooperative=False) for c in cands
              if c.get("programs_per_sm", 1) > 1 and c.get("prefetch", 1) == 1][:2]
-    extra.append(dict(lm._gemv_cfg(4, 2048, 16, 512, 8), prefetch=2))
+    extra.append(dict(dispatch._gemv_cfg(4, 2048, 16, 512, 8), prefetch=2))
     out, seen = [], set()
     for c in cands + extra:
         if label(c) not in seen:
@@ -90,19 +97,20 @@ def variants() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _launch_spec(n: int, m: int, r: int, cfg: dict[str, Any], nsm: int) -> tuple[dict, dict, tuple, int]:
+def _launch_spec(n: int, m: int, r: int, cfg: dict[str, Any], nsm: int) -> tuple[Any, dict, tuple, int]:
     """(resolved params, constexpr meta, integer args, wanted grid) exactly as ``_launch_fused``
     builds them for a contiguous bf16 problem with T=1 and no bias."""
     import torch
+    from lowrank_kernels.utils import pow2_divisor
 
     lm = _lm()
     p = lm._fused_params(1, n, m, r, cfg, nsm)
-    va, ua = lm._pow2_align(n, 8), lm._pow2_align(r, 8)
+    va, ua = pow2_divisor(n, cap=8), pow2_divisor(r, cap=8)
     meta = lm._fused_meta(p, torch.bfloat16, False, va, ua)
     tail = (1, n, r, m, n, n // va, r // ua, m)
-    items1 = math.ceil(r / p["block_r1"]) * p["ksplit"]
-    items2 = math.ceil(m / p["block_m2"])
-    want = max(1, min(p["max_programs"] or (1 << 30), max(items1, items2)))
+    items1 = math.ceil(r / p.block_r1) * p.ksplit
+    items2 = math.ceil(m / p.block_m2)
+    want = max(1, min(p.max_programs or (1 << 30), max(items1, items2)))
     return p, meta, tail, want
 
 
@@ -116,7 +124,7 @@ def compile_report(n: int, m: int, r: int, cfg: dict[str, Any], arch: int = 90) 
 
     lm = _lm()
     p, meta, tail, want = _launch_spec(n, m, r, cfg, H100_SMS)
-    phases = {"barrier": [0], "two_launch": [1, 2], "local": [3]}[p["sync"]]
+    phases = {"barrier": [0], "two_launch": [1, 2], "local": [3]}[p.sync]
     opts = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
     fn = lm._lowrank_matmul_fused_kernel
     ints = dict(zip(("T", "N", "R", "M", "stride_xt", "stride_vr", "stride_um", "stride_yt"), tail, strict=True))
@@ -153,12 +161,12 @@ def compile_report(n: int, m: int, r: int, cfg: dict[str, Any], arch: int = 90) 
         if regs is None:
             raise RuntimeError(f"ptxas gave no register count:\n{log[-2000:]}")
         regs_n = int(regs.group(1))
-        occ = lm._blocks_per_sm(regs_n, kernel.metadata.shared, opts["num_warps"])
+        occ = _occupancy().blocks_per_sm(regs_n, kernel.metadata.shared, opts["num_warps"])
         row = {"phase": phase, "regs": regs_n, "spill_stores": int(spills.group(1)) if spills else None,
                "spill_loads": int(spills.group(2)) if spills else None, "shared": kernel.metadata.shared,
                "num_warps": opts["num_warps"], "blocks_per_sm_h100": occ, "compile_s": round(time.time() - t0, 1)}
         if phase == 0:
-            row["grid_h100"] = lm._barrier_programs(want, H100_SMS, p["programs_per_sm"], lambda occ=occ: occ)
+            row["grid_h100"] = _occupancy().barrier_programs(want, H100_SMS, p.programs_per_sm, lambda occ=occ: occ)
             row["wanted_grid"] = want
         rows.append(row)
     del torch
@@ -230,24 +238,25 @@ def _kernel_info(n: int, m: int, r: int, cfg: dict[str, Any], x, U, V, y) -> dic
     dev = x.device
     nsm = torch.cuda.get_device_properties(dev).multi_processor_count
     p, meta, tail, want = _launch_spec(n, m, r, cfg, nsm)
-    info: dict[str, Any] = {"sync": p["sync"], "programs_per_sm": p["programs_per_sm"], "sm_count": nsm,
-                            "wanted_grid": want, "ksplit": p["ksplit"], "cooperative": p["cooperative"]}
-    if p["sync"] != "barrier":
+    info: dict[str, Any] = {"sync": p.sync, "programs_per_sm": p.programs_per_sm, "sm_count": nsm,
+                            "wanted_grid": want, "ksplit": p.ksplit, "cooperative": p.cooperative}
+    if p.sync != "barrier":
         return info
-    if p["cooperative"]:
+    if p.cooperative:
         meta["launch_cooperative_grid"] = True
-    ws = torch.empty(p["ksplit"] * r, dtype=torch.float32, device=dev)
+    ws = torch.empty(p.ksplit * r, dtype=torch.float32, device=dev)
     cnt = torch.zeros(2, dtype=torch.int32, device=dev)
     kernel = lm._lowrank_matmul_fused_kernel.warmup(x, V, U, y, y, ws, cnt, *tail, PHASE=0, grid=(1,), **meta)
     kernel._init_handles()
     props = torch.cuda.get_device_properties(dev)
-    ours = lm._blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
-                             regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
-                             threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048),
-                             smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472))
-    driver = lm._driver_blocks_per_sm(kernel.function, kernel.metadata.num_warps * 32, kernel.metadata.shared)
-    resident = max(1, lm._kernel_blocks_per_sm(kernel, props) or 1)
-    grid = lm._barrier_programs(want, nsm, p["programs_per_sm"], lambda: resident)
+    occupancy = _occupancy()
+    ours = occupancy.blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
+                                   regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+                                   threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048),
+                                   smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472))
+    driver = occupancy.driver_blocks_per_sm(kernel.function, kernel.metadata.num_warps * 32, kernel.metadata.shared)
+    resident = max(1, occupancy.kernel_blocks_per_sm(kernel, props) or 1)
+    grid = occupancy.barrier_programs(want, nsm, p.programs_per_sm, lambda: resident)
     info.update({"regs": kernel.n_regs, "spills": kernel.n_spills, "shared": kernel.metadata.shared,
                  "num_warps": kernel.metadata.num_warps, "blocks_per_sm_ours": ours, "blocks_per_sm_driver": driver,
                  "resident_used": resident, "grid": grid})
@@ -305,11 +314,11 @@ def worker(skip: set[str], deadline: float) -> None:
                 if info.get("blocks_per_sm_driver") and info["grid"] > info["sm_count"] * info["blocks_per_sm_driver"]:
                     raise RuntimeError("grid exceeds the driver's occupancy: not launched (would deadlock)")
                 out = torch.full((1, m), float("nan"), device="cuda", dtype=torch.bfloat16)
-                n_res = len(lm._RESIDENT)
+                n_res = len(_occupancy()._RESIDENT)
                 lm.lowrank_matmul_launch(x, U0, V0, backend="triton_fused", config=cfg, out=out)
                 torch.cuda.synchronize()
-                if len(lm._RESIDENT) > n_res:  # the launcher's own occupancy answer for this launch
-                    row["resident_launcher"] = list(lm._RESIDENT.values())[-1]
+                if len(_occupancy()._RESIDENT) > n_res:  # the launcher's own occupancy answer for this launch
+                    row["resident_launcher"] = list(_occupancy()._RESIDENT.values())[-1]
                 err = ((out.double() - ref).norm() / ref.norm()).item()
                 row["err"] = err
                 row["ok"] = bool(torch.isfinite(out).all()) and err <= 2 * t_err + 1e-3

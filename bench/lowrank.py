@@ -133,7 +133,8 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Full sweep with the shipped dispatch; returns one record per (shape, rank, T)."""
-    from lowrank_kernels.lowrank_matmul import _CHOICE_CACHE, _select, dense_is_faster, lowrank_matmul
+    from lowrank_kernels.dispatch import _CHOICE_CACHE, dense_is_faster, select_backend
+    from lowrank_kernels.lowrank_matmul import lowrank_matmul
 
     shapes = shapes or SHAPES
     t_values = t_values or T_VALUES
@@ -165,7 +166,8 @@ def run_sweep(
                     best = min(res["dense_ms"], res["torch_two_gemm_ms"])
                     res["fallback_vs_best_baseline"] = best / res["fallback_ms"]
                 _CHOICE_CACHE.clear()
-                backend, cfg = _select(x, ws.U[0], ws.V[0], None)
+                backend, cfg = select_backend(x, ws.U[0], ws.V[0], None)
+                cfg = cfg.to_dict() if cfg is not None else {}  # the tables' JSON form
                 fl = floor_ms(T, n, m, r, x.element_size())
                 lr = res["lowrank_ms"]
                 nbytes = x.element_size() * (r * (m + n) + T * (m + n))

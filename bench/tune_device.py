@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--sweep-s", type=float, default=80)
     ap.add_argument("--tokens", default="1,4,8,16,64,256,1024,4096,8192")
     args = ap.parse_args()
-    import lowrank_kernels.lowrank_matmul as lm
+    from lowrank_kernels import dispatch, tuning
     from lowrank_kernels.tuning import device_key, device_properties
 
     import compress.tune as ct
@@ -127,9 +127,9 @@ def main() -> None:
     os.environ["LOWRANK_TUNING_DIR"] = "off"
     only = Path(tempfile.mkdtemp(prefix="tables-"))
     (only / tpath.name).write_text(tpath.read_text())
-    lm.CONFIG_DIR = only
-    lm.reload_tables()
-    assert lm.dispatch_info(torch.device("cuda", 0))["trust"] == "exact"
+    tuning.CONFIG_DIR = only
+    dispatch.reload_tables()
+    assert dispatch.dispatch_info(torch.device("cuda", 0))["trust"] == "exact"
     bl.PEAK_TBPS = ceil["copy_tbps"]
     bl.PARAM_FRACTIONS = [0.5]
     records = bl.run_sweep(deadline=time.time() + args.sweep_s, log=log)

@@ -169,7 +169,7 @@ def label(backend: str, cfg: dict | None) -> str:
 
 
 def candidates(T: int, n: int, m: int, r: int, barrier_ok: bool) -> list[tuple[str, dict]]:
-    from lowrank_kernels.lowrank_matmul import fused_candidates, gemm_candidates
+    from lowrank_kernels.dispatch import fused_candidates, gemm_candidates
 
     out: list[tuple[str, dict]] = []
     aligned = r % 8 == 0
@@ -212,8 +212,8 @@ def _dedupe(T: int, n: int, m: int, r: int, cands: list[tuple[str, dict]]) -> li
 
     seen, out = set(), []
     for backend, cfg in cands:
-        key = json.dumps(_fused_params(T, n, m, r, cfg, 132) if backend == "triton_fused" else [backend, cfg],
-                         sort_keys=True)
+        key = _fused_params(T, n, m, r, cfg, 132) if backend == "triton_fused" else json.dumps([backend, cfg],
+                                                                                              sort_keys=True)
         if key not in seen:
             seen.add(key)
             out.append((backend, cfg))
@@ -243,7 +243,7 @@ def tune_point(ws: WeightSet, n: int, m: int, r: int, T: int, cands: list[tuple[
 
 
 def tune(deadline: float, barrier_ok: bool) -> dict[str, dict]:
-    from lowrank_kernels.lowrank_matmul import config_key
+    from lowrank_kernels.dispatch import config_key
 
     entries: dict[str, dict] = {}
     # Priority order (the deadline may cut the tail): LLaMA at 50 % (the targets), aligned then
@@ -275,8 +275,7 @@ def tune(deadline: float, barrier_ok: bool) -> dict[str, dict]:
 def refine_misaligned(table: dict, deadline: float) -> None:
     """Second pass for raw (not 8-aligned) ranks at T >= 64: table choice vs plain cuBLAS vs
     cuBLAS on a per-call zero-padded U; the fastest measured one goes into the table."""
-    import lowrank_kernels.lowrank_matmul as lm
-    from lowrank_kernels.lowrank_matmul import _select, config_key
+    from lowrank_kernels import dispatch
     entries = table.setdefault("entries", {})
     for name, n, m in SHAPES:
         for frac, r, _aligned in ranks_for(n, m):
@@ -289,13 +288,14 @@ def refine_misaligned(table: dict, deadline: float) -> None:
                     log("[refine] deadline reached")
                     return
                 x = torch.randn(T, n, device="cuda", dtype=torch.bfloat16)
-                lm._CHOICE_CACHE.clear()
-                cands = [_select(x, ws.U[0], ws.V[0], None),
+                dispatch._CHOICE_CACHE.clear()
+                backend, cfg = dispatch.select_backend(x, ws.U[0], ws.V[0], None)
+                cands = [(backend, cfg.to_dict() if cfg is not None else {}),
                          ("two_gemm", {"gemm1": "cublas", "gemm2": "cublas"}),
                          ("two_gemm", {"gemm1": "cublas", "gemm2": "cublas", "pad_u": True})]
                 e = tune_point(ws, n, m, r, T, cands)
                 if e:
-                    entries.setdefault(config_key(n, m, r), {})[str(T)] = e
+                    entries.setdefault(dispatch.config_key(n, m, r), {})[str(T)] = e
             del ws
             torch.cuda.empty_cache()
 
@@ -380,7 +380,7 @@ def merge_dense(table: dict, records: list[dict[str, Any]], log_fn=print) -> dic
                            "[c0 ms, ms/byte, ms/flop]} fitted to that sweep (relative least squares; ragged: rank % 8 "
                            "!= 0).")
     # Report how well the model explains the sweep it was fitted to.
-    from lowrank_kernels.lowrank_matmul import predicted_ms
+    from lowrank_kernels.dispatch import predicted_ms
 
     wrong, total = 0, 0
     for r in by_key.values():
@@ -411,7 +411,7 @@ def main() -> None:
                          "kernels/configs/lowrank_matmul.cc90_sm132_mem80g_l2_50m.json)")
     args = ap.parse_args()
     if args.merge_dense is not None:
-        from lowrank_kernels.lowrank_matmul import CONFIG_PATH
+        from lowrank_kernels.tuning import CONFIG_PATH
 
         path = args.table or CONFIG_PATH
         table = json.loads(path.read_text())
@@ -432,7 +432,7 @@ def main() -> None:
     flush_log()
     log(f"[time] {time.time() - t0:.0f}s before tuning")
     if args.refine:
-        from lowrank_kernels.lowrank_matmul import _table_for
+        from lowrank_kernels.dispatch import _table_for
 
         orig, trust = _table_for(torch.device("cuda", 0))
         if trust != "exact":
@@ -460,10 +460,10 @@ def main() -> None:
     tpath.write_text(json.dumps(table, indent=1) + "\n")
     log(f"[time] {time.time() - t0:.0f}s after tuning; table -> {tpath}")
     # Benchmark the shipped dispatch: point the module at the fresh table.
-    import lowrank_kernels.lowrank_matmul as lm
+    from lowrank_kernels import dispatch, tuning
     os.environ["LOWRANK_TUNING_DIR"] = "off"  # the fresh table alone, no per-device cache over it
-    lm.CONFIG_DIR = OUT
-    lm.reload_tables()
+    tuning.CONFIG_DIR = OUT
+    dispatch.reload_tables()
     flush_log()
     records = run_sweep(deadline=t0 + args.budget_s, log=log)
     merge_dense(table, records, log)

@@ -546,7 +546,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
     results: dict = {"env": env_info(), "settings": settings, "peaks": device_peaks().as_dict(), "models": {}}
     if cuda:
-        from lowrank_kernels.lowrank_matmul import dispatch_info
+        from lowrank_kernels.dispatch import dispatch_info
 
         results["dispatch"] = dispatch_info(torch.device("cuda"))  # which tuned table / cache applied
     archive_path = out_dir / f"{stem}_traces.zip" if cfg["profile"] else None  # --profile implies out_dir

@@ -12,7 +12,7 @@ multiples of 8, and one dense GEMM of the same layer. Each candidate's output is
 an fp32 reference before it is timed, so a config that computes a wrong answer can never win.
 
 The fastest factorized path per shape and T, with the dense time beside it (what
-``lowrank_kernels.dense_is_faster`` compares for the dense fallback), goes into this device's
+``lowrank_kernels.dispatch.dense_is_faster`` compares for the dense fallback), goes into this device's
 tuning cache (``lowrank_kernels.tuning``: ``~/.cache/lowrank-kit/tuning/<device key>.json``, or
 ``$LOWRANK_TUNING_DIR``), which ``lowrank_matmul``, ``python -m compress bench`` and
 ``lowrank.serving`` read from then on. Shapes are measured in an order that covers every
@@ -130,7 +130,7 @@ def order_shapes(counts: Counter) -> list[Shape]:
 # ---------------------------------------------------------------------------- candidates and timing
 def candidates(T: int, n: int, m: int, r: int) -> list[tuple[str, dict]]:
     """(backend, config) pairs timed for one shape and T; the first is cuBLAS' two GEMMs."""
-    from lowrank_kernels.lowrank_matmul import fused_candidates, gemm_candidates
+    from lowrank_kernels.dispatch import fused_candidates, gemm_candidates
 
     out: list[tuple[str, dict]] = [("two_gemm", dict(_CUBLAS))]
     if T == 1:
@@ -236,7 +236,7 @@ def tune_shapes(shapes: Iterable[Shape], tokens: Iterable[int], *, budget_s: flo
     No new point starts after the budget; the table lists the (shape, T) points left out.
     """
     import torch
-    from lowrank_kernels.lowrank_matmul import config_key
+    from lowrank_kernels.dispatch import config_key
     from lowrank_kernels.tuning import device_key, device_properties
 
     from compress.timing import env_info
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             raise UserError(f"{args.model or 'the default model'} has no factorized layers (not a compressed "
                             "checkpoint): nothing to tune")
     from lowrank_kernels import tuning
-    from lowrank_kernels.lowrank_matmul import reload_tables
+    from lowrank_kernels.dispatch import reload_tables
 
     shapes = order_shapes(counts)
     log(f"[tune] {len(shapes)} distinct layer shapes ({sum(counts.values())} layers) x T in {tokens}; "

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CONFIG_DIR",
+    "CONFIG_PATH",
     "SIBLING_DENSE_MARGIN",
     "cache_dir",
     "cache_path",
@@ -61,11 +63,15 @@ __all__ = [
     "load_cache",
     "match",
     "merge_tables",
+    "read_table",
     "save_cache",
     "shipped_tables",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The H100 SXM table (capability 9.0, 132 SMs, 80 GiB, 50 MiB L2); its latency model is the default of
+# ``dispatch.predicted_ms``.  Every shipped table is CONFIG_DIR/lowrank_matmul.<device key>.json.
+CONFIG_PATH = CONFIG_DIR / "lowrank_matmul.cc90_sm132_mem80g_l2_50m.json"
 TABLE_GLOB = "lowrank_matmul.*.json"
 # A sibling table's dense verdict counts only where dense took at most this share of the factorized time.
 SIBLING_DENSE_MARGIN = 0.8
@@ -123,7 +129,8 @@ def cache_path(key: str) -> Path | None:
     return None if root is None else root / f"{key}.json"
 
 
-def _read(path: Path) -> dict | None:
+def read_table(path: Path) -> dict | None:
+    """A table file as stored, or None if it is unreadable or not a JSON object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -136,7 +143,7 @@ def load_cache(dev: dict[str, Any]) -> dict | None:
     path = cache_path(device_key(dev))
     if path is None or not path.is_file():
         return None
-    table = _read(path)
+    table = read_table(path)
     if table is None or match(table.get("device"), dev) != "exact":
         return None
     return table
@@ -183,7 +190,7 @@ def shipped_tables(config_dir: Path | None = None) -> list[tuple[Path, dict]]:
     root = config_dir or CONFIG_DIR
     out = []
     for path in sorted(root.glob(TABLE_GLOB)):
-        table = _read(path)
+        table = read_table(path)
         if table is not None and isinstance(table.get("device"), dict):
             out.append((path, table))
     return out

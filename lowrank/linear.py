@@ -16,7 +16,8 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-from lowrank_kernels.lowrank_matmul import dense_is_faster, lowrank_matmul
+from lowrank_kernels.dispatch import dense_is_faster
+from lowrank_kernels.lowrank_matmul import lowrank_matmul
 from torch import Tensor, nn
 
 __all__ = ["DECODE_TOKENS", "LowRankLinear", "balanced_factors", "svd_factors"]
@@ -58,7 +59,7 @@ class LowRankLinear(nn.Module):
     """y = x·Vᵀ·Uᵀ + b, with U of shape [out_features, rank] and V of shape [rank, in_features].
 
     Holds rank·(in_features + out_features) weights instead of in_features·out_features.
-    The matmul runs through `lowrank_kernels.lowrank_matmul` (fused Triton kernel on GPU at small
+    The matmul runs through `lowrank_kernels.lowrank_matmul.lowrank_matmul` (fused Triton kernel on GPU at small
     token counts, two tensor-core GEMMs at large ones, torch on CPU).
     """
 
@@ -189,7 +190,7 @@ class LowRankLinear(nn.Module):
         """Keep a dense copy W = U·V if one dense GEMM beats the factorized kernels at any of `tokens`.
 
         Small layers (SmolLM2's 576-wide projections) are bound by launch latency, so
-        a rank-50% factorization saves bytes but not time; `lowrank_kernels.dense_is_faster` decides per
+        a rank-50% factorization saves bytes but not time; `lowrank_kernels.dispatch.dense_is_faster` decides per
         row count from the shipped measurements, and the forward pass then picks per call. The
         copy costs out·in extra weights, so call this only where speed matters more than memory.
         `force=True` keeps the copy regardless (the dispatch still picks per call). Returns whether

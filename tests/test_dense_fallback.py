@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import warnings
 
-import lowrank_kernels.lowrank_matmul as LM
 import pytest
 import torch
 import torch.nn.functional as F
+from lowrank_kernels import dispatch
+from lowrank_kernels.lowrank_matmul import lowrank_matmul
 
 from bench.tune_lowrank import _fit_relative, merge_dense
 from lowrank import LowRankLinear
@@ -30,7 +31,7 @@ def _factors(n: int, m: int, r: int, dtype=torch.float32):
 def always_dense(monkeypatch):
     import lowrank.linear
 
-    monkeypatch.setattr(LM, "dense_is_faster", lambda *args: True)
+    monkeypatch.setattr(dispatch, "dense_is_faster", lambda *args: True)
     monkeypatch.setattr(lowrank.linear, "dense_is_faster", lambda *args: True)
 
 
@@ -38,8 +39,8 @@ def test_cpu_never_falls_back():
     U, V = _factors(20, 12, 5)
     x = torch.randn(3, 20)
     W = torch.randn(12, 20)  # deliberately NOT U @ V: the output shows which path ran
-    assert not LM.dense_is_faster(3, 20, 12, 5, x.device)
-    torch.testing.assert_close(LM.lowrank_matmul(x, U, V, dense_weight=W), F.linear(F.linear(x, V), U),
+    assert not dispatch.dense_is_faster(3, 20, 12, 5, x.device)
+    torch.testing.assert_close(lowrank_matmul(x, U, V, dense_weight=W), F.linear(F.linear(x, V), U),
                                rtol=0, atol=0)
 
 
@@ -50,9 +51,9 @@ def test_dense_branch_runs_f_linear(always_dense, bias, lead):
     W = torch.randn(12, 20)
     b = torch.randn(12) if bias else None
     x = torch.randn(*lead, 20)
-    torch.testing.assert_close(LM.lowrank_matmul(x, U, V, b, dense_weight=W), F.linear(x, W, b), rtol=0, atol=0)
+    torch.testing.assert_close(lowrank_matmul(x, U, V, b, dense_weight=W), F.linear(x, W, b), rtol=0, atol=0)
     out = torch.full((*lead, 12), float("nan"))
-    LM.lowrank_matmul(x, U, V, b, dense_weight=W, out=out)
+    lowrank_matmul(x, U, V, b, dense_weight=W, out=out)
     assert not out.isnan().any()
     torch.testing.assert_close(out, F.linear(x, W, b), rtol=1e-6, atol=1e-6)
 
@@ -62,21 +63,21 @@ def test_dense_branch_never_under_autograd_or_forced_backend(always_dense):
     W = torch.randn(12, 20)
     x = torch.randn(4, 20, requires_grad=True)
     factored = F.linear(F.linear(x, V), U)
-    y = LM.lowrank_matmul(x, U, V, dense_weight=W)
+    y = lowrank_matmul(x, U, V, dense_weight=W)
     torch.testing.assert_close(y, factored)  # gradients belong to U and V: factorized path
     y.sum().backward()
     assert x.grad is not None
     with torch.no_grad():
-        torch.testing.assert_close(LM.lowrank_matmul(x, U, V, backend="torch", dense_weight=W), factored)
+        torch.testing.assert_close(lowrank_matmul(x, U, V, backend="torch", dense_weight=W), factored)
 
 
 def test_dense_weight_validation():
     U, V = _factors(20, 12, 5)
     x = torch.randn(2, 20)
     with pytest.raises(ValueError, match="dense_weight must be"):
-        LM.lowrank_matmul(x, U, V, dense_weight=torch.randn(20, 12))
+        lowrank_matmul(x, U, V, dense_weight=torch.randn(20, 12))
     with pytest.raises(ValueError, match="dense_weight must be"):
-        LM.lowrank_matmul(x, U, V, dense_weight=torch.randn(12, 20, dtype=torch.float64))
+        lowrank_matmul(x, U, V, dense_weight=torch.randn(12, 20, dtype=torch.float64))
 
 
 def _table(entries: dict, model: dict | None = None) -> dict:
@@ -84,8 +85,8 @@ def _table(entries: dict, model: dict | None = None) -> dict:
 
 
 def _use_table(monkeypatch, table: dict, trust: str | None = "exact") -> None:
-    monkeypatch.setattr(LM, "_table_for", lambda device: (table, trust))
-    monkeypatch.setattr(LM, "_DENSE_CACHE", {})
+    monkeypatch.setattr(dispatch, "_table_for", lambda device: (table, trust))
+    monkeypatch.setattr(dispatch, "_DENSE_CACHE", {})
 
 
 def test_decision_from_measured_entries(monkeypatch):
@@ -93,14 +94,14 @@ def test_decision_from_measured_entries(monkeypatch):
                                "8192": {"backend": "two_gemm", "dense_ms": 0.012, "sweep_ms": 0.010}}}
     _use_table(monkeypatch, _table(entries))
     dev = torch.device("cuda", 0)  # constructing a device object does not touch CUDA
-    assert LM.dense_is_faster(1, 576, 576, 128, dev)
-    assert LM.dense_is_faster(2, 576, 576, 128, dev)  # nearest bucket in log2
-    assert not LM.dense_is_faster(8192, 576, 576, 128, dev)
-    assert not LM.dense_is_faster(4000, 576, 576, 128, dev)
+    assert dispatch.dense_is_faster(1, 576, 576, 128, dev)
+    assert dispatch.dense_is_faster(2, 576, 576, 128, dev)  # nearest bucket in log2
+    assert not dispatch.dense_is_faster(8192, 576, 576, 128, dev)
+    assert not dispatch.dense_is_faster(4000, 576, 576, 128, dev)
     # far from both measured T (1 and 8192) and no latency model: no evidence, no fallback
-    assert not LM.dense_is_faster(64, 576, 576, 128, dev)
+    assert not dispatch.dense_is_faster(64, 576, 576, 128, dev)
     # untuned shape without a latency model: no evidence, no fallback
-    assert not LM.dense_is_faster(1, 576, 1536, 192, dev)
+    assert not dispatch.dense_is_faster(1, 576, 1536, 192, dev)
 
 
 def test_decision_from_latency_model(monkeypatch):
@@ -111,15 +112,15 @@ def test_decision_from_latency_model(monkeypatch):
     dev = torch.device("cuda", 0)
     small, big = (576, 576, 128), (4096, 4096, 1024)
     for n, m, r in (small, big):
-        dense = LM.predicted_ms(1, n, m, None, model)
-        factored = LM.predicted_ms(1, n, m, r, model)
+        dense = dispatch.predicted_ms(1, n, m, None, model)
+        factored = dispatch.predicted_ms(1, n, m, r, model)
         assert dense == pytest.approx(3e-3 + 4e-10 * 2 * (m * n + (m + n)))
         assert factored == pytest.approx(4.5e-3 + 4e-10 * 2 * (r * (m + n) + (m + n)))
-        assert LM.dense_is_faster(1, n, m, r, dev) == (dense < factored)
-    assert LM.dense_is_faster(1, 576, 576, 128, dev)
-    assert not LM.dense_is_faster(1, 4096, 4096, 1024, dev)
+        assert dispatch.dense_is_faster(1, n, m, r, dev) == (dense < factored)
+    assert dispatch.dense_is_faster(1, 576, 576, 128, dev)
+    assert not dispatch.dense_is_faster(1, 4096, 4096, 1024, dev)
     # a ragged rank uses its own (slower) fit
-    assert LM.predicted_ms(1, 4096, 4096, 1023, model) > LM.predicted_ms(1, 4096, 4096, 1024, model)
+    assert dispatch.predicted_ms(1, 4096, 4096, 1023, model) > dispatch.predicted_ms(1, 4096, 4096, 1024, model)
 
 
 def test_measured_point_only_decides_near_its_t(monkeypatch):
@@ -130,9 +131,9 @@ def test_measured_point_only_decides_near_its_t(monkeypatch):
              "8192": {"dense": [2e-2, 0.0, 0.0], "lowrank": [1e-2, 0.0, 0.0], "lowrank_ragged": [1e-2, 0.0, 0.0]}}
     _use_table(monkeypatch, _table(entries, model))
     dev = torch.device("cuda", 0)
-    assert LM.dense_is_faster(1, 1536, 576, 192, dev)
-    assert LM.dense_is_faster(8, 1536, 576, 192, dev)  # within 2x of the T=4 point
-    assert not LM.dense_is_faster(8192, 1536, 576, 192, dev)  # the latency model decides
+    assert dispatch.dense_is_faster(1, 1536, 576, 192, dev)
+    assert dispatch.dense_is_faster(8, 1536, 576, 192, dev)  # within 2x of the T=4 point
+    assert not dispatch.dense_is_faster(8192, 1536, 576, 192, dev)  # the latency model decides
 
 
 def test_sibling_table_counts_only_clear_dense_wins(monkeypatch):
@@ -142,14 +143,14 @@ def test_sibling_table_counts_only_clear_dense_wins(monkeypatch):
     model = {"1024": {"dense": [1e-2, 0.0, 0.0], "lowrank": [1.1e-2, 0.0, 0.0], "lowrank_ragged": [2e-2, 0.0, 0.0]}}
     dev = torch.device("cuda", 0)
     _use_table(monkeypatch, _table(entries, model), trust="exact")
-    assert LM.dense_is_faster(1, 576, 576, 128, dev)
-    assert LM.dense_is_faster(1024, 4096, 4096, 1024, dev)  # the model: 10 us < 11 us
+    assert dispatch.dense_is_faster(1, 576, 576, 128, dev)
+    assert dispatch.dense_is_faster(1024, 4096, 4096, 1024, dev)  # the model: 10 us < 11 us
     _use_table(monkeypatch, _table(entries, model), trust="sibling")
-    assert not LM.dense_is_faster(1, 576, 576, 128, dev)  # 3.6 vs 4.3 us: not clear enough
-    assert LM.dense_is_faster(16, 576, 576, 128, dev)  # 3.0 vs 6.0 us: clear
-    assert not LM.dense_is_faster(1024, 4096, 4096, 1024, dev)
+    assert not dispatch.dense_is_faster(1, 576, 576, 128, dev)  # 3.6 vs 4.3 us: not clear enough
+    assert dispatch.dense_is_faster(16, 576, 576, 128, dev)  # 3.0 vs 6.0 us: clear
+    assert not dispatch.dense_is_faster(1024, 4096, 4096, 1024, dev)
     _use_table(monkeypatch, _table(entries, model), trust=None)
-    assert not any(LM.dense_is_faster(t, 576, 576, 128, dev) for t in (1, 16))
+    assert not any(dispatch.dense_is_faster(t, 576, 576, 128, dev) for t in (1, 16))
 
 
 def test_fit_relative_recovers_exact_model():
@@ -257,7 +258,7 @@ def test_compile_fullgraph_with_dense_copy():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_smollm2_shape_falls_back():
-    if LM._table_for(torch.device("cuda", torch.cuda.current_device()))[1] != "exact":
+    if dispatch._table_for(torch.device("cuda", torch.cuda.current_device()))[1] != "exact":
         pytest.skip("no shipped table or tuning cache for this device (python -m compress tune)")
     layer = LowRankLinear(576, 576, 128, device="cuda", dtype=torch.bfloat16)
     assert layer.enable_dense_fallback([1]) is True

@@ -8,6 +8,7 @@ tests need CUDA (bf16/fp16, LLaMA shapes, CUDA graphs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,26 +20,21 @@ import lowrank_kernels.lowrank_matmul as _lm  # noqa: E402
 import pytest
 import torch
 import torch.nn.functional as F
+from lowrank_kernels import occupancy
+from lowrank_kernels.dispatch import T_BUCKETS, _bucket, fused_candidates
 from lowrank_kernels.lowrank_matmul import (
     BACKENDS,
-    CONFIG_PATH,
-    T_BUCKETS,
-    _bucket,
-    fused_candidates,
     lowrank_matmul,
     lowrank_matmul_launch,
     lowrank_matmul_ref,
     pad_rank,
 )
+from lowrank_kernels.lowrank_matmul_config import FusedConfig
+from lowrank_kernels.tuning import CONFIG_PATH
+from lowrank_kernels.utils import HAS_TRITON, interpreting
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = interpreting()
 HAS_CUDA = torch.cuda.is_available()
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 # Where the Triton kernels can run here: the interpreter on CPU, else a GPU.
 TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if HAS_CUDA else None)
@@ -187,7 +183,7 @@ def test_fused_t1_candidates_small_layer(cfg):
     (256, 0, 1, 0),  # over the 255 registers per thread limit
 ])
 def test_blocks_per_sm_h100(regs, shared, warps, expected):
-    assert _lm._blocks_per_sm(regs, shared, warps) == expected
+    assert occupancy.blocks_per_sm(regs, shared, warps) == expected
 
 
 def _fake_props(**kw):
@@ -203,21 +199,21 @@ def _fake_kernel(n_regs, shared=1024, num_warps=8):
 
 
 def test_kernel_blocks_per_sm_reads_metadata_and_falls_back():
-    assert _lm._kernel_blocks_per_sm(_fake_kernel(80), _fake_props()) == 3
+    assert occupancy.kernel_blocks_per_sm(_fake_kernel(80), _fake_props()) == 3
     # Device limits come from the properties: half the registers, half the programs (rounded).
-    assert _lm._kernel_blocks_per_sm(_fake_kernel(80), _fake_props(regs_per_multiprocessor=32768)) == 1
+    assert occupancy.kernel_blocks_per_sm(_fake_kernel(80), _fake_props(regs_per_multiprocessor=32768)) == 1
     # An unknown part is assumed to allow only 16 blocks per SM.
-    assert _lm._kernel_blocks_per_sm(_fake_kernel(16, 0, 1), _fake_props(major=8, minor=6)) == 16
+    assert occupancy.kernel_blocks_per_sm(_fake_kernel(16, 0, 1), _fake_props(major=8, minor=6)) == 16
     # Unreadable metadata -> None (the launcher then uses one program per SM).
-    assert _lm._kernel_blocks_per_sm(SimpleNamespace(metadata=None), _fake_props()) is None
+    assert occupancy.kernel_blocks_per_sm(SimpleNamespace(metadata=None), _fake_props()) is None
     broken = _fake_kernel(80)
     broken._init_handles = lambda: (_ for _ in ()).throw(RuntimeError("no driver"))
-    assert _lm._kernel_blocks_per_sm(broken, _fake_props()) is None
-    assert _lm._kernel_blocks_per_sm(_fake_kernel(0), _fake_props()) is None
+    assert occupancy.kernel_blocks_per_sm(broken, _fake_props()) is None
+    assert occupancy.kernel_blocks_per_sm(_fake_kernel(0), _fake_props()) is None
 
 
 def test_resident_programs_caches_and_falls_back_to_one(monkeypatch):
-    monkeypatch.setattr(_lm, "_RESIDENT", {})
+    monkeypatch.setattr(occupancy, "_RESIDENT", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda idx: _fake_props())
     dev = torch.device("cuda", 0)
     calls = []
@@ -226,51 +222,51 @@ def test_resident_programs_caches_and_falls_back_to_one(monkeypatch):
         calls.append(n_regs)
         return _fake_kernel(n_regs)
 
-    assert _lm._resident_programs(dev, ("a",), lambda: warm(80)) == 3
-    assert _lm._resident_programs(dev, ("a",), lambda: warm(255)) == 3  # cached per (device, spec)
-    assert _lm._resident_programs(dev, ("b",), lambda: warm(126)) == 2
+    assert occupancy.resident_programs(dev, ("a",), lambda: warm(80)) == 3
+    assert occupancy.resident_programs(dev, ("a",), lambda: warm(255)) == 3  # cached per (device, spec)
+    assert occupancy.resident_programs(dev, ("b",), lambda: warm(126)) == 2
     assert calls == [80, 126]
 
     def fail():
         raise RuntimeError("compile error")
 
-    assert _lm._resident_programs(dev, ("c",), fail) == 1
-    assert _lm._resident_programs(dev, ("d",), lambda: SimpleNamespace()) == 1
-    assert _lm._resident_programs(dev, ("e",), lambda: _fake_kernel(255, 0, 16)) == 1  # 0 -> 1
+    assert occupancy.resident_programs(dev, ("c",), fail) == 1
+    assert occupancy.resident_programs(dev, ("d",), lambda: SimpleNamespace()) == 1
+    assert occupancy.resident_programs(dev, ("e",), lambda: _fake_kernel(255, 0, 16)) == 1  # 0 -> 1
 
 
 def test_barrier_programs_never_exceed_residency():
     never = lambda: pytest.fail("occupancy read although one program per SM was asked for")  # noqa: E731
-    assert _lm._barrier_programs(1000, 132, 1, never) == 132
-    assert _lm._barrier_programs(100, 132, 4, never) == 100  # fewer items than SMs
-    assert _lm._barrier_programs(256, 132, 2, lambda: 3) == 256
-    assert _lm._barrier_programs(1000, 132, 4, lambda: 3) == 396  # clamped to the occupancy
-    assert _lm._barrier_programs(1000, 132, 2, lambda: 7) == 264
-    assert _lm._barrier_programs(1000, 132, 4, lambda: 0) == 132  # unknown / nonsense -> 1 per SM
+    assert occupancy.barrier_programs(1000, 132, 1, never) == 132
+    assert occupancy.barrier_programs(100, 132, 4, never) == 100  # fewer items than SMs
+    assert occupancy.barrier_programs(256, 132, 2, lambda: 3) == 256
+    assert occupancy.barrier_programs(1000, 132, 4, lambda: 3) == 396  # clamped to the occupancy
+    assert occupancy.barrier_programs(1000, 132, 2, lambda: 7) == 264
+    assert occupancy.barrier_programs(1000, 132, 4, lambda: 0) == 132  # unknown / nonsense -> 1 per SM
 
 
 def test_fused_params_programs_per_sm_options():
     fp = _lm._fused_params
     p = fp(1, 4096, 4096, 1024, {"programs_per_sm": 3}, 132)
-    assert p["programs_per_sm"] == 3 and p["cooperative"] is True and p["prefetch"] == 1
+    assert p.programs_per_sm == 3 and p.cooperative is True and p.prefetch == 1
     p = fp(1, 4096, 4096, 1024, {}, 132)
-    assert p["programs_per_sm"] == 1 and p["cooperative"] is False
+    assert p.programs_per_sm == 1 and p.cooperative is False
     p = fp(1, 4096, 4096, 1024, {"programs_per_sm": 2, "cooperative": False}, 132)
-    assert p["cooperative"] is False
+    assert p.cooperative is False
     # Other sync modes size their grid by work items: the per-SM options are normalised away.
     p = fp(1, 4096, 4096, 1024, {"programs_per_sm": 4, "cooperative": True, "sync": "two_launch"}, 132)
-    assert p["programs_per_sm"] == 1 and p["cooperative"] is False
+    assert p.programs_per_sm == 1 and p.cooperative is False
     # The automatic K split aims at one phase-1 item per requested program.
-    assert fp(1, 4096, 4096, 1024, {"block_r1": 8}, 132)["ksplit"] == 1
-    assert fp(1, 4096, 4096, 1024, {"block_r1": 8, "programs_per_sm": 2}, 132)["ksplit"] == 2
+    assert fp(1, 4096, 4096, 1024, {"block_r1": 8}, 132).ksplit == 1
+    assert fp(1, 4096, 4096, 1024, {"block_r1": 8, "programs_per_sm": 2}, 132).ksplit == 2
     # Prefetch depth applies to the GEMV path only.
-    assert fp(1, 4096, 4096, 1024, {"prefetch": 2}, 132)["prefetch"] == 2
-    assert fp(32, 4096, 4096, 1024, {"prefetch": 2}, 132)["prefetch"] == 1  # tl.dot path
+    assert fp(1, 4096, 4096, 1024, {"prefetch": 2}, 132).prefetch == 2
+    assert fp(32, 4096, 4096, 1024, {"prefetch": 2}, 132).prefetch == 1  # tl.dot path
     for bad in ({"programs_per_sm": 0}, {"prefetch": 3}):
         with pytest.raises(ValueError):
             fp(1, 64, 64, 16, bad, 132)
     for cfg in fused_candidates(1):
-        assert set(cfg) <= set(_lm.FUSED_DEFAULTS), cfg
+        assert set(cfg) <= {f.name for f in dataclasses.fields(FusedConfig)}, cfg
         for n, m, r in LLAMA:
             fp(1, n, m, r, cfg, 132)
 
@@ -579,11 +575,11 @@ def test_gpu_multi_program_barrier_in_cuda_graph(cooperative):
     cfg = {"programs_per_sm": 4, "cooperative": cooperative, "block_r1": 2, "block_k1": 2048, "block_m2": 8,
            "block_r2": 512, "num_warps": 4}
     x, U, V, b = _inputs((1,), 4096, 11008, 1472, torch.bfloat16, "cuda", seed=3)
-    _lm._RESIDENT.clear()
+    occupancy._RESIDENT.clear()
     y = _run("triton_fused", x, U, V, b, cfg)
     torch.cuda.synchronize()
     _assert_close(y, x, U, V, b)
-    (resident,) = _lm._RESIDENT.values()
+    (resident,) = occupancy._RESIDENT.values()
     assert 1 <= resident <= 32
     static_x = x.clone()
     g = torch.cuda.CUDAGraph()

@@ -133,8 +133,8 @@ def test_compressed_checkpoint_loads_with_plain_from_pretrained_and_generates(tm
 def test_package_data_is_found():
     """The tuned tables and the csrc/ sources the just-in-time build needs are found by the package."""
     import lowrank_kernels._ext as ext
-    import lowrank_kernels.lowrank_matmul as lm
+    from lowrank_kernels import tuning
 
-    assert lm.CONFIG_PATH.is_file()
+    assert tuning.CONFIG_PATH.is_file()
     assert all((ext._CSRC / name).is_file() for name in ext._SOURCES)
     assert importlib.util.find_spec("lowrank_kernels.csrc") is not None

@@ -10,10 +10,10 @@ import json
 from collections import Counter
 from types import SimpleNamespace
 
-import lowrank_kernels.lowrank_matmul as LM
 import pytest
 import torch
-from lowrank_kernels import tuning
+from lowrank_kernels import dispatch, tuning
+from lowrank_kernels.lowrank_matmul_config import TwoGemmConfig
 
 from compress import cli, tune
 from compress.errors import UserError
@@ -52,7 +52,7 @@ def test_shipped_tables_are_named_by_their_device_key():
     for path, table in tables:
         assert path.name == f"lowrank_matmul.{tuning.device_key(table['device'])}.json"
         assert table.get("device_key", tuning.device_key(table["device"])) == tuning.device_key(table["device"])
-    assert LM.CONFIG_PATH in [p for p, _ in tables]
+    assert tuning.CONFIG_PATH in [p for p, _ in tables]
 
 
 def test_dispatch_table_exact_sibling_none_and_cache(tmp_path, monkeypatch):
@@ -105,10 +105,11 @@ def test_cached_entry_overrides_shipped_one():
 
 
 def test_untuned_device_runs_torch_two_gemms(monkeypatch):
-    monkeypatch.setattr(LM, "_table_for", lambda device: ({}, None))
-    monkeypatch.setattr(LM, "_CHOICE_CACHE", {})
+    monkeypatch.setattr(dispatch, "_table_for", lambda device: ({}, None))
+    monkeypatch.setattr(dispatch, "_CHOICE_CACHE", {})
     x, U, V = torch.randn(1, 64), torch.randn(48, 16), torch.randn(16, 64)
-    assert LM._select(x, U, V, None) == ("two_gemm", {"gemm1": "cublas", "gemm2": "cublas"})
+    assert dispatch.select_backend(x, U, V, None) == ("two_gemm", TwoGemmConfig(gemm1="cublas", gemm2="cublas"))
+    assert dispatch.select_backend(x, U, V, None)[1].to_dict() == {"gemm1": "cublas", "gemm2": "cublas"}
 
 
 def test_tune_refuses_without_cuda(monkeypatch, capsys):
@@ -173,17 +174,17 @@ def test_tune_shapes_table_drives_the_dispatch(monkeypatch, tmp_path):
     assert not any(p["dense_ms"] < p["sweep_ms"] for p in big.values())
     dev = tuning.device_properties(H200)
     tuning.save_cache(dev, table)
-    monkeypatch.setattr(LM, "_table_for", lambda device: tuning.dispatch_table(dev, tmp_path / "no-shipped"))
-    LM.reload_tables()
+    monkeypatch.setattr(dispatch, "_table_for", lambda device: tuning.dispatch_table(dev, tmp_path / "no-shipped"))
+    dispatch.reload_tables()
     gpu = torch.device("cuda", 0)
-    assert LM.dense_is_faster(1, 576, 576, 128, gpu) and LM.dense_is_faster(8, 576, 576, 128, gpu)
-    assert not LM.dense_is_faster(1, 4096, 4096, 1024, gpu)
-    assert not LM.dense_is_faster(8192, 576, 576, 128, gpu)  # far from every tuned T, no latency model
-    monkeypatch.setattr(LM, "_CHOICE_CACHE", {})
+    assert dispatch.dense_is_faster(1, 576, 576, 128, gpu) and dispatch.dense_is_faster(8, 576, 576, 128, gpu)
+    assert not dispatch.dense_is_faster(1, 4096, 4096, 1024, gpu)
+    assert not dispatch.dense_is_faster(8192, 576, 576, 128, gpu)  # far from every tuned T, no latency model
+    monkeypatch.setattr(dispatch, "_CHOICE_CACHE", {})
     x, U, V = torch.empty(1, 4096), torch.empty(4096, 1024), torch.empty(1024, 4096)
-    assert LM._select(x, U, V, None)[0] == "triton_fused"
-    assert LM._select(torch.empty(64, 4096), U, V, None)[0] == "two_gemm"
+    assert dispatch.select_backend(x, U, V, None)[0] == "triton_fused"
+    assert dispatch.select_backend(torch.empty(64, 4096), U, V, None)[0] == "two_gemm"
     # an exhausted budget measures nothing new and says so
     none = ct.tune_shapes(shapes, [1], budget_s=1e-9, log=lambda s: None)
     assert none["entries"] == {} and len(none["skipped"]) == 2
-    LM.reload_tables()
+    dispatch.reload_tables()
