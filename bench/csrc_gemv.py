@@ -9,7 +9,7 @@ Layers (in -> out, rank r): LLaMA-7B 4096->4096 r=1024, 4096->11008 r=1408/1536,
 Contenders: ``ext`` (two kernels joined by programmatic dependent launch), ``ext_nopdl``
 (the same kernels launched plainly), ``dense`` (``F.linear`` with the full [out, in]
 weight, the layer before compression), ``torch_2gemm`` (``F.linear(F.linear(x, V), U, b)``)
-and ``triton_fused`` (``lowrank_kernels.lowrank_matmul_launch(..., backend="triton_fused")``) when
+and ``triton_fused`` (``lowrank_kernels.lowrank_matmul.lowrank_matmul_launch(..., backend="triton_fused")``) when
 it is importable.
 
 Method: each timed call reads a different copy of the weights (copies rotate so that the

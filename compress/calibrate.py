@@ -1,6 +1,6 @@
 """Calibration passes: run batches through the model and collect second moments with hooks.
 
-Every Gram matrix comes from `lowrank_kernels.gram_accumulate`. Layers that read the very same input
+Every Gram matrix comes from `lowrank_kernels.gram.gram_accumulate`. Layers that read the very same input
 tensor (q/k/v after the attention norm, gate/up after the MLP norm) share one Gram: the hook
 sees that the tensor object is the one the previous layer just accumulated and skips it.
 
@@ -257,7 +257,7 @@ class KfacFactors:
 
 
 def gram_rows(x: Tensor) -> Tensor:
-    """`x` as detached [tokens, features] rows for `lowrank_kernels.gram_accumulate`.
+    """`x` as detached [tokens, features] rows for `lowrank_kernels.gram.gram_accumulate`.
 
     The Gram kernel takes 16/32-bit floats; an fp64 model (used in tests) goes through fp32.
     """

@@ -96,6 +96,33 @@ def test_lowrank_linear_forward_from_any_directory(where, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("where", ["repo", "elsewhere"])
+def test_module_lowrank_matmul_is_not_shadowed_by_its_function(where, tmp_path):
+    """`lowrank_kernels.lowrank_matmul` is the module and its `lowrank_matmul` the function, both
+    ways of importing them, after every package of ours has been imported (an `__init__` that
+    re-exported the function once replaced the module on the package)."""
+    cwd = REPO if where == "repo" else tmp_path
+    code = (
+        "import types, torch\n"
+        "import lowrank, compress, compress.cli, compress.tune, compress.speed, lowrank.serving\n"
+        "import lowrank_kernels.lowrank_matmul as m\n"
+        "from lowrank_kernels.lowrank_matmul import lowrank_matmul\n"
+        "import lowrank_kernels\n"
+        "from lowrank_kernels import lowrank_matmul as via_package\n"
+        "assert isinstance(m, types.ModuleType) and m.__name__ == 'lowrank_kernels.lowrank_matmul', m\n"
+        "assert lowrank_kernels.lowrank_matmul is m and via_package is m\n"
+        "assert isinstance(lowrank_matmul, types.FunctionType) and m.lowrank_matmul is lowrank_matmul\n"
+        "x, U, V = torch.randn(2, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), "
+        "torch.randn(3, 6, dtype=torch.float64)\n"
+        "torch.testing.assert_close(m.lowrank_matmul(x, U, V), x @ V.T @ U.T)\n"
+        "torch.testing.assert_close(lowrank_matmul(x, U, V), x @ V.T @ U.T)\n"
+        "print('ok')\n"
+    )
+    result = _python(code, cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
 def test_compress_help_from_another_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-m", "compress", "--help"], cwd=tmp_path, env=env,

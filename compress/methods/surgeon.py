@@ -5,7 +5,7 @@ measurements: docs/surgeon.md.
 
 For a linear layer y = W·a (W: [out, in]), K-FAC approximates the Fisher of the loss with
 respect to vec(W) by A ⊗ G, with A = E[a·aᵀ] over the layer's inputs and G = E[g·gᵀ] over the
-gradients at its output (`compress.calibrate.collect_kfac`, through `lowrank_kernels.gram_accumulate`).
+gradients at its output (`compress.calibrate.collect_kfac`, through `lowrank_kernels.gram.gram_accumulate`).
 A change ΔW then costs ½·tr(ΔWᵀ·G·ΔW·A). With damped factors Ã = A + δ_a·mean(diag A)·I and
 G̃ likewise:
 
