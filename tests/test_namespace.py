@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -100,24 +101,25 @@ def test_lowrank_linear_forward_from_any_directory(where, tmp_path):
 def test_module_lowrank_matmul_is_not_shadowed_by_its_function(where, tmp_path):
     """`lowrank_kernels.lowrank_matmul` is the module and its `lowrank_matmul` the function, both
     ways of importing them, after every package of ours has been imported (an `__init__` that
-    re-exported the function once replaced the module on the package)."""
+    re-exported the function once replaced the module on the package). An editable install maps
+    kernels/ as a namespace package and would not run such an `__init__`: tests/test_layering.py
+    catches it in the source."""
     cwd = REPO if where == "repo" else tmp_path
-    code = (
-        "import types, torch\n"
-        "import lowrank, compress, compress.cli, compress.tune, compress.speed, lowrank.serving\n"
-        "import lowrank_kernels.lowrank_matmul as m\n"
-        "from lowrank_kernels.lowrank_matmul import lowrank_matmul\n"
-        "import lowrank_kernels\n"
-        "from lowrank_kernels import lowrank_matmul as via_package\n"
-        "assert isinstance(m, types.ModuleType) and m.__name__ == 'lowrank_kernels.lowrank_matmul', m\n"
-        "assert lowrank_kernels.lowrank_matmul is m and via_package is m\n"
-        "assert isinstance(lowrank_matmul, types.FunctionType) and m.lowrank_matmul is lowrank_matmul\n"
-        "x, U, V = torch.randn(2, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), "
-        "torch.randn(3, 6, dtype=torch.float64)\n"
-        "torch.testing.assert_close(m.lowrank_matmul(x, U, V), x @ V.T @ U.T)\n"
-        "torch.testing.assert_close(lowrank_matmul(x, U, V), x @ V.T @ U.T)\n"
-        "print('ok')\n"
-    )
+    code = textwrap.dedent("""
+        import types, torch
+        import lowrank, compress, compress.cli, compress.tune, compress.speed, lowrank.serving
+        import lowrank_kernels.lowrank_matmul as m
+        from lowrank_kernels.lowrank_matmul import lowrank_matmul
+        import lowrank_kernels
+        from lowrank_kernels import lowrank_matmul as via_package
+        assert isinstance(m, types.ModuleType) and m.__name__ == "lowrank_kernels.lowrank_matmul", m
+        assert lowrank_kernels.lowrank_matmul is m and via_package is m
+        assert isinstance(lowrank_matmul, types.FunctionType) and m.lowrank_matmul is lowrank_matmul
+        x, U, V = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 6), (5, 3), (3, 6)))
+        torch.testing.assert_close(m.lowrank_matmul(x, U, V), x @ V.T @ U.T)
+        torch.testing.assert_close(lowrank_matmul(x, U, V), x @ V.T @ U.T)
+        print("ok")
+    """)
     result = _python(code, cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
