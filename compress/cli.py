@@ -563,9 +563,9 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
 
 
 def run_materialize(argv: list[str]) -> int:
-    from compress.acip.scoremap import ScoreMap, load_any_plan
     from compress.api import check_offload, check_size
     from compress.methods import get_method
+    from compress.methods.acip.scoremap import ScoreMap, load_any_plan
     from lowrank import save_pretrained, size_report
 
     args = _materialize_parser().parse_args(argv)
@@ -605,7 +605,7 @@ RESET_ONLY_SCORE_MAPS = "--reset/--no-reset apply to score maps (acip, svd-magni
 
 
 def _materialize_kwargs(plan: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from compress.acip.scoremap import ScoreMap
+    from compress.methods.acip.scoremap import ScoreMap
 
     kwargs: dict[str, Any] = {"rank_multiple": args.rank_multiple}
     if args.reset is not None:
@@ -634,9 +634,9 @@ def _parse_sizes(spec: str) -> list[float]:
 
 
 def run_curve(argv: list[str]) -> int:
-    from compress.acip.scoremap import ScoreMap, load_any_plan, temporarily_materialized
     from compress.data import pack_tokens, tokenize_text
     from compress.eval import perplexity_of_ids
+    from compress.methods.acip.scoremap import ScoreMap, load_any_plan, temporarily_materialized
     from compress.model import load_model
     from lowrank import size_report
 

@@ -354,7 +354,7 @@ def test_plan_save_load_and_errors(tmp_path):
     plan.save(tmp_path / "plan")
     loaded = SurgeonPlan.load(tmp_path / "plan")
     assert torch.equal(loaded.calibration_ids, ids) and loaded.options == plan.options
-    from compress.acip.scoremap import load_any_plan
+    from compress.methods.acip.scoremap import load_any_plan
 
     assert isinstance(load_any_plan(tmp_path / "plan"), SurgeonPlan)
     for bad in ({"structure": "3:4"}, {"fisher": "bogus"}, {"update": "yes"}, {"damp_a": 0.0}, {"shots": 0},

@@ -18,9 +18,9 @@ from compress.methods.asvd import (
     search_threshold,
     threshold_ratios,
 )
-from compress.methods.svd import whitened_svd_factors
 from compress.methods.svd_llm import SVDLLMConfig, SVDLLMPlan, score_svd_llm, update_factors
 from compress.plan import FactorPlan
+from compress.whitening import whitened_svd_factors
 from lowrank import load_pretrained, save_pretrained, size_report
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import target_linears

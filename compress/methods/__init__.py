@@ -15,7 +15,7 @@ from typing import Any
 
 from compress.errors import UserError
 
-__all__ = ["MethodSpec", "available_methods", "get_method", "options_of", "register_method"]
+__all__ = ["MethodSpec", "available_methods", "check_shrink", "get_method", "options_of", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,13 @@ def options_of(config: Any, options_cls: type) -> Any:
     """
     names = {f.name for f in dataclasses.fields(options_cls)}
     return options_cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in names})
+
+
+def check_shrink(alpha: float, name: str = "gram_shrink") -> float:
+    """`alpha` as a float in [0, 1], or UserError: the `gram_shrink` option of every whitening method."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from compress.calibrate import iterate_batches
 from compress.errors import UserError
 from compress.eval import perplexity_of_ids
-from compress.methods import register_method
+from compress.methods import check_shrink, register_method
 from compress.plan import FactorPlan, LayerFactors, register_plan_type
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear, balanced_factors
@@ -227,8 +227,6 @@ class ASVDConfig:
     gram_shrink: float = 0.0
 
     def __post_init__(self) -> None:
-        from compress.methods.svd import check_shrink
-
         check_shrink(self.gram_shrink)
         raw = self.ratios
         if isinstance(raw, str):

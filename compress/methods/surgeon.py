@@ -101,13 +101,18 @@ NORMALIZATIONS = ("params", "none")
 
 
 # ============================================================================ pure tensor math
+# What the math says when it fails; `damped_inverse` adds what the user can do about it.
+NON_FINITE_FACTOR = "a curvature factor has NaN/Inf entries"
+NOT_POSITIVE_DEFINITE = "the damped curvature factor is not positive definite"
+
+
 def damped(matrix: Tensor, delta: float) -> Tensor:
     """M + δ·mean(diag M)·I in float64 (scale-free damping, the paper's form)."""
     m = matrix.to(torch.float64)
     m = 0.5 * (m + m.T)
     scale = float(m.diagonal().mean())
     if not math.isfinite(scale):
-        raise UserError("a curvature factor has NaN/Inf entries (overflowing activations? try --dtype float32)")
+        raise ValueError(NON_FINITE_FACTOR)
     if scale <= 0.0:
         scale = 1.0  # an all-zero factor (a dead layer): plain δ·I keeps it invertible
     return m + (delta * scale) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
@@ -118,8 +123,7 @@ def spd_inverse(matrix: Tensor, *, name: str = "layer") -> Tensor:
     m = matrix.to(torch.float64)
     chol, info = torch.linalg.cholesky_ex(m)
     if int(info) != 0:
-        raise UserError(f"{name}: the damped curvature factor is not positive definite; "
-                        "raise the damping (--method-opt damp_a=... / damp_g=...)")
+        raise ValueError(f"{name}: {NOT_POSITIVE_DEFINITE}")
     return torch.cholesky_inverse(chol)
 
 
@@ -440,6 +444,18 @@ def _index_mask(n: int, idx: Tensor, device: torch.device) -> Tensor:
 
 
 # ============================================================================ curvature per shot
+def damped_inverse(factor: Tensor, delta: float, name: str) -> Tensor:
+    """`spd_inverse(damped(factor, delta))`; where the math fails, a `UserError` that says what to try."""
+    try:
+        matrix = damped(factor, delta)
+    except ValueError as exc:
+        raise UserError(f"{exc} (overflowing activations? try --dtype float32)") from None
+    try:
+        return spd_inverse(matrix, name=name)
+    except ValueError as exc:
+        raise UserError(f"{exc}; raise the damping (--method-opt damp_a=... / damp_g=...)") from None
+
+
 class _Curvature:
     """A shot's K-FAC factors and lazily computed, cached damped inverses (float64)."""
 
@@ -461,14 +477,14 @@ class _Curvature:
         key = id(a)  # layers that share an input share its inverse
         if key not in self._a_inv:
             t0 = time.perf_counter()
-            self._a_inv[key] = spd_inverse(damped(a, self.damp_a), name=f"{name} (A)")
+            self._a_inv[key] = damped_inverse(a, self.damp_a, f"{name} (A)")
             self.inverse_seconds += time.perf_counter() - t0
         return self._a_inv[key]
 
     def g_inv(self, name: str) -> Tensor:
         if name not in self._g_inv:
             t0 = time.perf_counter()
-            self._g_inv[name] = spd_inverse(damped(self.g(name), self.damp_g), name=f"{name} (G)")
+            self._g_inv[name] = damped_inverse(self.g(name), self.damp_g, f"{name} (G)")
             self.inverse_seconds += time.perf_counter() - t0
         return self._g_inv[name]
 
@@ -642,8 +658,8 @@ def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: in
                 active_cols.append((cols_alive, None))
                 continue
             w = model.get_submodule(n).weight.to(dev)[rows_alive][:, cols_alive]
-            g_inv = spd_inverse(damped(curv.g(n)[rows_alive][:, rows_alive], options.damp_g), name=f"{n} (G)")
-            a_inv = spd_inverse(damped(curv.a(n)[cols_alive][:, cols_alive], options.damp_a), name=f"{n} (A)")
+            g_inv = damped_inverse(curv.g(n)[rows_alive][:, rows_alive], options.damp_g, f"{n} (G)")
+            a_inv = damped_inverse(curv.a(n)[cols_alive][:, cols_alive], options.damp_a, f"{n} (A)")
             row_c.append(row_costs(w, curv.a(n)[cols_alive][:, cols_alive], g_inv.diagonal()).cpu())
             col_c.append(column_costs(w, curv.g(n)[rows_alive][:, rows_alive], a_inv.diagonal()).cpu())
             active_rows.append((rows_alive, g_inv))

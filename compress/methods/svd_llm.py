@@ -1,7 +1,7 @@
 """SVD-LLM (Wang et al. 2024, arXiv 2403.07378): truncation-aware whitening, then a sequential
 closed-form update of the truncated factors. Options, deviations from the paper: docs/baselines.md.
 
-1. Whitening (scoring, shared with the `svd` method: `compress.methods.svd`). With G = XᵀX = S·Sᵀ
+1. Whitening (scoring, shared with the `svd` method: `compress.whitening`). With G = XᵀX = S·Sᵀ
    the Cholesky factorization of a layer's calibration Gram (dense model), truncating the SVD of
    W·S gives W' = U_k·Σ_k·V_kᵀ·S⁻¹, whose error on the layer's outputs is exactly the tail of
    the spectrum. A Gram that is not positive definite is damped by δ·mean(diag G)·I,
@@ -56,9 +56,10 @@ from torch import Tensor, nn
 from compress.calibrate import block_output, first_block_inputs, gram_rows
 from compress.errors import UserError
 from compress.methods import options_of, register_method
-from compress.methods.svd import SVDConfig, cholesky_with_damping, score_svd
+from compress.methods.svd import SVDConfig, score_svd
 from compress.plan import FactorPlan, register_plan_type
 from compress.streaming import execution_device, held, maybe_offloaded
+from compress.whitening import cholesky_with_damping
 from lowrank.checkpoint import apply_umask_permissions
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import decoder_layers, replace_module_, target_linears

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress.acip.functional import Segments, Selection, global_order, select_for_size, size_for_counts
 from compress.errors import UserError
+from compress.methods.acip.functional import Segments, Selection, global_order, select_for_size, size_for_counts
 from lowrank.checkpoint import apply_umask_permissions
 from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
