@@ -244,7 +244,7 @@ class Context:
         from lowrank.surgery import size_report
 
         t0 = time.perf_counter()
-        report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+        report = size_report(model)
         ppl, sanity, samples = self.score(model)
         _sync()
         ratio = domains.ratios(ppl, self.dense["ppl"])

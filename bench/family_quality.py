@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plan.materialize_(compressed, size)
             _sync()
             seconds = time.perf_counter() - t0
-            report = size_report(compressed, getattr(compressed, "_lowrank_dense_shapes", None))
+            report = size_report(compressed)
             point: dict[str, Any] = {"requested": size, "target_fraction": round(report.target_fraction, 5),
                                      "model_fraction": round(report.model_fraction, 5),
                                      "materialize_seconds": round(seconds, 3), "eval": {}}

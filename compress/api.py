@@ -130,4 +130,4 @@ def compress(
     with stream:
         plan = score(model, tokenizer, method, offload=offload or None, **score_kwargs)
         ranks = plan.materialize_(model, size, rank_multiple=rank_multiple)
-    return CompressResult(plan, size_report(model, getattr(model, "_lowrank_dense_shapes", None)), ranks)
+    return CompressResult(plan, size_report(model), ranks)

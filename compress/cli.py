@@ -537,7 +537,7 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
     t0 = time.perf_counter()
     plan.materialize_(model, size, **_materialize_kwargs(plan, args))
     result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    report = size_report(model)
     result.update({
         "dense_params": dense.model_params,
         "compressed_params": report.model_params,
@@ -588,7 +588,7 @@ def run_materialize(argv: list[str]) -> int:
     with _streamed(model, args, device):
         plan.materialize_(model, size, **kwargs)
     seconds = time.perf_counter() - t0
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    report = size_report(model)
     print(report.summary())
     print(f"selected and materialized in {seconds:.3f} s")
     with file_errors("cannot save the checkpoint to", out, reading=False, atomic=True):
@@ -679,7 +679,7 @@ def run_curve(argv: list[str]) -> int:
         t0 = time.perf_counter()
         with temporarily_materialized(model, plan, size, **kwargs):
             seconds = time.perf_counter() - t0
-            report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+            report = size_report(model)
             values = perplexities()
         rows.append({"requested_size": size, "size": round(report.target_fraction, 6),
                      "rank_multiple": args.rank_multiple, **columns(values), "params": report.target_params,
@@ -759,7 +759,7 @@ def run_eval(argv: list[str]) -> int:
 
     with file_errors("cannot load model", _model_path(args.model)):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    report = size_report(model)
     log(report.summary())
     prefix = _window_prefix(tokenizer, args, log)
     perplexities = {}  # one per text; the first is also "perplexity"

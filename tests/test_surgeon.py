@@ -237,7 +237,7 @@ def test_physical_prune_removes_heads_and_channels_and_reloads_bitwise(arch, tmp
     # A high MLP floor leaves most of the cut to attention, so both kinds of unit go.
     options = SurgeonOptions(shots=3, batch_size=4, min_keep=0.9)
     stats = surgeon_prune_(model, ids, 0.6, options, progress=False)
-    report = size_report(model, model._lowrank_dense_shapes)
+    report = size_report(model)
     largest_unit = 4 * 64 * 16 + 3 * 64  # one (q, k, v, o) head of 16 dims, or one MLP channel
     assert 0.6 - 1e-9 <= report.target_fraction <= 0.6 + largest_unit / report.target_dense_params
     assert stats["zeroed_params"] == 0
@@ -260,7 +260,7 @@ def test_physical_prune_removes_heads_and_channels_and_reloads_bitwise(arch, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(probe).logits, logits)
-    assert size_report(reloaded, reloaded._lowrank_dense_shapes).target_params == report.target_params
+    assert size_report(reloaded).target_params == report.target_params
 
 
 def test_correlated_update_beats_plain_removal():
@@ -389,7 +389,7 @@ def test_cli_surgeon(tiny_model_dir, cli_text, tmp_path, capsys):
     assert report["surgeon_zeroed_params"] == 0
     assert report["compressed_perplexity"] > 0
     reloaded = lowrank.load_pretrained(tmp_path / "out", dtype=torch.float32)
-    assert size_report(reloaded, reloaded._lowrank_dense_shapes).target_fraction == pytest.approx(
+    assert size_report(reloaded).target_fraction == pytest.approx(
         report["target_fraction"], abs=1e-5)
     assert main([*base, "--size", "0.8", "--method-opt", "structure=bogus"]) == 2
     assert "unknown surgeon structure" in capsys.readouterr().err

@@ -242,7 +242,7 @@ def test_asvd_sizes_meet_target_and_are_monotonic(asvd_plan):
             assert all(ranks[n] >= previous[n] for n in ranks)
         previous = ranks
     asvd_plan.materialize_(model, 0.5)
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    report = size_report(model)
     assert abs(report.target_fraction - 0.5) <= granularity
     assert "asvd_threshold" in asvd_plan.describe(model)
     with pytest.raises(UserError, match="smallest size"):

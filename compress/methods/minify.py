@@ -71,6 +71,7 @@ from lowrank.surgery import (
     expert_structure,
     layer_param_count,
     record_dense_shapes,
+    recorded_dense_shapes,
     replace_module_,
     target_linears,
 )
@@ -496,7 +497,7 @@ class MinifyPlan:
     # ------------------------------------------------------------------ reporting
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """MLP accounting of a (materialized) model, for the CLI report."""
-        shapes = getattr(model, "_lowrank_dense_shapes", None) or {}
+        shapes = recorded_dense_shapes(model) or {}
         dense = current = 0
         widths: dict[str, int] = {}
         for n, layer in self.layers.items():

@@ -69,7 +69,14 @@ from compress.methods import options_of, register_method
 from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import block_linear_names, expert_structure, record_dense_shapes, replace_module_, target_linears
+from lowrank.surgery import (
+    block_linear_names,
+    expert_structure,
+    record_dense_shapes,
+    recorded_dense_shapes,
+    replace_module_,
+    target_linears,
+)
 
 __all__ = [
     "STRUCTURES",
@@ -983,7 +990,7 @@ class SurgeonPlan:
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Physical and zeroed accounting of a pruned model, for the CLI report."""
-        shapes = getattr(model, "_lowrank_dense_shapes", None) or {}
+        shapes = recorded_dense_shapes(model) or {}
         attentions, mlps = find_units(model)
         heads = {b: model.get_submodule(a.q).out_features // a.head_dim for b, a in attentions.items()}
         widths = {b: model.get_submodule(m.down).in_features for b, m in mlps.items()}
