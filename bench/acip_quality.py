@@ -185,8 +185,9 @@ def main() -> int:
         args.seq_len, args.stride = min(args.seq_len, 64), min(args.stride, 32)
     t_script = time.perf_counter()
     from compress.eval import perplexity_of_ids
-    from compress.methods.acip import ACIPPaused, run_acip, temporarily_materialized
+    from compress.methods.acip import ACIPPaused, run_acip
     from compress.methods.svd import SVDConfig, score_svd
+    from compress.plan import temporarily_materialized
     from compress.timing import env_info
     from lowrank import size_report
 

@@ -300,7 +300,7 @@ def _acip_base(ctx: Context) -> dict[str, Any]:
 
 def run_acip(ctx: Context, job: Job) -> dict[str, Any]:
     from compress.methods.acip import run_acip as acip
-    from compress.methods.acip import temporarily_materialized
+    from compress.plan import temporarily_materialized
 
     chunks = ctx.calibration(job.calibration, "acip")
     options = {**_acip_base(ctx), **job.options}

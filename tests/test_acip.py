@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
-from compress.methods.acip import ACIPConfig, ScoreMap, ScoreMapMismatch, run_acip, temporarily_materialized
+from compress.methods.acip import ACIPConfig, ScoreMap, ScoreMapMismatch, run_acip
 from compress.methods.acip import functional as F
 from compress.methods.acip.layer import masked_lowrank
 from compress.methods.acip.train import install_masked_layers
+from compress.plan import temporarily_materialized
 from lowrank import LowRankLinear, size_report, target_linears
 from tests.conftest import make_tiny_llama
 

@@ -23,6 +23,7 @@ from compress.methods.minify import (
     score_minify,
     select_channels,
 )
+from compress.plan import recorded_plan_type
 
 
 def _tokens(n: int, seq: int, seed: int, vocab: int = 128) -> torch.Tensor:
@@ -248,7 +249,7 @@ def test_save_reload_bitwise(tiny_and_plan, tmp_path):
 def test_plan_save_load_roundtrip(tiny_and_plan, tmp_path):
     model, plan = tiny_and_plan
     plan.with_options(ridge=1e-2).save(tmp_path / "plan")
-    assert MinifyPlan.is_plan_dir(tmp_path / "plan")
+    assert recorded_plan_type(tmp_path / "plan") == MinifyPlan.plan_type == "minify"
     loaded = MinifyPlan.load(tmp_path / "plan")
     assert loaded.options.ridge == 1e-2
     a, b = copy.deepcopy(model), copy.deepcopy(model)

@@ -354,9 +354,9 @@ def test_plan_save_load_and_errors(tmp_path):
     plan.save(tmp_path / "plan")
     loaded = SurgeonPlan.load(tmp_path / "plan")
     assert torch.equal(loaded.calibration_ids, ids) and loaded.options == plan.options
-    from compress.methods.acip.scoremap import load_any_plan
+    from compress.api import load_plan
 
-    assert isinstance(load_any_plan(tmp_path / "plan"), SurgeonPlan)
+    assert isinstance(load_plan(tmp_path / "plan"), SurgeonPlan)
     for bad in ({"structure": "3:4"}, {"fisher": "bogus"}, {"update": "yes"}, {"damp_a": 0.0}, {"shots": 0},
                 {"min_keep": 2.0}):
         with pytest.raises(UserError):

@@ -11,9 +11,12 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.errors import UserError
+
+if TYPE_CHECKING:
+    from compress.plan import Plan
 
 __all__ = ["MethodSpec", "available_methods", "check_shrink", "get_method", "options_of", "register_method"]
 
@@ -22,12 +25,15 @@ __all__ = ["MethodSpec", "available_methods", "check_shrink", "get_method", "opt
 class MethodSpec:
     name: str
     config_cls: type
-    score: Callable[..., Any]
+    score: Callable[..., Plan]
     description: str
     needs_calibration: bool = True
     # Raises UserError (one line naming the structure) for a model the method cannot compress; run
     # before any data is read or any evaluation starts (`compress.api.check_model`).
     check_model: Callable[[Any], Any] | None = None
+    # Keyword options its plans' `materialize_` takes besides `rank_multiple` (score maps: "reset"), so
+    # that a caller can refuse one before any model loads.
+    materialize_options: tuple[str, ...] = ()
 
     def option_names(self) -> list[str]:
         """The fields of this method's config, i.e. the keys `make_config` (and --method-opt) accept."""
@@ -81,11 +87,12 @@ _BUILTIN_MODULES = ("compress.methods.svd", "compress.methods.acip", "compress.m
 
 
 def register_method(name: str, config_cls: type, description: str, *, needs_calibration: bool = True,
-                    check_model: Callable[[Any], Any] | None = None):
+                    check_model: Callable[[Any], Any] | None = None, materialize_options: tuple[str, ...] = ()):
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration, check_model)
+        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration, check_model,
+                                     materialize_options)
         return fn
 
     return decorator

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
 from compress.errors import UserError
 from compress.methods import options_of, register_method
-from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
+from compress.plan import PlanBase, SizesCovered, read_plan_dir, register_plan_type, write_plan_dir
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import (
@@ -950,8 +950,9 @@ def _sync(device: torch.device) -> None:
 
 
 # ============================================================================ plan
+@register_plan_type("surgeon")
 @dataclass
-class SurgeonPlan:
+class SurgeonPlan(PlanBase):
     """Surgeon's plan: the calibration tokens and options. Each shot's curvature depends on the
     model pruned so far, so every size is pruned afresh from the dense model (`materialize_`)."""
 
@@ -965,6 +966,18 @@ class SurgeonPlan:
     last_stats: dict[str, Any] = field(default_factory=dict)
     offload: bool = False  # prune with the weights in CPU memory (not saved with the plan)
 
+    @property
+    def supports_any_size(self) -> bool:
+        return self.options.structure != "2:4"
+
+    @property
+    def sizes_covered(self) -> SizesCovered:
+        """Any size in (0, 1], each pruned afresh from the calibration tokens; 0.5 alone for 2:4 sparsity."""
+        if self.options.structure == "2:4":
+            return SizesCovered(only=(0.5,), owner="surgeon structure '2:4'",
+                                limit="it keeps exactly half of every targeted matrix; use --size 0.5")
+        return SizesCovered()
+
     def with_options(self, **changes: Any) -> SurgeonPlan:
         return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes), last_stats={})
 
@@ -975,9 +988,9 @@ class SurgeonPlan:
         """
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
             raise UserError(f"size must be a fraction in (0, 1], got {size}")
+        if size not in self.sizes_covered:
+            raise UserError(self.sizes_covered.refusal([size]))
         options = self.options
-        if options.structure == "2:4" and abs(float(size) - 0.5) > 1e-9:
-            raise UserError("surgeon structure '2:4' keeps exactly half of every targeted matrix; use --size 0.5")
         if rank_multiple > 1:
             options = dataclasses.replace(options, width_multiple=rank_multiple)
         t0 = time.perf_counter()
@@ -1016,17 +1029,13 @@ class SurgeonPlan:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        meta = {"method": self.method, "plan_type": "surgeon", "options": dataclasses.asdict(self.options),
+        meta = {"method": self.method, "plan_type": self.plan_type, "options": dataclasses.asdict(self.options),
                 "metadata": self.metadata}
         return write_plan_dir(directory, {"calibration_ids": self.calibration_ids.to(torch.int64)}, meta)
 
-    @staticmethod
-    def is_plan_dir(directory: str | os.PathLike) -> bool:
-        return plan_dir_type(directory) == "surgeon"
-
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SurgeonPlan:
-        meta, tensors = read_plan_dir(directory, "surgeon")
+        meta, tensors = read_plan_dir(directory, cls.plan_type)
         if "calibration_ids" not in tensors:
             raise UserError(f"{directory}: surgeon plan is incomplete (missing calibration_ids)")
         return cls(tensors["calibration_ids"], SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),

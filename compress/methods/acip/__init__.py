@@ -11,7 +11,7 @@ See docs/acip.md.
 """
 
 from compress.methods.acip.methods import SVDMagnitudeConfig, score_acip, score_svd_magnitude
-from compress.methods.acip.scoremap import ScoreMap, ScoreMapMismatch, load_any_plan, temporarily_materialized
+from compress.methods.acip.scoremap import ScoreMap, ScoreMapMismatch
 from compress.methods.acip.train import ACIPConfig, ACIPPaused, run_acip
 
 __all__ = [
@@ -20,9 +20,7 @@ __all__ = [
     "SVDMagnitudeConfig",
     "ScoreMap",
     "ScoreMapMismatch",
-    "load_any_plan",
     "run_acip",
     "score_acip",
     "score_svd_magnitude",
-    "temporarily_materialized",
 ]

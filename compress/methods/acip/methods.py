@@ -27,7 +27,8 @@ __all__ = ["SVDMagnitudeConfig", "score_acip", "score_svd_magnitude"]
 
 
 @register_method("acip", ACIPConfig,
-                 "ACIP: learn a global score map over singular values (any size from one run)")
+                 "ACIP: learn a global score map over singular values (any size from one run)",
+                 materialize_options=("reset",))
 def score_acip(model: nn.Module, chunks: Tensor, config: ACIPConfig) -> ScoreMap:
     return run_acip(model, chunks, config)
 
@@ -41,7 +42,7 @@ class SVDMagnitudeConfig:
 
 @register_method("svd-magnitude", SVDMagnitudeConfig,
                  "plain SVD, singular values ranked globally across layers (no data)",
-                 needs_calibration=False)
+                 needs_calibration=False, materialize_options=("reset",))
 def score_svd_magnitude(model: nn.Module, chunks: Tensor | None, config: SVDMagnitudeConfig) -> ScoreMap:
     names = [n for n, m in target_linears(model).items() if isinstance(m, nn.Linear)]
     if not names:
