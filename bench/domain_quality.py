@@ -377,8 +377,8 @@ def run_surgeon(ctx: Context, job: Job) -> dict[str, Any]:
     for fraction in job.sizes:
         m = copy.deepcopy(ctx.model32)
         t0 = time.perf_counter()
-        plan = get_method("surgeon").score(m, chunks, _config("surgeon", **options))
         target = 1.0 - (1.0 - fraction) * ctx.model_params / ctx.target_params
+        plan = get_method("surgeon").score(m, chunks, _config("surgeon", sizes=(target,), **options))
         plan.materialize_(m, target)
         _sync()
         seconds[str(fraction)] = round(time.perf_counter() - t0, 2)

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +112,8 @@ def score(
     resume: bool | None = None,
     offload: bool | None = None,
     bos: str = "auto",
+    sizes: Sequence[float] | None = None,
+    rank_multiple: int | None = None,
     **options: Any,
 ) -> Plan:
     """Run a method's calibration/scoring and return its Plan (materializable at its `sizes_covered`).
@@ -124,13 +126,15 @@ def score(
     ``"auto"`` uses the one the tokenizer adds by default, if any; ``"always"``; ``"never"``).
 
     `batch_size`, `checkpoint_dir`, `resume` and `offload` are shared settings: each applies to the
-    methods whose config has it (`None`: the method's default). `options` are the method's own
+    methods whose config has it (`None`: the method's default). So are `sizes` and `rank_multiple`,
+    for a method that prunes while it scores (surgeon): its plan covers `sizes` alone. `options` are the method's own
     config fields (`get_method(method).option_names()`); an unknown key raises `UserError`.
     `offload=True` streams the model from CPU memory (methods that support it).
     """
     spec = get_method(method)
     check_offload(spec, offload)
-    shared = {"batch_size": batch_size, "checkpoint_dir": checkpoint_dir, "resume": resume, "offload": offload}
+    shared = {"batch_size": batch_size, "checkpoint_dir": checkpoint_dir, "resume": resume, "offload": offload,
+              "sizes": None if sizes is None else tuple(sizes), "rank_multiple": rank_multiple}
     config = spec.make_config(shared, **options)
     check_model(model, spec)
     chunks = None
@@ -172,7 +176,8 @@ def compress(
     stream = offloaded(model, execution_device) if offload else contextlib.nullcontext()
     with stream:
         start = time.perf_counter()
-        plan = score(model, tokenizer, method, offload=offload or None, **score_kwargs)
+        plan = score(model, tokenizer, method, offload=offload or None, sizes=(size,), rank_multiple=rank_multiple,
+                     **score_kwargs)
         score_seconds = time.perf_counter() - start
         if after_scoring is not None:
             after_scoring(plan)

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the targeted linear layers' parameters to keep, in (0, 1] (default 0.8)")
     p.add_argument("--out", default=None, help="write the compressed checkpoint here (atomically)")
     p.add_argument("--save-plan", default=None,
-                   help="also save the method's plan (scores + factors) here, for `materialize` at any size")
+                   help="also save the method's plan (scores + factors) here, for `materialize` at any size it "
+                        "covers (surgeon: the --size it was scored at)")
     p.add_argument("--data", action="append", default=None, metavar="SPEC[@WEIGHT]",
                    help="calibration text: .txt or .jsonl file, hf:NAME[:CONFIG][:SPLIT] or offline:NAME "
                         "(docs, code, legal); repeat it for a mixture, @WEIGHT = share of the calibration tokens, "
@@ -307,7 +308,7 @@ def parse_method_opts(pairs: list[str]) -> dict[str, Any]:
 
 # Method config fields that a CLI flag sets: `--method-opt` refuses them, so each has one meaning.
 FLAG_FOR_OPTION = {"batch_size": "--batch-size", "checkpoint_dir": "--checkpoint-dir", "resume": "--resume",
-                   "offload": "--offload"}
+                   "offload": "--offload", "sizes": "--size", "rank_multiple": "--rank-multiple"}
 
 
 def _checked_method_opts(spec, args: argparse.Namespace) -> dict[str, Any]:

@@ -53,19 +53,19 @@ class SizesCovered:
     """The sizes (fractions of the targeted linears' dense parameters) a plan materializes.
 
     Every size in [`lowest`, 1] (down to `COVERAGE_SLACK` below `lowest`), or, where `only` is
-    set, exactly those sizes. `owner` and `limit` word a refusal: what the plan is ("this score
-    map") and what bounds it, with how to go further.
+    not None, exactly those sizes (none for an empty tuple). `owner` and `limit` word a refusal:
+    what the plan is ("this score map") and what bounds it, with how to go further.
     """
 
     lowest: float = 0.0
-    only: tuple[float, ...] = ()
+    only: tuple[float, ...] | None = None
     owner: str = "this plan"
     limit: str = ""
 
     def __contains__(self, size: object) -> bool:
         if isinstance(size, bool) or not isinstance(size, (int, float)):
             return False
-        if self.only:
+        if self.only is not None:
             return any(abs(float(size) - s) <= 1e-9 for s in self.only)
         return float(size) >= self.lowest - COVERAGE_SLACK
 
@@ -74,8 +74,8 @@ class SizesCovered:
         uncovered = [s for s in sizes if s not in self]
         one = len(uncovered) == 1
         shown = f"size {uncovered[0]} is" if one else f"sizes {uncovered} are"
-        if self.only:
-            listed = ", ".join(f"{s:g}" for s in self.only)
+        if self.only is not None:
+            listed = ", ".join(f"{s:g}" for s in self.only) or "none"
             line = f"{shown} not among the sizes {self.owner} covers ({listed})"
         else:
             line = f"{shown} below what {self.owner} covers"
@@ -90,7 +90,8 @@ class Plan(Protocol):
 
     @property
     def supports_any_size(self) -> bool:
-        """Whether every size in `sizes_covered`'s range materializes from this plan alone (no rescoring)."""
+        """True where `sizes_covered` is a range (every size from its lowest to 1); False where the plan
+        holds a fixed set of sizes (surgeon, which prunes while it scores; 2:4 sparsity)."""
         ...
 
     @property

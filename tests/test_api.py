@@ -160,3 +160,5 @@ def test_sizes_covered_words_its_refusals():
     fixed = SizesCovered(only=(0.5,), owner="surgeon structure '2:4'")
     assert 0.5 in fixed and 0.6 not in fixed
     assert fixed.refusal([0.6]) == "size 0.6 is not among the sizes surgeon structure '2:4' covers (0.5)"
+    nothing = SizesCovered(only=())
+    assert 0.5 not in nothing and nothing.refusal([0.5]) == "size 0.5 is not among the sizes this plan covers (none)"

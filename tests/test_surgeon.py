@@ -31,7 +31,7 @@ from compress.methods.surgeon import (
     surgeon_prune_,
     two_four_mask,
 )
-from lowrank.surgery import size_report
+from lowrank.surgery import size_report, target_linears
 
 
 def _seed() -> int:
@@ -345,15 +345,48 @@ def test_lora_correction_keeps_pruned_weights_zero():
     assert zeros == pytest.approx(0.3 * total, abs=0.002 * total)
 
 
+def test_score_prunes_and_materialize_applies():
+    """score runs the shots (the model stays as it was); materialize_ puts exactly their result in place."""
+    model = make_tiny_llama(seed=_seed() % 1000)
+    ids = _tokens(4, 16)
+    options = dict(shots=2, batch_size=2, lora_steps=2)
+    direct = copy.deepcopy(model)
+    torch.manual_seed(3)
+    stats = surgeon_prune_(direct, ids, 0.75, SurgeonOptions(**options), progress=False)
+    spec = get_method("surgeon")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    layers = dict(target_linears(model))
+    torch.manual_seed(3)
+    plan = spec.score(model, ids, spec.make_config(progress=False, sizes=(0.75,), **options))
+    assert all(target_linears(model)[n] is m for n, m in layers.items())
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert not plan.supports_any_size and 0.75 in plan.sizes_covered and 0.7 not in plan.sizes_covered
+    kept = plan.materialize_(model, 0.75)
+    assert kept == {n: int(m.weight.count_nonzero()) for n, m in target_linears(direct).items()}
+    for (n, p), (_, q) in zip(direct.named_parameters(), model.named_parameters(), strict=True):
+        assert p.shape == q.shape and torch.equal(p, q), n
+    def untimed(shots: list[dict]) -> list[dict]:
+        return [{k: v for k, v in shot.items() if not k.endswith("seconds")} for shot in shots]
+
+    assert untimed(plan.last_stats["shots"]) == untimed(stats["shots"]) and len(stats["shots"]) == 2
+    assert plan.last_stats["kept_fraction"] == stats["kept_fraction"]
+
+
 def test_plan_save_load_and_errors(tmp_path):
     model = make_tiny_llama(seed=_seed() % 1000)
     spec = get_method("surgeon")
     assert spec.config_cls is SurgeonConfig
     ids = _tokens(4, 16)
-    plan = spec.score(model, ids, spec.make_config(shots=2, progress=False))
+    plan = spec.score(model, ids, spec.make_config(shots=2, progress=False, lora_steps=0, sizes=(0.8, 0.9)))
     plan.save(tmp_path / "plan")
     loaded = SurgeonPlan.load(tmp_path / "plan")
-    assert torch.equal(loaded.calibration_ids, ids) and loaded.options == plan.options
+    assert loaded.options == plan.options and loaded.sizes_covered == plan.sizes_covered
+    assert loaded.sizes_covered.only == (0.8, 0.9)
+    for size in (0.8, 0.9):
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        assert plan.materialize_(a, size) == loaded.materialize_(b, size)
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            assert torch.equal(p, q), n
     from compress.api import load_plan
 
     assert isinstance(load_plan(tmp_path / "plan"), SurgeonPlan)
@@ -362,15 +395,21 @@ def test_plan_save_load_and_errors(tmp_path):
         with pytest.raises(UserError):
             SurgeonOptions(**bad)
     with pytest.raises(UserError, match="2:4"):
-        plan.with_options(structure="2:4").materialize_(copy.deepcopy(model), 0.8)
+        spec.make_config(structure="2:4", sizes=(0.8,))
+    with pytest.raises(UserError, match="not among the sizes this surgeon plan covers"):
+        plan.materialize_(copy.deepcopy(model), 0.7)
     with pytest.raises(UserError, match="calibration token ids"):
         spec.score(model, None, spec.make_config())
+    with pytest.raises(UserError, match="sizes to prune to"):
+        spec.score(model, ids, spec.make_config())
     from lowrank.surgery import factorize_
 
     factorized = copy.deepcopy(model)
     factorize_(factorized, lambda n, lin: 4)
     with pytest.raises(UserError, match="already factorized"):
         find_units(factorized)
+    with pytest.raises(UserError, match="already factorized"):
+        plan.materialize_(factorized, 0.8)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -86,6 +86,7 @@ __all__ = [
     "SurgeonConfig",
     "SurgeonOptions",
     "SurgeonPlan",
+    "PrunedSize",
     "column_costs",
     "column_set_cost",
     "damped",
@@ -353,6 +354,23 @@ class SurgeonConfig(SurgeonOptions):
     checkpoint_dir: str | None = None  # after every shot, the pruned weights are saved here
     resume: bool | None = None  # continue from checkpoint_dir's last shot
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
+    # The sizes to prune to while scoring (`compress.api.compress` passes its size; the CLI's --size).
+    sizes: tuple[float, ...] = ()
+    rank_multiple: int = 1  # > 1: the MLP width multiple instead of width_multiple (the CLI's --rank-multiple)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.sizes, (int, float)):
+            self.sizes = (self.sizes,)
+        self.sizes = tuple(self.sizes)
+        for size in self.sizes:
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
+                raise UserError(f"size must be a fraction in (0, 1], got {size}")
+        self.sizes = tuple(float(size) for size in self.sizes)
+        if self.structure == "2:4" and any(abs(float(size) - 0.5) > 1e-9 for size in self.sizes):
+            raise UserError("surgeon structure '2:4' keeps exactly half of every targeted matrix; use --size 0.5")
+        if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
+            raise UserError(f"rank_multiple must be a positive integer, got {self.rank_multiple!r}")
 
     def options(self) -> SurgeonOptions:
         return options_of(self, SurgeonOptions)
@@ -950,55 +968,66 @@ def _sync(device: torch.device) -> None:
 
 
 # ============================================================================ plan
+@dataclass
+class PrunedSize:
+    """One size's pruning: every targeted linear's weight (and bias) after the last shot, and the shots' stats."""
+
+    weights: dict[str, Tensor]
+    biases: dict[str, Tensor]  # the linears that have one
+    stats: dict[str, Any]
+
+
 @register_plan_type("surgeon")
 @dataclass
 class SurgeonPlan(PlanBase):
-    """Surgeon's plan: the calibration tokens and options. Each shot's curvature depends on the
-    model pruned so far, so every size is pruned afresh from the dense model (`materialize_`)."""
+    """Surgeon's plan: the pruned weights at each size it was scored for, and the options that pruned them.
 
-    calibration_ids: Tensor
+    Each shot's curvature depends on the model pruned so far, so the pruning of a size runs in
+    `score_surgeon`, from the dense model, for the sizes asked; `materialize_` puts one in place.
+    """
+
+    pruned: dict[float, PrunedSize]
     options: SurgeonOptions = field(default_factory=SurgeonOptions)
     metadata: dict[str, Any] = field(default_factory=dict)
     method: str = "surgeon"
-    progress: bool = True
-    checkpoint_dir: str | None = None
-    resume: bool = False
     last_stats: dict[str, Any] = field(default_factory=dict)
-    offload: bool = False  # prune with the weights in CPU memory (not saved with the plan)
 
     @property
     def supports_any_size(self) -> bool:
-        return self.options.structure != "2:4"
+        return False
 
     @property
     def sizes_covered(self) -> SizesCovered:
-        """Any size in (0, 1], each pruned afresh from the calibration tokens; 0.5 alone for 2:4 sparsity."""
-        if self.options.structure == "2:4":
-            return SizesCovered(only=(0.5,), owner="surgeon structure '2:4'",
-                                limit="it keeps exactly half of every targeted matrix; use --size 0.5")
-        return SizesCovered()
-
-    def with_options(self, **changes: Any) -> SurgeonPlan:
-        return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes), last_stats={})
+        """The sizes `score_surgeon` pruned to."""
+        return SizesCovered(only=tuple(sorted(self.pruned)), owner="this surgeon plan",
+                            limit="surgeon prunes while it scores (each shot's curvature depends on the model pruned "
+                                  "so far), so its plan holds the sizes it was scored for; score again at this size")
 
     def materialize_(self, model: nn.Module, size: float, *, rank_multiple: int = 1) -> dict[str, int]:
-        """Prune `model` in place to `size`; returns {linear name: kept weights}.
+        """Put the pruned weights of `size` into the dense `model`; returns {linear name: kept weights}.
 
-        `rank_multiple` > 1 overrides the MLP width multiple (the CLI's --rank-multiple).
+        `rank_multiple` > 1 (the CLI's --rank-multiple) must be the MLP width multiple the plan was pruned with.
         """
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
             raise UserError(f"size must be a fraction in (0, 1], got {size}")
         if size not in self.sizes_covered:
             raise UserError(self.sizes_covered.refusal([size]))
-        options = self.options
-        if rank_multiple > 1:
-            options = dataclasses.replace(options, width_multiple=rank_multiple)
-        t0 = time.perf_counter()
-        with maybe_offloaded(model, self.offload):
-            stats = surgeon_prune_(model, self.calibration_ids, float(size), options, progress=self.progress,
-                                   checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume))
-        stats["seconds"] = round(time.perf_counter() - t0, 3)
-        self.last_stats = stats
+        if rank_multiple > 1 and rank_multiple != self.options.width_multiple:
+            raise UserError(f"this surgeon plan was pruned with MLP width multiple {self.options.width_multiple}, "
+                            f"not {rank_multiple}; score again with that multiple")
+        result = next(p for s, p in self.pruned.items() if abs(s - float(size)) <= 1e-9)
+        targets = target_linears(model)
+        missing = [n for n in result.weights if n not in targets]
+        if missing:
+            raise UserError(f"this plan names layers the model lacks: {missing[:3]} (a plan for another model?)")
+        factorized = [n for n in result.weights if not isinstance(targets[n], nn.Linear)]
+        if factorized:
+            raise UserError(f"{factorized[0]} is already factorized; materialize onto the dense model")
+        record_dense_shapes(model)
+        with torch.no_grad():
+            for name, weight in result.weights.items():
+                replace_module_(model, name, _new_linear(targets[name], weight, result.biases.get(name)))
+        self.last_stats = result.stats
         return {n: int(m.weight.count_nonzero()) for n, m in target_linears(model).items()}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
@@ -1029,17 +1058,50 @@ class SurgeonPlan(PlanBase):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
+        tensors: dict[str, Tensor] = {}
+        sizes = []
+        for index, (size, result) in enumerate(self.pruned.items()):
+            tensors.update({f"{index}/{n}.weight": w for n, w in result.weights.items()})
+            tensors.update({f"{index}/{n}.bias": b for n, b in result.biases.items()})
+            sizes.append({"size": size, "layers": list(result.weights), "biases": list(result.biases),
+                          "stats": result.stats})
         meta = {"method": self.method, "plan_type": self.plan_type, "options": dataclasses.asdict(self.options),
-                "metadata": self.metadata}
-        return write_plan_dir(directory, {"calibration_ids": self.calibration_ids.to(torch.int64)}, meta)
+                "metadata": self.metadata, "pruned": sizes}
+        return write_plan_dir(directory, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SurgeonPlan:
+        """The saved plan; one saved before surgeon pruned while scoring holds no size (`sizes_covered`)."""
         meta, tensors = read_plan_dir(directory, cls.plan_type)
-        if "calibration_ids" not in tensors:
-            raise UserError(f"{directory}: surgeon plan is incomplete (missing calibration_ids)")
-        return cls(tensors["calibration_ids"], SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
+        pruned = {}
+        try:
+            for index, entry in enumerate(meta.get("pruned", [])):
+                pruned[float(entry["size"])] = PrunedSize({n: tensors[f"{index}/{n}.weight"] for n in entry["layers"]},
+                                                          {n: tensors[f"{index}/{n}.bias"] for n in entry["biases"]},
+                                                          entry.get("stats", {}))
+        except KeyError as exc:
+            raise UserError(f"{directory}: surgeon plan is incomplete (missing {exc})") from exc
+        return cls(pruned, SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
                    meta.get("method", "surgeon"))
+
+
+def _pruned_copy(model: nn.Module, chunks: Tensor, size: float, options: SurgeonOptions, config: SurgeonConfig,
+                 checkpoint_dir: str | None) -> PrunedSize:
+    """`surgeon_prune_` at `size`, its weights kept aside (in CPU memory) and `model`'s own layers put back."""
+    originals = dict(target_linears(model))
+    t0 = time.perf_counter()
+    try:
+        stats = surgeon_prune_(model, chunks, size, options, progress=config.progress, checkpoint_dir=checkpoint_dir,
+                               resume=bool(config.resume))
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        # Copies: a layer the shots left alone is still the model's own, whose tensors the plan must not share.
+        pruned = target_linears(model)
+        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in pruned.items()}
+        biases = {n: m.bias.detach().to("cpu", copy=True) for n, m in pruned.items() if m.bias is not None}
+    finally:
+        for name, module in originals.items():  # never modified: pruning works on new modules
+            replace_module_(model, name, module)
+    return PrunedSize(weights, biases, stats)
 
 
 @register_method("surgeon", SurgeonConfig,
@@ -1047,13 +1109,25 @@ class SurgeonPlan(PlanBase):
                  "updates over several shots (--size = kept fraction of targeted linear parameters)",
                  check_model=find_units)
 def score_surgeon(model: nn.Module, chunks: Tensor, config: SurgeonConfig) -> SurgeonPlan:
-    """Validate the model and options; the pruning itself runs in `SurgeonPlan.materialize_`."""
+    """Prune a copy of `model`'s targeted linears to each of `config.sizes`; the model itself stays as it is."""
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
         raise UserError("surgeon needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
     find_units(model)  # fail before any heavy work on a model surgeon cannot handle
     if config.resume and not config.checkpoint_dir:
         raise UserError("--resume needs --checkpoint-dir (or --save-plan) naming the surgeon checkpoint")
+    if not config.sizes:
+        raise UserError("surgeon prunes while it scores: give the sizes to prune to (sizes=...; "
+                        "compress.api.compress passes its size)")
+    options = config.options()
+    if config.rank_multiple > 1:
+        options = dataclasses.replace(options, width_multiple=config.rank_multiple)
+    pruned = {}
+    with maybe_offloaded(model, config.offload):
+        for size in config.sizes:
+            where = config.checkpoint_dir
+            if where and len(config.sizes) > 1:  # one checkpoint per size: a checkpoint records its size
+                where = str(Path(where) / f"size-{size:g}")
+            pruned[size] = _pruned_copy(model, chunks, size, options, config, where)
     meta = {"calibration_tokens": int(chunks.numel()), "calibration_sequences": int(chunks.shape[0]),
             "seq_len": int(chunks.shape[1])}
-    return SurgeonPlan(chunks.detach().cpu().to(torch.int64), config.options(), meta, progress=config.progress,
-                       checkpoint_dir=config.checkpoint_dir, resume=bool(config.resume), offload=config.offload)
+    return SurgeonPlan(pruned, options, meta)
