@@ -8,7 +8,7 @@ directly by ACIP's masked SVD layers, whose factors are random orthonormal matri
 Gaussian, a few per shape, column-permuted per layer) with a decaying spectrum that never
 reaches zero — no 224 SVDs, and never a dense copy of the layers. Every layer owns its own
 factor tensors, so memory is what a real run holds. One measured step is exactly
-`compress.acip.train.training_step` (bank refresh, forward, NLL + λ·L1, backward, AdamW).
+`compress.methods.acip.train.training_step` (bank refresh, forward, NLL + λ·L1, backward, AdamW).
 
 Targets: ≥ 2.5 steps/s and ≤ 45 GB at batch 4 × 1024 (paper, Table A5: 1.68 steps/s, 62.45 GB).
 Then the training state is dropped and one size is selected and materialized from a score map
@@ -70,9 +70,9 @@ def _spectrum(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
 def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compress.acip.functional import Segments
-    from compress.acip.layer import MaskBank, MaskedSVDLinear
-    from compress.acip.train import ACIPConfig
+    from compress.methods.acip.functional import Segments
+    from compress.methods.acip.layer import MaskBank, MaskedSVDLinear
+    from compress.methods.acip.train import ACIPConfig
     from lowrank.surgery import replace_module_, target_linears
 
     config = LlamaConfig(**(TINY if args.tiny else LLAMA_7B))
@@ -124,8 +124,8 @@ def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> dict[str
 def main() -> int:
     args = _parse()
     t_script = time.perf_counter()
-    from compress.acip.scoremap import ScoreMap, ScoreMapLayer
-    from compress.acip.train import (
+    from compress.methods.acip.scoremap import ScoreMap, ScoreMapLayer
+    from compress.methods.acip.train import (
         disable_activation_checkpointing,
         enable_activation_checkpointing,
         training_step,

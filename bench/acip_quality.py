@@ -128,7 +128,7 @@ def _sync(device: str) -> None:
 
 
 def _acip_config(args: argparse.Namespace, basis: str, device: str, **overrides: Any):
-    from compress.acip import ACIPConfig
+    from compress.methods.acip import ACIPConfig
 
     scale = max(args.time_scale, 1e-6)
     base = dict(
@@ -153,7 +153,7 @@ def _acip_config(args: argparse.Namespace, basis: str, device: str, **overrides:
 
 def _graph_check(model, calib: torch.Tensor, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """A few steps eagerly and with CUDA graphs (dropout off, so only rounding may differ)."""
-    from compress.acip import run_acip
+    from compress.methods.acip import run_acip
 
     if device != "cuda":
         return {"skipped": "no CUDA"}
@@ -184,9 +184,10 @@ def main() -> int:
     if args.tiny:  # the tiny model's context is 512 tokens
         args.seq_len, args.stride = min(args.seq_len, 64), min(args.stride, 32)
     t_script = time.perf_counter()
-    from compress.acip import ACIPPaused, run_acip, temporarily_materialized
     from compress.eval import perplexity_of_ids
+    from compress.methods.acip import ACIPPaused, run_acip
     from compress.methods.svd import SVDConfig, score_svd
+    from compress.plan import temporarily_materialized
     from compress.timing import env_info
     from lowrank import size_report
 

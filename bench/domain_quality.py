@@ -244,7 +244,7 @@ class Context:
         from lowrank.surgery import size_report
 
         t0 = time.perf_counter()
-        report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+        report = size_report(model)
         ppl, sanity, samples = self.score(model)
         _sync()
         ratio = domains.ratios(ppl, self.dense["ppl"])
@@ -299,8 +299,8 @@ def _acip_base(ctx: Context) -> dict[str, Any]:
 
 
 def run_acip(ctx: Context, job: Job) -> dict[str, Any]:
-    from compress.acip import run_acip as acip
-    from compress.acip import temporarily_materialized
+    from compress.methods.acip import run_acip as acip
+    from compress.plan import temporarily_materialized
 
     chunks = ctx.calibration(job.calibration, "acip")
     options = {**_acip_base(ctx), **job.options}
@@ -377,8 +377,8 @@ def run_surgeon(ctx: Context, job: Job) -> dict[str, Any]:
     for fraction in job.sizes:
         m = copy.deepcopy(ctx.model32)
         t0 = time.perf_counter()
-        plan = get_method("surgeon").score(m, chunks, _config("surgeon", **options))
         target = 1.0 - (1.0 - fraction) * ctx.model_params / ctx.target_params
+        plan = get_method("surgeon").score(m, chunks, _config("surgeon", sizes=(target,), **options))
         plan.materialize_(m, target)
         _sync()
         seconds[str(fraction)] = round(time.perf_counter() - t0, 2)

@@ -210,9 +210,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec = get_method(method)
         options = {"progress": False, **(SMOKE_OPTIONS.get(method, {}) if args.smoke else {}), **method_opts}
         work = copy.deepcopy(model)
+        planned = tuple(sizes_override or SIZES[method])
+        # A method that prunes while it scores (surgeon) is told its sizes now; its score time includes them.
+        at_sizes = {"sizes": planned} if "sizes" in spec.option_names() else {}
         t0 = time.perf_counter()
         try:
-            plan = spec.score(work, calib, spec.make_config(**options))
+            plan = spec.score(work, calib, spec.make_config(**options, **at_sizes))
         except UserError as exc:  # the family's structure is not supported: recorded, not fatal
             results["refused"][method] = str(exc)
             results["methods"].pop(method, None)
@@ -225,13 +228,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["refused"].pop(method, None)
         results["methods"][method] = entry
         del work
-        for size in sizes_override or SIZES[method]:
+        for size in planned:
             compressed = copy.deepcopy(model)
             t0 = time.perf_counter()
             plan.materialize_(compressed, size)
             _sync()
             seconds = time.perf_counter() - t0
-            report = size_report(compressed, getattr(compressed, "_lowrank_dense_shapes", None))
+            report = size_report(compressed)
             point: dict[str, Any] = {"requested": size, "target_fraction": round(report.target_fraction, 5),
                                      "model_fraction": round(report.model_fraction, 5),
                                      "materialize_seconds": round(seconds, 3), "eval": {}}

@@ -122,7 +122,7 @@ class Bench:
 
     def record(self, group: str, label: str, m: nn.Module, plan: MinifyPlan | None, seconds: dict[str, float],
                **extra: Any) -> dict[str, Any]:
-        report = size_report(m, getattr(m, "_lowrank_dense_shapes", None))
+        report = size_report(m)
         row: dict[str, Any] = {"group": group, "label": label, **extra}
         if plan is not None:
             info = plan.describe(m)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.materialize_(m, 0.9)
     _sync()
     minify_s = time.perf_counter() - t0
-    first = size_report(m, m._lowrank_dense_shapes).target_fraction
+    first = size_report(m).target_fraction
     m, secs = _svd(m, calib, size / first, args.batch_size)
     bench.record("compose", f"minify 90% + svd @targ {size:.3f}", m, plan, {"materialize": minify_s, **secs},
                  retention=0.9, svd_size_of_narrowed=round(size / first, 5))

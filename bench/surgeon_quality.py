@@ -116,7 +116,7 @@ class Runner:
         return 1.0 - (1.0 - model_fraction) * self.model_params / self.target_params
 
     def record(self, group: str, label: str, m: nn.Module, seconds: float, split: str, **extra: Any) -> dict:
-        report = size_report(m, getattr(m, "_lowrank_dense_shapes", None))
+        report = size_report(m)
         row = {"group": group, "label": label, "target_fraction": round(report.target_fraction, 5),
                "model_fraction": round(report.model_fraction, 5), "split": split, **extra}
         row["perplexity"] = self.ppl(m, self.test if split == "test" else self.held)

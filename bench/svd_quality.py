@@ -92,8 +92,7 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             mat_seconds[str(size)] = round(time.perf_counter() - t0, 3)
-            fractions[str(size)] = round(size_report(compressed, getattr(compressed, "_lowrank_dense_shapes",
-                                                                         None)).target_fraction, 5)
+            fractions[str(size)] = round(size_report(compressed).target_fraction, 5)
             rows[str(size)] = ppl(compressed, args.seq_len)
             results["domains"]["rows"].append({"label": f"{method} {size:g}", "method": method, "size": size,
                                                **domains.suite_report(compressed, tokenizer, suite, dense_suite)})

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the targeted linear layers' parameters to keep, in (0, 1] (default 0.8)")
     p.add_argument("--out", default=None, help="write the compressed checkpoint here (atomically)")
     p.add_argument("--save-plan", default=None,
-                   help="also save the method's plan (scores + factors) here, for `materialize` at any size")
+                   help="also save the method's plan (scores + factors) here, for `materialize` at any size it "
+                        "covers (surgeon: the --size it was scored at)")
     p.add_argument("--data", action="append", default=None, metavar="SPEC[@WEIGHT]",
                    help="calibration text: .txt or .jsonl file, hf:NAME[:CONFIG][:SPLIT] or offline:NAME "
                         "(docs, code, legal); repeat it for a mixture, @WEIGHT = share of the calibration tokens, "
@@ -307,7 +308,7 @@ def parse_method_opts(pairs: list[str]) -> dict[str, Any]:
 
 # Method config fields that a CLI flag sets: `--method-opt` refuses them, so each has one meaning.
 FLAG_FOR_OPTION = {"batch_size": "--batch-size", "checkpoint_dir": "--checkpoint-dir", "resume": "--resume",
-                   "offload": "--offload"}
+                   "offload": "--offload", "sizes": "--size", "rank_multiple": "--rank-multiple"}
 
 
 def _checked_method_opts(spec, args: argparse.Namespace) -> dict[str, Any]:
@@ -449,15 +450,14 @@ def _perplexity(model, tokenizer, text: str, seq_len: int, args: argparse.Namesp
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from compress.api import check_offload, check_size
+    from compress.api import check_offload
     from compress.methods import get_method
     from lowrank import save_pretrained
 
-    size = check_size(args.size)
+    size = _checked_size(args.size)
     spec = get_method(args.method)
     check_offload(spec, args.offload)
-    if args.reset is not None and spec.name not in SCORE_MAP_METHODS:  # refuse before the model loads
-        raise UserError(RESET_ONLY_SCORE_MAPS)
+    _materialize_kwargs(spec, args)  # --reset for a method whose plans take none: refused before the model loads
     out = _writable_dir(args.out) if args.out else None
     for where in (args.save_plan, args.checkpoint_dir):  # written after the long work: checked now
         if where:
@@ -478,7 +478,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if out is not None:  # before the long work: a full disk is found now, not at the save
         _check_room(out, _estimated_checkpoint_bytes(model, size), "not enough room for the checkpoint at")
     with _streamed(model, args, device):  # --offload: every forward below streams from CPU memory
-        result = _compress_loaded(model, tokenizer, args, size, device)
+        result = _compress_loaded(model, tokenizer, args, spec, size, device)
     if _launched_rank() > 0:
         return 0  # distributed scoring: rank 0 saves and reports
     if out is not None:
@@ -492,12 +492,12 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, device: str) -> dict[str, Any]:
-    """Dense evaluation, scoring, materialization and compressed evaluation of a loaded model."""
-    from compress.api import check_model, score
+def _compress_loaded(model, tokenizer, args: argparse.Namespace, spec, size: float, device: str) -> dict[str, Any]:
+    """Dense evaluation, `compress.api.compress` (scoring and materialization) and compressed evaluation."""
+    from compress.api import check_model, compress
     from lowrank import size_report
 
-    check_model(model, args.method)  # a structure the method cannot compress is refused before any work
+    check_model(model, spec)  # a structure the method cannot compress is refused before any work
     dense = size_report(model)
     result: dict[str, Any] = {"model": str(args.model or "smollm2-135m"), "method": args.method, "size": size,
                               "device": device, "dtype": str(next(model.parameters()).dtype), "bos": args.bos,
@@ -517,27 +517,26 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
         result["dense_perplexity"] = result["perplexities"][eval_texts[0][0]]["dense"]
         for label, values in result["perplexities"].items():
             print(f"dense perplexity [{label}]: {values['dense']:.3f}")
-    t0 = time.perf_counter()
-    from compress.methods import get_method
-
-    opts = _checked_method_opts(get_method(args.method), args)
+    opts = _checked_method_opts(spec, args)
     checkpoint_dir = args.checkpoint_dir
     if checkpoint_dir is None and args.save_plan:
         checkpoint_dir = str(Path(args.save_plan) / "checkpoint")
-    plan = score(model, tokenizer, args.method, data=args.data, seq_len=args.seq_len,
-                 num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size,
-                 checkpoint_dir=checkpoint_dir, resume=args.resume or None, offload=args.offload or None,
-                 bos=args.bos, **opts)
+
+    def save_plan(plan) -> None:
+        if args.save_plan and not follower:
+            with file_errors("cannot save the plan to", args.save_plan, reading=False):
+                plan.save(_writable_dir(args.save_plan))
+
+    outcome = compress(model, tokenizer, args.method, size, rank_multiple=args.rank_multiple, offload=args.offload,
+                       execution_device=device, materialize_options=_materialize_kwargs(spec, args),
+                       after_scoring=save_plan, materialize=not follower, data=args.data, seq_len=args.seq_len,
+                       num_samples=args.calib_samples, seed=args.seed, batch_size=args.batch_size,
+                       checkpoint_dir=checkpoint_dir, resume=args.resume or None, bos=args.bos, **opts)
     if follower:
         return result
-    result["calibration_seconds"] = round(time.perf_counter() - t0, 2)
-    if args.save_plan:
-        with file_errors("cannot save the plan to", args.save_plan, reading=False):
-            plan.save(_writable_dir(args.save_plan))
-    t0 = time.perf_counter()
-    plan.materialize_(model, size, **_materialize_kwargs(plan, args))
-    result["materialize_seconds"] = round(time.perf_counter() - t0, 3)
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    plan, report = outcome.plan, outcome.report
+    result["calibration_seconds"] = round(outcome.score_seconds, 2)
+    result["materialize_seconds"] = round(outcome.materialize_seconds, 3)
     result.update({
         "dense_params": dense.model_params,
         "compressed_params": report.model_params,
@@ -563,56 +562,65 @@ def _compress_loaded(model, tokenizer, args: argparse.Namespace, size: float, de
 
 
 def run_materialize(argv: list[str]) -> int:
-    from compress.acip.scoremap import ScoreMap, load_any_plan
-    from compress.api import check_offload, check_size
-    from compress.methods import get_method
+    from compress.api import check_offload, load_plan
     from lowrank import save_pretrained, size_report
 
     args = _materialize_parser().parse_args(argv)
-    size = check_size(args.size)
+    size = _checked_size(args.size)
     out = _writable_dir(args.out)
     with file_errors("cannot read the plan", args.scores):
-        plan = load_any_plan(args.scores)
-    kwargs = _materialize_kwargs(plan, args)
+        plan = load_plan(args.scores)
+    spec = _method_of(plan)
+    kwargs = _materialize_kwargs(spec, args)
     if args.offload:
-        if isinstance(plan, ScoreMap):
-            raise UserError("--offload applies to plans of svd, svd-llm, asvd, minify and surgeon, not to score maps")
-        check_offload(get_method(plan.method), True)
-    if isinstance(plan, ScoreMap):
-        # Refuse an uncovered size before spending time on loading the model.
-        plan.select(size, rank_multiple=args.rank_multiple)
+        check_offload(spec, True)
+    if size not in plan.sizes_covered:  # refused before any time goes into loading the model
+        raise UserError(plan.sizes_covered.refusal([size]))
     device = _device(args.device)
     model, tokenizer = _load_for(args, device)
     _check_room(out, _estimated_checkpoint_bytes(model, size), "not enough room for the checkpoint at")
     t0 = time.perf_counter()
     with _streamed(model, args, device):
-        plan.materialize_(model, size, **kwargs)
+        plan.materialize_(model, size, rank_multiple=args.rank_multiple, **kwargs)
     seconds = time.perf_counter() - t0
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    report = size_report(model)
     print(report.summary())
     print(f"selected and materialized in {seconds:.3f} s")
+    reset = kwargs.get("reset", True) if "reset" in spec.materialize_options else None
     with file_errors("cannot save the checkpoint to", out, reading=False, atomic=True):
-        save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size,
-                                                              "reset": kwargs.get("reset", True)
-                                                              if isinstance(plan, ScoreMap) else None})
+        save_pretrained(model, out, tokenizer, extra_metadata={"method": plan.method, "size": size, "reset": reset})
     print(f"saved {out}")
     return 0
 
 
-# Methods whose plan is a ScoreMap (the only plans with a reset rule).
-SCORE_MAP_METHODS = ("acip", "svd-magnitude")
-RESET_ONLY_SCORE_MAPS = "--reset/--no-reset apply to score maps (acip, svd-magnitude), not to this plan"
+def _checked_size(size: float) -> float:
+    """`compress.api.check_size`, its refusal worded for --size."""
+    from compress.api import check_size
+
+    try:
+        return check_size(size)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None  # "--size must be a fraction in (0, 1], got ..."
 
 
-def _materialize_kwargs(plan: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from compress.acip.scoremap import ScoreMap
+def _method_of(plan):
+    """The registered method that scored `plan` (its `MethodSpec`)."""
+    from compress.methods import get_method
 
-    kwargs: dict[str, Any] = {"rank_multiple": args.rank_multiple}
-    if args.reset is not None:
-        if not isinstance(plan, ScoreMap):
-            raise UserError(RESET_ONLY_SCORE_MAPS)
-        kwargs["reset"] = args.reset
-    return kwargs
+    return get_method(plan.method)
+
+
+def _materialize_kwargs(spec, args: argparse.Namespace) -> dict[str, Any]:
+    """The options --reset/--no-reset give `Plan.materialize_`, refused where `spec`'s plans take none."""
+    from compress.api import check_materialize_options
+    from compress.methods import available_methods
+
+    options = {} if args.reset is None else {"reset": args.reset}
+    try:
+        return check_materialize_options(spec, options)
+    except ValueError:
+        takers = [name for name, s in available_methods().items() if "reset" in s.materialize_options]
+        raise UserError(f"--reset/--no-reset apply to score maps ({', '.join(takers)}), not to this plan") from None
 
 
 def _parse_sizes(spec: str) -> list[float]:
@@ -634,23 +642,20 @@ def _parse_sizes(spec: str) -> list[float]:
 
 
 def run_curve(argv: list[str]) -> int:
-    from compress.acip.scoremap import ScoreMap, load_any_plan, temporarily_materialized
+    from compress.api import load_plan
     from compress.data import pack_tokens, tokenize_text
     from compress.eval import perplexity_of_ids
     from compress.model import load_model
+    from compress.plan import temporarily_materialized
     from lowrank import size_report
 
     args = _curve_parser().parse_args(argv)
     sizes = _parse_sizes(args.sizes)
     with file_errors("cannot read the plan", args.scores):
-        plan = load_any_plan(args.scores)
-    kwargs = _materialize_kwargs(plan, args)
-    if isinstance(plan, ScoreMap):
-        low = plan.min_size()
-        uncovered = [v for v in sizes if v < low - 0.005]
-        if uncovered:
-            raise UserError(f"sizes {uncovered} are below what this score map covers ({low:.3f}); "
-                            "drop them or rerun the scoring with a lower stop ratio")
+        plan = load_plan(args.scores)
+    kwargs = {"rank_multiple": args.rank_multiple, **_materialize_kwargs(_method_of(plan), args)}
+    if any(v not in plan.sizes_covered for v in sizes):
+        raise UserError(f"{plan.sizes_covered.refusal(sizes)}; drop them from --sizes")
     out = _writable_dir(args.out or args.scores)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(args.device)
@@ -679,7 +684,7 @@ def run_curve(argv: list[str]) -> int:
         t0 = time.perf_counter()
         with temporarily_materialized(model, plan, size, **kwargs):
             seconds = time.perf_counter() - t0
-            report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+            report = size_report(model)
             values = perplexities()
         rows.append({"requested_size": size, "size": round(report.target_fraction, 6),
                      "rank_multiple": args.rank_multiple, **columns(values), "params": report.target_params,
@@ -759,7 +764,7 @@ def run_eval(argv: list[str]) -> int:
 
     with file_errors("cannot load model", _model_path(args.model)):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+    report = size_report(model)
     log(report.summary())
     prefix = _window_prefix(tokenizer, args, log)
     perplexities = {}  # one per text; the first is also "perplexity"

@@ -1,4 +1,10 @@
-"""Plans: a method's per-layer decisions, materializable at any size.
+"""Plans: what a method's scoring decides, materializable into a model; the `Plan` protocol.
+
+Every method's ``score(model, chunks, config)`` returns a `Plan`: it materializes a size into a
+model (`materialize_`), says which sizes it covers (`sizes_covered`, `supports_any_size`), and
+saves itself to a directory that `compress.api.load_plan` reads back. Plan classes register a
+type name here (`register_plan_type`); each directory records it, and loading goes through that
+one registry.
 
 A `FactorPlan` holds, for every targeted linear, an ordered set of rank-1 directions
 (columns of U, rows of V) and a score for each. Materializing at a size keeps, per layer,
@@ -15,11 +21,13 @@ convention min(r·(m+n), m·n) always describes what is really stored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,18 +39,151 @@ from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import aligned_rank, replace_module_, target_linears
 
-__all__ = ["PLAN_TYPES", "FactorPlan", "LayerFactors", "plan_dir_type", "ranks_for_size", "read_plan_dir",
-           "register_plan_type", "write_plan_dir"]
+__all__ = ["COVERAGE_SLACK", "PLAN_TYPES", "FactorPlan", "LayerFactors", "Plan", "PlanBase", "SizesCovered",
+           "ranks_for_size", "read_plan_dir", "recorded_plan_type", "register_plan_type", "temporarily_materialized",
+           "write_plan_dir"]
 
-# FactorPlan subclasses that carry more than factors (e.g. svd-llm's calibration ids, asvd's
-# allocation), by class name. A subclass records its name as metadata["plan_type"], and
-# `FactorPlan.load` hands such a directory to the subclass's own `load`.
+# A requested size may undershoot the lowest size a plan covers by this much (rounding of a stop
+# criterion, rank alignment) before it is refused.
+COVERAGE_SLACK = 0.005
+
+
+@dataclass(frozen=True)
+class SizesCovered:
+    """The sizes (fractions of the targeted linears' dense parameters) a plan materializes.
+
+    Every size in [`lowest`, 1] (down to `COVERAGE_SLACK` below `lowest`), or, where `only` is
+    not None, exactly those sizes (none for an empty tuple). `owner` and `limit` word a refusal:
+    what the plan is ("this score map") and what bounds it, with how to go further.
+    """
+
+    lowest: float = 0.0
+    only: tuple[float, ...] | None = None
+    owner: str = "this plan"
+    limit: str = ""
+
+    def __contains__(self, size: object) -> bool:
+        if isinstance(size, bool) or not isinstance(size, (int, float)):
+            return False
+        if self.only is not None:
+            return any(abs(float(size) - s) <= 1e-9 for s in self.only)
+        return float(size) >= self.lowest - COVERAGE_SLACK
+
+    def refusal(self, sizes: Sequence[float]) -> str:
+        """One line refusing those of `sizes` that are not covered."""
+        uncovered = [s for s in sizes if s not in self]
+        one = len(uncovered) == 1
+        shown = f"size {uncovered[0]} is" if one else f"sizes {uncovered} are"
+        if self.only is not None:
+            listed = ", ".join(f"{s:g}" for s in self.only) or "none"
+            line = f"{shown} not among the sizes {self.owner} covers ({listed})"
+        else:
+            line = f"{shown} below what {self.owner} covers"
+        return f"{line}: {self.limit}" if self.limit else line
+
+
+@runtime_checkable
+class Plan(Protocol):
+    """What every method's `score` returns, and all that the API and the CLI ask of it."""
+
+    method: str  # the registered method that scored it
+
+    @property
+    def supports_any_size(self) -> bool:
+        """True where `sizes_covered` is a range (every size from its lowest to 1); False where the plan
+        holds a fixed set of sizes (surgeon, which prunes while it scores; 2:4 sparsity)."""
+        ...
+
+    @property
+    def sizes_covered(self) -> SizesCovered:
+        """The sizes `materialize_` accepts."""
+        ...
+
+    def materialize_(self, model: nn.Module, size: float, **options: Any) -> dict[str, int]:
+        """Compress `model` in place to `size`; returns a per-layer account (ranks, widths or kept weights)."""
+        ...
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the plan into `directory`, recording its registered type; returns the directory."""
+        ...
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Plan:
+        """The plan `save` wrote into `directory`."""
+        ...
+
+
+class PlanBase:
+    """What the registered plan classes share: the type name and JSON file `register_plan_type` sets on
+    them, and coverage of every size in (0, 1], which a class that covers fewer overrides."""
+
+    plan_type: ClassVar[str]
+    plan_file: ClassVar[str]
+
+    @property
+    def supports_any_size(self) -> bool:
+        return True
+
+    @property
+    def sizes_covered(self) -> SizesCovered:
+        return SizesCovered()
+
+
+# The plan types, by the name each directory records ("plan_type" in its JSON file). A plan class
+# registers itself with `register_plan_type`; `compress.api.load_plan` looks the name up here.
 PLAN_TYPES: dict[str, type] = {}
+# Per JSON file name, the type of a directory whose JSON records none: formats written before
+# plans recorded their type (svd and svd-plain plans; score maps).
+_UNTYPED: dict[str, str] = {}
 
 
-def register_plan_type(cls: type) -> type:
-    PLAN_TYPES[cls.__name__] = cls
-    return cls
+def register_plan_type(name: str, *, plan_file: str = "plan.json",
+                       untyped: bool = False) -> Callable[[type], type]:
+    """Class decorator: register a `Plan` class as `name`, saved with its metadata in `plan_file`.
+
+    `untyped`: a directory whose `plan_file` records no type holds this class (older formats).
+    """
+
+    def decorator(cls: type) -> type:
+        if PLAN_TYPES.get(name, cls) is not cls:
+            raise ValueError(f"plan type {name!r} is already registered to {PLAN_TYPES[name].__name__}")
+        cls.plan_type = name
+        cls.plan_file = plan_file
+        PLAN_TYPES[name] = cls
+        if untyped:
+            _UNTYPED[plan_file] = name
+        return cls
+
+    return decorator
+
+
+def recorded_plan_type(directory: str | os.PathLike) -> str:
+    """The registered plan type `directory` holds, as its JSON records it; `UserError` where it holds no plan.
+
+    Older directories are read too: svd-llm and asvd plans recorded the type inside "metadata", and
+    svd / svd-plain plans and score maps none (`register_plan_type(..., untyped=True)`).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"score map / plan directory not found: {directory}")
+    for plan_file in dict.fromkeys(cls.plan_file for cls in PLAN_TYPES.values()):
+        path = directory / plan_file
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            meta = None  # the class's own `load` names what is wrong with the file
+        if isinstance(meta, dict):
+            inner = meta.get("metadata")
+            kind = meta.get("plan_type") or (inner.get("plan_type") if isinstance(inner, dict) else None)
+            if kind:
+                if kind not in PLAN_TYPES:
+                    raise UserError(f"{directory}: unknown plan type {kind!r}")
+                return kind
+        if plan_file in _UNTYPED:
+            return _UNTYPED[plan_file]
+    raise UserError(f"{directory} is not a plan directory (needs plan.json and plan.safetensors)")
 
 
 def write_plan_dir(directory: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
@@ -61,21 +202,29 @@ def write_plan_dir(directory: str | os.PathLike, tensors: dict[str, Tensor], met
     return directory
 
 
-def plan_dir_type(directory: str | os.PathLike) -> str | None:
-    """The `plan_type` recorded in `directory`/plan.json, or None where there is none (or no plan)."""
-    path = Path(directory) / "plan.json"
-    try:
-        return json.loads(path.read_text()).get("plan_type") if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_plan_dir(directory: str | os.PathLike, plan_type: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, tensors) of a plan directory of `plan_type`; `UserError` naming what is missing."""
     directory = Path(directory)
-    if plan_dir_type(directory) != plan_type or not (directory / "plan.safetensors").is_file():
+    meta = json.loads((directory / "plan.json").read_text()) if (directory / "plan.json").is_file() else None
+    tensors = directory / "plan.safetensors"
+    if not isinstance(meta, dict) or meta.get("plan_type") != plan_type or not tensors.is_file():
         raise UserError(f"{directory} is not a {plan_type} plan directory (needs plan.json and plan.safetensors)")
-    return json.loads((directory / "plan.json").read_text()), load_file(str(directory / "plan.safetensors"))
+    return meta, load_file(str(tensors))
+
+
+@contextlib.contextmanager
+def temporarily_materialized(model: nn.Module, plan: Plan, size: float, **kwargs: Any) -> Iterator[dict]:
+    """Materialize `plan` at `size` in `model`, and put the original layers back on exit.
+
+    The original modules are only swapped out, never modified, so evaluating many sizes from
+    one loaded model costs one materialization per size and no reload.
+    """
+    originals = dict(target_linears(model))
+    try:
+        yield plan.materialize_(model, size, **kwargs)
+    finally:
+        for name, module in originals.items():
+            replace_module_(model, name, module)
 
 
 @dataclass
@@ -150,9 +299,10 @@ def ranks_for_size(
     return {n: max(r, 1) for n, r in best.items()}
 
 
+@register_plan_type("FactorPlan", untyped=True)
 @dataclass
-class FactorPlan:
-    """Scored factor directions for every targeted linear, plus how to allocate ranks."""
+class FactorPlan(PlanBase):
+    """Scored factor directions for every targeted linear, plus how to allocate ranks; any size in (0, 1]."""
 
     method: str
     layers: dict[str, LayerFactors]
@@ -192,40 +342,24 @@ class FactorPlan:
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
         for name, lf in self.layers.items():
-            tensors[f"{name}.U"] = lf.U.contiguous()
-            tensors[f"{name}.V"] = lf.V.contiguous()
-            tensors[f"{name}.scores"] = lf.scores.contiguous()
+            tensors[f"{name}.U"] = lf.U
+            tensors[f"{name}.V"] = lf.V
+            tensors[f"{name}.scores"] = lf.scores
             if lf.dense_weight is not None:
-                tensors[f"{name}.dense_weight"] = lf.dense_weight.contiguous()
-        tmp = directory / "plan.safetensors.tmp"
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-        apply_umask_permissions(tmp)  # safetensors writes 0o600
-        os.replace(tmp, directory / "plan.safetensors")
-        meta = {"method": self.method, "allocation": self.allocation, "layers": list(self.layers),
-                "metadata": self.metadata}
-        (directory / "plan.json.tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(directory / "plan.json.tmp", directory / "plan.json")
-        return directory
+                tensors[f"{name}.dense_weight"] = lf.dense_weight
+        meta = {"plan_type": self.plan_type, "method": self.method, "allocation": self.allocation,
+                "layers": list(self.layers), "metadata": self.metadata}
+        return write_plan_dir(directory, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> FactorPlan:
+        """The plan in `directory`, as this class (`compress.api.load_plan` picks the class a directory records)."""
         directory = Path(directory)
         if not (directory / "plan.json").is_file() or not (directory / "plan.safetensors").is_file():
             raise UserError(f"{directory} is not a plan directory (needs plan.json and plan.safetensors)")
         meta = json.loads((directory / "plan.json").read_text())
-        kind = meta.get("metadata", {}).get("plan_type")
-        if kind and cls is FactorPlan:
-            if kind not in PLAN_TYPES:
-                from compress.methods import available_methods
-
-                available_methods()  # method modules register their plan types on import
-            if kind not in PLAN_TYPES:
-                raise UserError(f"{directory}: unknown plan type {kind!r}")
-            return PLAN_TYPES[kind].load(directory)
         tensors = load_file(str(directory / "plan.safetensors"))
         layers = {
             name: LayerFactors(tensors[f"{name}.U"], tensors[f"{name}.V"], tensors[f"{name}.scores"],

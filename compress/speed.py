@@ -175,7 +175,7 @@ def load_checkpoint(source: str | None, device: str, dtype: torch.dtype) -> nn.M
 
 
 def is_compressed(model: nn.Module) -> bool:
-    return size_report(model, getattr(model, "_lowrank_dense_shapes", None)).target_fraction < 1.0
+    return size_report(model).target_fraction < 1.0
 
 
 @torch.no_grad()
@@ -573,7 +573,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                                   cfg["repeats"], compile_step=cfg["compile"])
             except Exception as exc:  # record and go on: one failing shape must not lose the others
                 row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            report = size_report(model, getattr(model, "_lowrank_dense_shapes", None))
+            report = size_report(model)
             row.update({"target_fraction": report.target_fraction, "model_fraction": report.model_fraction,
                         "weight_bytes": weight_bytes(model),
                         "dense_fallback_layers": sum(fallback.values()),

@@ -31,7 +31,7 @@ from torch import nn
 
 from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import get_module, replace_module_, target_linears
+from lowrank.surgery import get_module, recorded_dense_shapes, replace_module_, set_dense_shapes, target_linears
 
 __all__ = [
     "CheckpointError",
@@ -55,7 +55,7 @@ def compression_layout(model: nn.Module, dense_shapes: dict[str, tuple[int, int]
     """The per-layer ranks and widths that describe how `model` differs from its dense architecture."""
     ranks: dict[str, int] = {}
     widths: dict[str, list[int]] = {}
-    shapes = dict(dense_shapes or getattr(model, "_lowrank_dense_shapes", None) or {})
+    shapes = dict(dense_shapes or recorded_dense_shapes(model) or {})
     for name, module in target_linears(model).items():
         if isinstance(module, LowRankLinear):
             ranks[name] = module.rank
@@ -91,7 +91,7 @@ def apply_layout_(model: nn.Module, layout: dict[str, Any]) -> None:
         else:
             new = nn.Linear(in_f, out_f, bias=has_bias, device=device, dtype=dtype)
         replace_module_(model, name, new)
-    model._lowrank_dense_shapes = {k: tuple(v) for k, v in layout.get("dense_shapes", {}).items()}
+    set_dense_shapes(model, layout.get("dense_shapes", {}))
 
 
 # ---------------------------------------------------------------------------- transformers registration

@@ -25,7 +25,9 @@ __all__ = [
     "get_module",
     "layer_param_count",
     "record_dense_shapes",
+    "recorded_dense_shapes",
     "replace_module_",
+    "set_dense_shapes",
     "size_report",
     "target_linears",
     "untargeted_weights",
@@ -137,15 +139,33 @@ def expert_structure(model: nn.Module) -> str | None:
     return None
 
 
+# The targeted linears' ORIGINAL (out, in) shapes live on the model itself, in this attribute, so
+# that size accounting and checkpoints of a narrowed model compare against the dense architecture.
+# Only the three functions below touch it: `record_dense_shapes` (a method, before it first narrows a
+# layer), `set_dense_shapes` (the checkpoint loader) and `recorded_dense_shapes` (every reader,
+# `size_report` and `compression_layout` among them).
+DENSE_SHAPES_ATTRIBUTE = "lowrank_dense_shapes"
+
+
+def recorded_dense_shapes(model: nn.Module) -> dict[str, tuple[int, int]] | None:
+    """{target name: (out, in)} recorded on `model` before any layer was narrowed, or None if none were."""
+    return getattr(model, DENSE_SHAPES_ATTRIBUTE, None) or None
+
+
+def set_dense_shapes(model: nn.Module, shapes: Mapping[str, Iterable[int]]) -> None:
+    """Record `shapes` ({target name: (out, in)}) as `model`'s dense shapes, e.g. from a checkpoint's layout."""
+    setattr(model, DENSE_SHAPES_ATTRIBUTE, {name: tuple(shape) for name, shape in shapes.items()})
+
+
 def record_dense_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """The targeted linears' ORIGINAL (out, in) shapes, stored on the model as ``_lowrank_dense_shapes``.
+    """The targeted linears' ORIGINAL (out, in) shapes, recorded on the model (`recorded_dense_shapes`).
 
     Set once, before a method first narrows a layer, and never overwritten (a loaded
     checkpoint already carries them): the checkpoint and size accounting compare against them.
     """
-    if not getattr(model, "_lowrank_dense_shapes", None):
-        model._lowrank_dense_shapes = {n: (m.out_features, m.in_features) for n, m in target_linears(model).items()}
-    return model._lowrank_dense_shapes
+    if not recorded_dense_shapes(model):
+        set_dense_shapes(model, {n: (m.out_features, m.in_features) for n, m in target_linears(model).items()})
+    return recorded_dense_shapes(model)
 
 
 def layer_param_count(module: nn.Module) -> int:
@@ -218,10 +238,13 @@ def _unique_param_count(model: nn.Module) -> int:
 def size_report(model: nn.Module, dense_shapes: Mapping[str, tuple[int, int]] | None = None) -> SizeReport:
     """Count targeted-linear and whole-model parameters.
 
-    `dense_shapes` maps target names to their original (out, in) shapes; without it the
-    current in/out features are taken as the dense reference (correct for factorization,
-    which keeps shapes; width-pruning methods pass the original shapes).
+    The dense reference of each targeted linear is its original (out, in) shape as recorded on the
+    model (`recorded_dense_shapes`: by a width-pruning method, or by the checkpoint a model was loaded
+    from), else its current in/out features (right for factorization, which keeps shapes).
+    `dense_shapes` overrides the recorded shapes.
     """
+    if dense_shapes is None:
+        dense_shapes = recorded_dense_shapes(model)
     targets = target_linears(model)
     names = set(targets) | set(dense_shapes or {})
     target_params = 0

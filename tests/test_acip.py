@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from compress.acip import ACIPConfig, ScoreMap, ScoreMapMismatch, run_acip, temporarily_materialized
-from compress.acip import functional as F
-from compress.acip.layer import masked_lowrank
-from compress.acip.train import install_masked_layers
 from compress.errors import UserError
+from compress.methods.acip import ACIPConfig, ScoreMap, ScoreMapMismatch, run_acip
+from compress.methods.acip import functional as F
+from compress.methods.acip.layer import masked_lowrank
+from compress.methods.acip.train import install_masked_layers
+from compress.plan import temporarily_materialized
 from lowrank import LowRankLinear, size_report, target_linears
 from tests.conftest import make_tiny_llama
 
@@ -114,7 +115,7 @@ def test_masked_lowrank_gradients_match_dense_reference():
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_gives_the_same_gradients(mode):
-    from compress.acip.train import (
+    from compress.methods.acip.train import (
         compute_svd_factors,
         disable_activation_checkpointing,
         enable_activation_checkpointing,
@@ -414,8 +415,8 @@ def _output_error(weight, factors, r, gram) -> float:
 
 
 def test_whitened_factors_reproduce_the_layer_and_truncate_in_the_activation_norm(calib):
-    from compress.acip.train import compute_svd_factors, compute_whitened_factors
     from compress.calibrate import collect_input_grams
+    from compress.methods.acip.train import compute_svd_factors, compute_whitened_factors
 
     model = make_tiny_llama()
     names = list(target_linears(model))
@@ -439,7 +440,7 @@ def test_whitened_factors_reproduce_the_layer_and_truncate_in_the_activation_nor
 
 
 def test_whitened_basis_at_full_rank_is_the_dense_model(calib):
-    from compress.acip.train import compute_whitened_factors
+    from compress.methods.acip.train import compute_whitened_factors
 
     model = make_tiny_llama()
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
@@ -488,7 +489,7 @@ def test_whitened_scoring_produces_a_materializable_score_map(scored_whitened, t
 
 
 def test_whitened_run_pauses_and_resumes_to_the_uninterrupted_result(calib, scored_whitened, tmp_path):
-    from compress.acip.train import ACIPPaused
+    from compress.methods.acip.train import ACIPPaused
 
     full = scored_whitened[1]
     config = fast_config(basis="whitened", whiten_samples=8, checkpoint_dir=str(tmp_path / "w"))
@@ -518,7 +519,7 @@ def test_whitened_run_pauses_and_resumes_to_the_uninterrupted_result(calib, scor
 def test_graph_step_warmup_is_undone(calib, scored, monkeypatch):
     # The CUDA-graph path runs warm-up steps before each capture and undoes them; emulated on the
     # CPU (same code, no capture) the run must equal the eager one bit for bit, in both phases.
-    monkeypatch.setattr("compress.acip.train._EMULATE_GRAPHS", True)
+    monkeypatch.setattr("compress.methods.acip.train._EMULATE_GRAPHS", True)
     eager = scored[1]
     graphed = run_acip(make_tiny_llama(), calib, fast_config(cuda_graphs=True))
     assert graphed.metadata["step_mode"] == "cuda_graph" and graphed.metadata["steps"] == eager.metadata["steps"]

@@ -34,10 +34,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.acip import ACIPConfig, ScoreMap, run_acip
-from compress.acip.functional import l1_penalty
-from compress.acip.train import ACIPPaused
 from compress.errors import UserError
+from compress.methods.acip import ACIPConfig, ScoreMap, run_acip
+from compress.methods.acip.functional import l1_penalty
+from compress.methods.acip.train import ACIPPaused
 from tests.conftest import make_tiny_llama
 
 VOCAB = 128
@@ -131,7 +131,7 @@ def test_fsdp_scoring_matches_one_process(tmp_path, monkeypatch):
         run_acip(make_tiny_llama(), calib, _config(checkpoint_dir=str(tmp_path / "ckpt_single")),
                  callback=lambda info: "pause" if info["step"] == PAUSE_AT else None)
     with monkeypatch.context() as patch:
-        patch.setattr("compress.acip.train._step_body", _two_rank_step)
+        patch.setattr("compress.methods.acip.train._step_body", _two_rank_step)
         two_rank_order = run_acip(make_tiny_llama(), calib, _config())
     single_seconds = time.perf_counter() - t0
 
@@ -218,7 +218,7 @@ def _worker(workdir: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    import compress.acip.train as train
+    import compress.methods.acip.train as train
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])

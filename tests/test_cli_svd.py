@@ -17,7 +17,7 @@ from conftest import make_tiny_llama
 from compress.cli import main
 from compress.data import calibration_batches, load_text, pack_tokens
 from compress.eval import perplexity_of_ids
-from compress.methods.svd import cholesky_with_damping, whitened_svd_factors
+from compress.whitening import cholesky_with_damping, whitened_svd_factors
 
 REPO = Path(__file__).resolve().parents[1]
 

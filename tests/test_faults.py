@@ -351,9 +351,9 @@ def test_full_disk_at_the_save_is_one_line_and_keeps_the_plan(inputs):
                    "--save-plan", plan, *TINY], inputs.cache, LOWRANK_FAULT="save:written=enospc")
     _one_error_line(result, "cannot save the checkpoint to", out, "No space left on device", "is as it was")
     assert _snapshot(out) == before and _leftovers(out) == []
-    from compress.acip.scoremap import load_any_plan
+    from compress.api import load_plan
 
-    assert load_any_plan(plan).method == "svd"  # the computed plan was saved first, and is kept
+    assert load_plan(plan).method == "svd"  # the computed plan was saved first, and is kept
 
 
 def test_checkpoint_and_score_map_get_umask_permissions(inputs):

@@ -23,6 +23,7 @@ from compress.methods.minify import (
     score_minify,
     select_channels,
 )
+from compress.plan import recorded_plan_type
 
 
 def _tokens(n: int, seq: int, seed: int, vocab: int = 128) -> torch.Tensor:
@@ -239,8 +240,8 @@ def test_save_reload_bitwise(tiny_and_plan, tmp_path):
     ids = _tokens(2, 32, seed=5)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, m(input_ids=ids).logits)
-    a = size_report(m, m._lowrank_dense_shapes)
-    b = size_report(reloaded, reloaded._lowrank_dense_shapes)
+    a = size_report(m)
+    b = size_report(reloaded)
     assert (a.target_params, a.target_dense_params, a.model_fraction) == (
         b.target_params, b.target_dense_params, b.model_fraction)
 
@@ -248,7 +249,7 @@ def test_save_reload_bitwise(tiny_and_plan, tmp_path):
 def test_plan_save_load_roundtrip(tiny_and_plan, tmp_path):
     model, plan = tiny_and_plan
     plan.with_options(ridge=1e-2).save(tmp_path / "plan")
-    assert MinifyPlan.is_plan_dir(tmp_path / "plan")
+    assert recorded_plan_type(tmp_path / "plan") == MinifyPlan.plan_type == "minify"
     loaded = MinifyPlan.load(tmp_path / "plan")
     assert loaded.options.ridge == 1e-2
     a, b = copy.deepcopy(model), copy.deepcopy(model)
@@ -270,11 +271,11 @@ def test_minify_then_svd(tiny_and_plan, tmp_path):
     model, plan = tiny_and_plan
     m = copy.deepcopy(model)
     plan.materialize_(m, 0.75)
-    after_minify = size_report(m, m._lowrank_dense_shapes).target_fraction
+    after_minify = size_report(m).target_fraction
     svd_plan = score_svd(m, plan.calibration_ids, SVDConfig(progress=False))
     svd_plan.materialize_(m, 0.8)
     assert any(isinstance(mod, LowRankLinear) for mod in m.modules())
-    total = size_report(m, m._lowrank_dense_shapes).target_fraction
+    total = size_report(m).target_fraction
     assert total == pytest.approx(after_minify * 0.8, abs=0.03)
     lowrank.save_pretrained(m, tmp_path / "both")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "both", dtype=torch.float32).eval()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.acip import ACIPConfig, run_acip
-from compress.acip.train import distill_loss, holdout_nll, install_masked_layers, split_holdout
 from compress.errors import UserError
+from compress.methods.acip import ACIPConfig, run_acip
+from compress.methods.acip.train import distill_loss, holdout_nll, install_masked_layers, split_holdout
 from compress.methods.asvd import ASVDConfig, scaled_svd_factors, shrink_scales
-from compress.methods.svd import SVDConfig, shrink_gram, whitened_svd_factors
+from compress.methods.svd import SVDConfig
 from compress.methods.svd_llm import SVDLLMConfig
+from compress.whitening import shrink_gram, whitened_svd_factors
 from lowrank.linear import svd_factors
 from tests.conftest import make_tiny_llama
 
@@ -117,7 +118,7 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
 
 
 def _masked(model, rank: int = 4):
-    from compress.acip.train import compute_svd_factors
+    from compress.methods.acip.train import compute_svd_factors
     from lowrank import target_linears
 
     names = list(target_linears(model))
@@ -214,7 +215,7 @@ def test_early_stopping_restores_the_best_lora_by_held_out_loss():
 
 def _held_out_nll_of(model, score_map, config, held) -> float:
     """The held-out NLL with the score map's factors, final masks (its scores > 0) and LoRA installed."""
-    from compress.acip.train import install_masked_layers as install
+    from compress.methods.acip.train import install_masked_layers as install
     from lowrank import replace_module_, target_linears
 
     originals = dict(target_linears(model))

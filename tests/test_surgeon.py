@@ -31,7 +31,7 @@ from compress.methods.surgeon import (
     surgeon_prune_,
     two_four_mask,
 )
-from lowrank.surgery import size_report
+from lowrank.surgery import size_report, target_linears
 
 
 def _seed() -> int:
@@ -237,7 +237,7 @@ def test_physical_prune_removes_heads_and_channels_and_reloads_bitwise(arch, tmp
     # A high MLP floor leaves most of the cut to attention, so both kinds of unit go.
     options = SurgeonOptions(shots=3, batch_size=4, min_keep=0.9)
     stats = surgeon_prune_(model, ids, 0.6, options, progress=False)
-    report = size_report(model, model._lowrank_dense_shapes)
+    report = size_report(model)
     largest_unit = 4 * 64 * 16 + 3 * 64  # one (q, k, v, o) head of 16 dims, or one MLP channel
     assert 0.6 - 1e-9 <= report.target_fraction <= 0.6 + largest_unit / report.target_dense_params
     assert stats["zeroed_params"] == 0
@@ -260,7 +260,7 @@ def test_physical_prune_removes_heads_and_channels_and_reloads_bitwise(arch, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(probe).logits, logits)
-    assert size_report(reloaded, reloaded._lowrank_dense_shapes).target_params == report.target_params
+    assert size_report(reloaded).target_params == report.target_params
 
 
 def test_correlated_update_beats_plain_removal():
@@ -345,32 +345,71 @@ def test_lora_correction_keeps_pruned_weights_zero():
     assert zeros == pytest.approx(0.3 * total, abs=0.002 * total)
 
 
+def test_score_prunes_and_materialize_applies():
+    """score runs the shots (the model stays as it was); materialize_ puts exactly their result in place."""
+    model = make_tiny_llama(seed=_seed() % 1000)
+    ids = _tokens(4, 16)
+    options = dict(shots=2, batch_size=2, lora_steps=2)
+    direct = copy.deepcopy(model)
+    torch.manual_seed(3)
+    stats = surgeon_prune_(direct, ids, 0.75, SurgeonOptions(**options), progress=False)
+    spec = get_method("surgeon")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    layers = dict(target_linears(model))
+    torch.manual_seed(3)
+    plan = spec.score(model, ids, spec.make_config(progress=False, sizes=(0.75,), **options))
+    assert all(target_linears(model)[n] is m for n, m in layers.items())
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert not plan.supports_any_size and 0.75 in plan.sizes_covered and 0.7 not in plan.sizes_covered
+    kept = plan.materialize_(model, 0.75)
+    assert kept == {n: int(m.weight.count_nonzero()) for n, m in target_linears(direct).items()}
+    for (n, p), (_, q) in zip(direct.named_parameters(), model.named_parameters(), strict=True):
+        assert p.shape == q.shape and torch.equal(p, q), n
+    def untimed(shots: list[dict]) -> list[dict]:
+        return [{k: v for k, v in shot.items() if not k.endswith("seconds")} for shot in shots]
+
+    assert untimed(plan.last_stats["shots"]) == untimed(stats["shots"]) and len(stats["shots"]) == 2
+    assert plan.last_stats["kept_fraction"] == stats["kept_fraction"]
+
+
 def test_plan_save_load_and_errors(tmp_path):
     model = make_tiny_llama(seed=_seed() % 1000)
     spec = get_method("surgeon")
     assert spec.config_cls is SurgeonConfig
     ids = _tokens(4, 16)
-    plan = spec.score(model, ids, spec.make_config(shots=2, progress=False))
+    plan = spec.score(model, ids, spec.make_config(shots=2, progress=False, lora_steps=0, sizes=(0.8, 0.9)))
     plan.save(tmp_path / "plan")
     loaded = SurgeonPlan.load(tmp_path / "plan")
-    assert torch.equal(loaded.calibration_ids, ids) and loaded.options == plan.options
-    from compress.acip.scoremap import load_any_plan
+    assert loaded.options == plan.options and loaded.sizes_covered == plan.sizes_covered
+    assert loaded.sizes_covered.only == (0.8, 0.9)
+    for size in (0.8, 0.9):
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        assert plan.materialize_(a, size) == loaded.materialize_(b, size)
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            assert torch.equal(p, q), n
+    from compress.api import load_plan
 
-    assert isinstance(load_any_plan(tmp_path / "plan"), SurgeonPlan)
+    assert isinstance(load_plan(tmp_path / "plan"), SurgeonPlan)
     for bad in ({"structure": "3:4"}, {"fisher": "bogus"}, {"update": "yes"}, {"damp_a": 0.0}, {"shots": 0},
                 {"min_keep": 2.0}):
         with pytest.raises(UserError):
             SurgeonOptions(**bad)
     with pytest.raises(UserError, match="2:4"):
-        plan.with_options(structure="2:4").materialize_(copy.deepcopy(model), 0.8)
+        spec.make_config(structure="2:4", sizes=(0.8,))
+    with pytest.raises(UserError, match="not among the sizes this surgeon plan covers"):
+        plan.materialize_(copy.deepcopy(model), 0.7)
     with pytest.raises(UserError, match="calibration token ids"):
         spec.score(model, None, spec.make_config())
+    with pytest.raises(UserError, match="sizes to prune to"):
+        spec.score(model, ids, spec.make_config())
     from lowrank.surgery import factorize_
 
     factorized = copy.deepcopy(model)
     factorize_(factorized, lambda n, lin: 4)
     with pytest.raises(UserError, match="already factorized"):
         find_units(factorized)
+    with pytest.raises(UserError, match="already factorized"):
+        plan.materialize_(factorized, 0.8)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -389,7 +428,7 @@ def test_cli_surgeon(tiny_model_dir, cli_text, tmp_path, capsys):
     assert report["surgeon_zeroed_params"] == 0
     assert report["compressed_perplexity"] > 0
     reloaded = lowrank.load_pretrained(tmp_path / "out", dtype=torch.float32)
-    assert size_report(reloaded, reloaded._lowrank_dense_shapes).target_fraction == pytest.approx(
+    assert size_report(reloaded).target_fraction == pytest.approx(
         report["target_fraction"], abs=1e-5)
     assert main([*base, "--size", "0.8", "--method-opt", "structure=bogus"]) == 2
     assert "unknown surgeon structure" in capsys.readouterr().err

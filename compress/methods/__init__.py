@@ -11,23 +11,29 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.errors import UserError
 
-__all__ = ["MethodSpec", "available_methods", "get_method", "options_of", "register_method"]
+if TYPE_CHECKING:
+    from compress.plan import Plan
+
+__all__ = ["MethodSpec", "available_methods", "check_shrink", "get_method", "options_of", "register_method"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type
-    score: Callable[..., Any]
+    score: Callable[..., Plan]
     description: str
     needs_calibration: bool = True
     # Raises UserError (one line naming the structure) for a model the method cannot compress; run
     # before any data is read or any evaluation starts (`compress.api.check_model`).
     check_model: Callable[[Any], Any] | None = None
+    # Keyword options its plans' `materialize_` takes besides `rank_multiple` (score maps: "reset"), so
+    # that a caller can refuse one before any model loads.
+    materialize_options: tuple[str, ...] = ()
 
     def option_names(self) -> list[str]:
         """The fields of this method's config, i.e. the keys `make_config` (and --method-opt) accept."""
@@ -67,6 +73,13 @@ def options_of(config: Any, options_cls: type) -> Any:
     return options_cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in names})
 
 
+def check_shrink(alpha: float, name: str = "gram_shrink") -> float:
+    """`alpha` as a float in [0, 1], or UserError: the `gram_shrink` option of every whitening method."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
 _REGISTRY: dict[str, MethodSpec] = {}
 # Modules that register methods on import; imported lazily so `import compress` stays light.
 _BUILTIN_MODULES = ("compress.methods.svd", "compress.methods.acip", "compress.methods.minify",
@@ -74,11 +87,12 @@ _BUILTIN_MODULES = ("compress.methods.svd", "compress.methods.acip", "compress.m
 
 
 def register_method(name: str, config_cls: type, description: str, *, needs_calibration: bool = True,
-                    check_model: Callable[[Any], Any] | None = None):
+                    check_model: Callable[[Any], Any] | None = None, materialize_options: tuple[str, ...] = ()):
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration, check_model)
+        _REGISTRY[name] = MethodSpec(name, config_cls, fn, description, needs_calibration, check_model,
+                                     materialize_options)
         return fn
 
     return decorator

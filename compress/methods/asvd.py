@@ -29,10 +29,8 @@ The top of this module is pure tensor math; hooks and loops over the model follo
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +39,8 @@ from torch import Tensor, nn
 from compress.calibrate import iterate_batches
 from compress.errors import UserError
 from compress.eval import perplexity_of_ids
-from compress.methods import register_method
-from compress.plan import FactorPlan, LayerFactors, register_plan_type
+from compress.methods import check_shrink, register_method
+from compress.plan import FactorPlan, LayerFactors, SizesCovered, register_plan_type
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import aligned_rank, replace_module_, target_linears
@@ -60,8 +58,6 @@ __all__ = [
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _SCALE_FLOOR = 1e-6  # relative to the layer's largest scale
-# Sizes this far below the smallest size a sensitivity table covers are refused.
-_SIZE_TOLERANCE = 0.005
 
 
 # ============================================================================ pure tensor math
@@ -149,7 +145,7 @@ def search_threshold(
 
 
 # ============================================================================ plan
-@register_plan_type
+@register_plan_type("ASVDPlan")
 @dataclass
 class ASVDPlan(FactorPlan):
     """Activation-scaled factors plus the per-layer sensitivity table that allocates the ranks.
@@ -173,22 +169,39 @@ class ASVDPlan(FactorPlan):
             out[n] = aligned_rank(rank_at_ratio(*lf.shape, ratio), rank_multiple, limit)
         return out
 
+    def _params_at(self, rank_multiple: int) -> Callable[[list[float]], int]:
+        """Parameters the targeted linears hold at per-layer ratios `chosen` (in `_table`'s order)."""
+        names = list(self.layers)
+
+        def params(chosen: list[float]) -> int:
+            ranks = self._ranks_at(names, chosen, rank_multiple)
+            return sum(self.layers[n].params_at_rank(r) for n, r in ranks.items())
+
+        return params
+
+    def _coverage(self, rank_multiple: int) -> SizesCovered:
+        """Down to the size every layer at its smallest tested ratio gives."""
+        _, ratios, sens = self._table()
+        dense_total = sum(lf.shape[0] * lf.shape[1] for lf in self.layers.values())
+        smallest = self._params_at(rank_multiple)(threshold_ratios(sens, ratios, math.inf)) / dense_total
+        return SizesCovered(lowest=smallest, owner="this ASVD plan",
+                            limit=f"the smallest size it covers is {smallest:.3f}; rescore with smaller ratios, "
+                                  "e.g. --method-opt ratios=0.05,0.1,0.2,...")
+
+    @property
+    def sizes_covered(self) -> SizesCovered:
+        return self._coverage(1)
+
     def layer_ratios(self, size: float, rank_multiple: int = 1) -> tuple[dict[str, float], float]:
         """ASVD's per-layer parameter ratios for `size` and the threshold that gives them."""
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < size <= 1.0:
             raise UserError(f"size must be in (0, 1], got {size}")
         names, ratios, sens = self._table()
         dense_total = sum(lf.shape[0] * lf.shape[1] for lf in self.layers.values())
-
-        def params(chosen: list[float]) -> int:
-            ranks = self._ranks_at(names, chosen, rank_multiple)
-            return sum(self.layers[n].params_at_rank(r) for n, r in ranks.items())
-
-        smallest = params(threshold_ratios(sens, ratios, math.inf)) / dense_total
-        if size < smallest - _SIZE_TOLERANCE:
-            raise UserError(f"size {size} is below the smallest size this ASVD plan covers ({smallest:.3f}); "
-                            "rescore with smaller ratios, e.g. --method-opt ratios=0.05,0.1,0.2,...")
-        chosen, threshold = search_threshold(sens, ratios, params, size * dense_total)
+        coverage = self._coverage(rank_multiple)
+        if size not in coverage:
+            raise UserError(coverage.refusal([size]))
+        chosen, threshold = search_threshold(sens, ratios, self._params_at(rank_multiple), size * dense_total)
         return dict(zip(names, chosen, strict=True)), threshold
 
     def ranks(self, size: float, rank_multiple: int = 1) -> dict[str, int]:
@@ -196,10 +209,6 @@ class ASVDPlan(FactorPlan):
         self.last_selection = {"threshold": threshold, "ratios": chosen}
         names = list(chosen)
         return self._ranks_at(names, [chosen[n] for n in names], rank_multiple)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        self.metadata["plan_type"] = type(self).__name__
-        return super().save(directory)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         selection = getattr(self, "last_selection", None)
@@ -227,8 +236,6 @@ class ASVDConfig:
     gram_shrink: float = 0.0
 
     def __post_init__(self) -> None:
-        from compress.methods.svd import check_shrink
-
         check_shrink(self.gram_shrink)
         raw = self.ratios
         if isinstance(raw, str):
@@ -362,7 +369,6 @@ def _score_asvd(model: nn.Module, chunks: Tensor, config: ASVDConfig) -> ASVDPla
     table = measure_sensitivity(model, layers, sample, config.ratios, batch_size=config.batch_size,
                                 progress=config.progress)
     meta = {
-        "plan_type": ASVDPlan.__name__,
         "alpha": float(config.alpha),
         "gram_shrink": float(config.gram_shrink),
         "ratios": list(config.ratios),

@@ -62,7 +62,7 @@ from compress.calibrate import (
 )
 from compress.errors import UserError
 from compress.methods import options_of, register_method
-from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
+from compress.plan import PlanBase, read_plan_dir, register_plan_type, write_plan_dir
 from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import (
@@ -71,6 +71,7 @@ from lowrank.surgery import (
     expert_structure,
     layer_param_count,
     record_dense_shapes,
+    recorded_dense_shapes,
     replace_module_,
     target_linears,
 )
@@ -388,9 +389,10 @@ class MinifyLayer:
         return self.gram.shape[0]
 
 
+@register_plan_type("minify")
 @dataclass
-class MinifyPlan:
-    """Per-MLP Grams and Taylor contributions; materializable at any MLP retention."""
+class MinifyPlan(PlanBase):
+    """Per-MLP Grams and Taylor contributions; materializable at any MLP retention in (0, 1]."""
 
     layers: dict[str, MinifyLayer]
     options: MinifyOptions = field(default_factory=MinifyOptions)
@@ -496,7 +498,7 @@ class MinifyPlan:
     # ------------------------------------------------------------------ reporting
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """MLP accounting of a (materialized) model, for the CLI report."""
-        shapes = getattr(model, "_lowrank_dense_shapes", None) or {}
+        shapes = recorded_dense_shapes(model) or {}
         dense = current = 0
         widths: dict[str, int] = {}
         for n, layer in self.layers.items():
@@ -528,20 +530,16 @@ class MinifyPlan:
             tensors["calibration_ids"] = self.calibration_ids.to(torch.int64)
         meta = {
             "method": self.method,
-            "plan_type": "minify",
+            "plan_type": self.plan_type,
             "layers": {n: dataclasses.asdict(layer.names) for n, layer in self.layers.items()},
             "options": dataclasses.asdict(self.options),
             "metadata": self.metadata,
         }
         return write_plan_dir(directory, tensors, meta)
 
-    @staticmethod
-    def is_plan_dir(directory: str | os.PathLike) -> bool:
-        return plan_dir_type(directory) == "minify"
-
     @classmethod
     def load(cls, directory: str | os.PathLike) -> MinifyPlan:
-        meta, tensors = read_plan_dir(directory, "minify")
+        meta, tensors = read_plan_dir(directory, cls.plan_type)
         try:
             layers = {
                 n: MinifyLayer(MlpNames(**names), tensors[f"{n}.gram"], tensors[f"{n}.act_seq"],

@@ -66,10 +66,17 @@ from torch import Tensor, nn
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
 from compress.errors import UserError
 from compress.methods import options_of, register_method
-from compress.plan import plan_dir_type, read_plan_dir, write_plan_dir
+from compress.plan import PlanBase, SizesCovered, read_plan_dir, register_plan_type, write_plan_dir
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import block_linear_names, expert_structure, record_dense_shapes, replace_module_, target_linears
+from lowrank.surgery import (
+    block_linear_names,
+    expert_structure,
+    record_dense_shapes,
+    recorded_dense_shapes,
+    replace_module_,
+    target_linears,
+)
 
 __all__ = [
     "STRUCTURES",
@@ -79,6 +86,7 @@ __all__ = [
     "SurgeonConfig",
     "SurgeonOptions",
     "SurgeonPlan",
+    "PrunedSize",
     "column_costs",
     "column_set_cost",
     "damped",
@@ -101,13 +109,18 @@ NORMALIZATIONS = ("params", "none")
 
 
 # ============================================================================ pure tensor math
+# What the math says when it fails; `damped_inverse` adds what the user can do about it.
+NON_FINITE_FACTOR = "a curvature factor has NaN/Inf entries"
+NOT_POSITIVE_DEFINITE = "the damped curvature factor is not positive definite"
+
+
 def damped(matrix: Tensor, delta: float) -> Tensor:
     """M + δ·mean(diag M)·I in float64 (scale-free damping, the paper's form)."""
     m = matrix.to(torch.float64)
     m = 0.5 * (m + m.T)
     scale = float(m.diagonal().mean())
     if not math.isfinite(scale):
-        raise UserError("a curvature factor has NaN/Inf entries (overflowing activations? try --dtype float32)")
+        raise ValueError(NON_FINITE_FACTOR)
     if scale <= 0.0:
         scale = 1.0  # an all-zero factor (a dead layer): plain δ·I keeps it invertible
     return m + (delta * scale) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
@@ -118,8 +131,7 @@ def spd_inverse(matrix: Tensor, *, name: str = "layer") -> Tensor:
     m = matrix.to(torch.float64)
     chol, info = torch.linalg.cholesky_ex(m)
     if int(info) != 0:
-        raise UserError(f"{name}: the damped curvature factor is not positive definite; "
-                        "raise the damping (--method-opt damp_a=... / damp_g=...)")
+        raise ValueError(f"{name}: {NOT_POSITIVE_DEFINITE}")
     return torch.cholesky_inverse(chol)
 
 
@@ -342,6 +354,23 @@ class SurgeonConfig(SurgeonOptions):
     checkpoint_dir: str | None = None  # after every shot, the pruned weights are saved here
     resume: bool | None = None  # continue from checkpoint_dir's last shot
     offload: bool = False  # weights in CPU memory, one decoder block at a time on the accelerator
+    # The sizes to prune to while scoring (`compress.api.compress` passes its size; the CLI's --size).
+    sizes: tuple[float, ...] = ()
+    rank_multiple: int = 1  # > 1: the MLP width multiple instead of width_multiple (the CLI's --rank-multiple)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.sizes, (int, float)):
+            self.sizes = (self.sizes,)
+        self.sizes = tuple(self.sizes)
+        for size in self.sizes:
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
+                raise UserError(f"size must be a fraction in (0, 1], got {size}")
+        self.sizes = tuple(float(size) for size in self.sizes)
+        if self.structure == "2:4" and any(abs(float(size) - 0.5) > 1e-9 for size in self.sizes):
+            raise UserError("surgeon structure '2:4' keeps exactly half of every targeted matrix; use --size 0.5")
+        if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
+            raise UserError(f"rank_multiple must be a positive integer, got {self.rank_multiple!r}")
 
     def options(self) -> SurgeonOptions:
         return options_of(self, SurgeonOptions)
@@ -440,6 +469,18 @@ def _index_mask(n: int, idx: Tensor, device: torch.device) -> Tensor:
 
 
 # ============================================================================ curvature per shot
+def damped_inverse(factor: Tensor, delta: float, name: str) -> Tensor:
+    """`spd_inverse(damped(factor, delta))`; where the math fails, a `UserError` that says what to try."""
+    try:
+        matrix = damped(factor, delta)
+    except ValueError as exc:
+        raise UserError(f"{exc} (overflowing activations? try --dtype float32)") from None
+    try:
+        return spd_inverse(matrix, name=name)
+    except ValueError as exc:
+        raise UserError(f"{exc}; raise the damping (--method-opt damp_a=... / damp_g=...)") from None
+
+
 class _Curvature:
     """A shot's K-FAC factors and lazily computed, cached damped inverses (float64)."""
 
@@ -461,14 +502,14 @@ class _Curvature:
         key = id(a)  # layers that share an input share its inverse
         if key not in self._a_inv:
             t0 = time.perf_counter()
-            self._a_inv[key] = spd_inverse(damped(a, self.damp_a), name=f"{name} (A)")
+            self._a_inv[key] = damped_inverse(a, self.damp_a, f"{name} (A)")
             self.inverse_seconds += time.perf_counter() - t0
         return self._a_inv[key]
 
     def g_inv(self, name: str) -> Tensor:
         if name not in self._g_inv:
             t0 = time.perf_counter()
-            self._g_inv[name] = spd_inverse(damped(self.g(name), self.damp_g), name=f"{name} (G)")
+            self._g_inv[name] = damped_inverse(self.g(name), self.damp_g, f"{name} (G)")
             self.inverse_seconds += time.perf_counter() - t0
         return self._g_inv[name]
 
@@ -642,8 +683,8 @@ def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: in
                 active_cols.append((cols_alive, None))
                 continue
             w = model.get_submodule(n).weight.to(dev)[rows_alive][:, cols_alive]
-            g_inv = spd_inverse(damped(curv.g(n)[rows_alive][:, rows_alive], options.damp_g), name=f"{n} (G)")
-            a_inv = spd_inverse(damped(curv.a(n)[cols_alive][:, cols_alive], options.damp_a), name=f"{n} (A)")
+            g_inv = damped_inverse(curv.g(n)[rows_alive][:, rows_alive], options.damp_g, f"{n} (G)")
+            a_inv = damped_inverse(curv.a(n)[cols_alive][:, cols_alive], options.damp_a, f"{n} (A)")
             row_c.append(row_costs(w, curv.a(n)[cols_alive][:, cols_alive], g_inv.diagonal()).cpu())
             col_c.append(column_costs(w, curv.g(n)[rows_alive][:, rows_alive], a_inv.diagonal()).cpu())
             active_rows.append((rows_alive, g_inv))
@@ -928,46 +969,70 @@ def _sync(device: torch.device) -> None:
 
 # ============================================================================ plan
 @dataclass
-class SurgeonPlan:
-    """Surgeon's plan: the calibration tokens and options. Each shot's curvature depends on the
-    model pruned so far, so every size is pruned afresh from the dense model (`materialize_`)."""
+class PrunedSize:
+    """One size's pruning: every targeted linear's weight (and bias) after the last shot, and the shots' stats."""
 
-    calibration_ids: Tensor
+    weights: dict[str, Tensor]
+    biases: dict[str, Tensor]  # the linears that have one
+    stats: dict[str, Any]
+
+
+@register_plan_type("surgeon")
+@dataclass
+class SurgeonPlan(PlanBase):
+    """Surgeon's plan: the pruned weights at each size it was scored for, and the options that pruned them.
+
+    Each shot's curvature depends on the model pruned so far, so the pruning of a size runs in
+    `score_surgeon`, from the dense model, for the sizes asked; `materialize_` puts one in place.
+    """
+
+    pruned: dict[float, PrunedSize]
     options: SurgeonOptions = field(default_factory=SurgeonOptions)
     metadata: dict[str, Any] = field(default_factory=dict)
     method: str = "surgeon"
-    progress: bool = True
-    checkpoint_dir: str | None = None
-    resume: bool = False
     last_stats: dict[str, Any] = field(default_factory=dict)
-    offload: bool = False  # prune with the weights in CPU memory (not saved with the plan)
 
-    def with_options(self, **changes: Any) -> SurgeonPlan:
-        return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes), last_stats={})
+    @property
+    def supports_any_size(self) -> bool:
+        return False
+
+    @property
+    def sizes_covered(self) -> SizesCovered:
+        """The sizes `score_surgeon` pruned to."""
+        return SizesCovered(only=tuple(sorted(self.pruned)), owner="this surgeon plan",
+                            limit="surgeon prunes while it scores (each shot's curvature depends on the model pruned "
+                                  "so far), so its plan holds the sizes it was scored for; score again at this size")
 
     def materialize_(self, model: nn.Module, size: float, *, rank_multiple: int = 1) -> dict[str, int]:
-        """Prune `model` in place to `size`; returns {linear name: kept weights}.
+        """Put the pruned weights of `size` into the dense `model`; returns {linear name: kept weights}.
 
-        `rank_multiple` > 1 overrides the MLP width multiple (the CLI's --rank-multiple).
+        `rank_multiple` > 1 (the CLI's --rank-multiple) must be the MLP width multiple the plan was pruned with.
         """
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0.0 < float(size) <= 1.0:
             raise UserError(f"size must be a fraction in (0, 1], got {size}")
-        options = self.options
-        if options.structure == "2:4" and abs(float(size) - 0.5) > 1e-9:
-            raise UserError("surgeon structure '2:4' keeps exactly half of every targeted matrix; use --size 0.5")
-        if rank_multiple > 1:
-            options = dataclasses.replace(options, width_multiple=rank_multiple)
-        t0 = time.perf_counter()
-        with maybe_offloaded(model, self.offload):
-            stats = surgeon_prune_(model, self.calibration_ids, float(size), options, progress=self.progress,
-                                   checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume))
-        stats["seconds"] = round(time.perf_counter() - t0, 3)
-        self.last_stats = stats
+        if size not in self.sizes_covered:
+            raise UserError(self.sizes_covered.refusal([size]))
+        if rank_multiple > 1 and rank_multiple != self.options.width_multiple:
+            raise UserError(f"this surgeon plan was pruned with MLP width multiple {self.options.width_multiple}, "
+                            f"not {rank_multiple}; score again with that multiple")
+        result = next(p for s, p in self.pruned.items() if abs(s - float(size)) <= 1e-9)
+        targets = target_linears(model)
+        missing = [n for n in result.weights if n not in targets]
+        if missing:
+            raise UserError(f"this plan names layers the model lacks: {missing[:3]} (a plan for another model?)")
+        factorized = [n for n in result.weights if not isinstance(targets[n], nn.Linear)]
+        if factorized:
+            raise UserError(f"{factorized[0]} is already factorized; materialize onto the dense model")
+        record_dense_shapes(model)
+        with torch.no_grad():
+            for name, weight in result.weights.items():
+                replace_module_(model, name, _new_linear(targets[name], weight, result.biases.get(name)))
+        self.last_stats = result.stats
         return {n: int(m.weight.count_nonzero()) for n, m in target_linears(model).items()}
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Physical and zeroed accounting of a pruned model, for the CLI report."""
-        shapes = getattr(model, "_lowrank_dense_shapes", None) or {}
+        shapes = recorded_dense_shapes(model) or {}
         attentions, mlps = find_units(model)
         heads = {b: model.get_submodule(a.q).out_features // a.head_dim for b, a in attentions.items()}
         widths = {b: model.get_submodule(m.down).in_features for b, m in mlps.items()}
@@ -993,21 +1058,50 @@ class SurgeonPlan:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        meta = {"method": self.method, "plan_type": "surgeon", "options": dataclasses.asdict(self.options),
-                "metadata": self.metadata}
-        return write_plan_dir(directory, {"calibration_ids": self.calibration_ids.to(torch.int64)}, meta)
-
-    @staticmethod
-    def is_plan_dir(directory: str | os.PathLike) -> bool:
-        return plan_dir_type(directory) == "surgeon"
+        tensors: dict[str, Tensor] = {}
+        sizes = []
+        for index, (size, result) in enumerate(self.pruned.items()):
+            tensors.update({f"{index}/{n}.weight": w for n, w in result.weights.items()})
+            tensors.update({f"{index}/{n}.bias": b for n, b in result.biases.items()})
+            sizes.append({"size": size, "layers": list(result.weights), "biases": list(result.biases),
+                          "stats": result.stats})
+        meta = {"method": self.method, "plan_type": self.plan_type, "options": dataclasses.asdict(self.options),
+                "metadata": self.metadata, "pruned": sizes}
+        return write_plan_dir(directory, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SurgeonPlan:
-        meta, tensors = read_plan_dir(directory, "surgeon")
-        if "calibration_ids" not in tensors:
-            raise UserError(f"{directory}: surgeon plan is incomplete (missing calibration_ids)")
-        return cls(tensors["calibration_ids"], SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
+        """The saved plan; one saved before surgeon pruned while scoring holds no size (`sizes_covered`)."""
+        meta, tensors = read_plan_dir(directory, cls.plan_type)
+        pruned = {}
+        try:
+            for index, entry in enumerate(meta.get("pruned", [])):
+                pruned[float(entry["size"])] = PrunedSize({n: tensors[f"{index}/{n}.weight"] for n in entry["layers"]},
+                                                          {n: tensors[f"{index}/{n}.bias"] for n in entry["biases"]},
+                                                          entry.get("stats", {}))
+        except KeyError as exc:
+            raise UserError(f"{directory}: surgeon plan is incomplete (missing {exc})") from exc
+        return cls(pruned, SurgeonOptions(**meta.get("options", {})), meta.get("metadata", {}),
                    meta.get("method", "surgeon"))
+
+
+def _pruned_copy(model: nn.Module, chunks: Tensor, size: float, options: SurgeonOptions, config: SurgeonConfig,
+                 checkpoint_dir: str | None) -> PrunedSize:
+    """`surgeon_prune_` at `size`, its weights kept aside (in CPU memory) and `model`'s own layers put back."""
+    originals = dict(target_linears(model))
+    t0 = time.perf_counter()
+    try:
+        stats = surgeon_prune_(model, chunks, size, options, progress=config.progress, checkpoint_dir=checkpoint_dir,
+                               resume=bool(config.resume))
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        # Copies: a layer the shots left alone is still the model's own, whose tensors the plan must not share.
+        pruned = target_linears(model)
+        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in pruned.items()}
+        biases = {n: m.bias.detach().to("cpu", copy=True) for n, m in pruned.items() if m.bias is not None}
+    finally:
+        for name, module in originals.items():  # never modified: pruning works on new modules
+            replace_module_(model, name, module)
+    return PrunedSize(weights, biases, stats)
 
 
 @register_method("surgeon", SurgeonConfig,
@@ -1015,13 +1109,25 @@ class SurgeonPlan:
                  "updates over several shots (--size = kept fraction of targeted linear parameters)",
                  check_model=find_units)
 def score_surgeon(model: nn.Module, chunks: Tensor, config: SurgeonConfig) -> SurgeonPlan:
-    """Validate the model and options; the pruning itself runs in `SurgeonPlan.materialize_`."""
+    """Prune a copy of `model`'s targeted linears to each of `config.sizes`; the model itself stays as it is."""
     if chunks is None or chunks.dim() != 2 or chunks.shape[0] == 0 or chunks.shape[1] < 2:
         raise UserError("surgeon needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
     find_units(model)  # fail before any heavy work on a model surgeon cannot handle
     if config.resume and not config.checkpoint_dir:
         raise UserError("--resume needs --checkpoint-dir (or --save-plan) naming the surgeon checkpoint")
+    if not config.sizes:
+        raise UserError("surgeon prunes while it scores: give the sizes to prune to (sizes=...; "
+                        "compress.api.compress passes its size)")
+    options = config.options()
+    if config.rank_multiple > 1:
+        options = dataclasses.replace(options, width_multiple=config.rank_multiple)
+    pruned = {}
+    with maybe_offloaded(model, config.offload):
+        for size in config.sizes:
+            where = config.checkpoint_dir
+            if where and len(config.sizes) > 1:  # one checkpoint per size: a checkpoint records its size
+                where = str(Path(where) / f"size-{size:g}")
+            pruned[size] = _pruned_copy(model, chunks, size, options, config, where)
     meta = {"calibration_tokens": int(chunks.numel()), "calibration_sequences": int(chunks.shape[0]),
             "seq_len": int(chunks.shape[1])}
-    return SurgeonPlan(chunks.detach().cpu().to(torch.int64), config.options(), meta, progress=config.progress,
-                       checkpoint_dir=config.checkpoint_dir, resume=bool(config.resume), offload=config.offload)
+    return SurgeonPlan(pruned, options, meta)

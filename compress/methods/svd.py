@@ -3,8 +3,8 @@
 `svd` (default): for a layer W [out, in] with calibration inputs X, let G = XᵀX = S·Sᵀ
 (Cholesky). Truncating the SVD of W·S minimises ‖(W − W')·Xᵀ‖, the error on the layer's
 actual outputs, rather than ‖W − W'‖. With W·S = Û·Σ·Q̂ᵀ the rank-r layer is
-W' = Û_r·Σ_r·(Q̂_rᵀ·S⁻¹), stored as balanced factors. Ranks are uniform: every layer keeps
-the same fraction of its own parameters. No healing.
+W' = Û_r·Σ_r·(Q̂_rᵀ·S⁻¹), stored as balanced factors (the math: `compress.whitening`).
+Ranks are uniform: every layer keeps the same fraction of its own parameters. No healing.
 
 `svd-plain`: truncated SVD of W itself, for reference (it is useless on real LLMs: the
 spectrum of W says nothing about which directions the inputs use).
@@ -13,7 +13,7 @@ If G is not positive definite (dead input features, too few tokens), the Cholesk
 with damping δ·mean(diag G)·I for δ = 1e-6, 1e-5, ..., 1e-1, and the δ used is recorded.
 A non-finite Gram is an error that names the layer.
 
-`gram_shrink` = α whitens by (1 − α)·G + α·mean(diag G)·I (`shrink_gram`): α = 0 is the
+`gram_shrink` = α whitens by (1 − α)·G + α·mean(diag G)·I (`compress.whitening.shrink_gram`): α = 0 is the
 above, α = 1 the plain SVD of W. A small α keeps the truncation from fitting the calibration
 domain's input statistics too closely (docs/domains.md).
 
@@ -27,18 +27,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from compress.calibrate import blockwise_input_grams, collect_input_grams
-from compress.errors import UserError
-from compress.methods import register_method
+from compress.methods import check_shrink, register_method
 from compress.plan import FactorPlan, LayerFactors
 from compress.streaming import is_offloaded, maybe_offloaded
-from lowrank.linear import balanced_factors, svd_factors
+from compress.whitening import whitened_svd_factors
+from lowrank.linear import svd_factors
 from lowrank.surgery import target_linears
 
-__all__ = ["SVDConfig", "check_shrink", "cholesky_with_damping", "shrink_gram", "whitened_svd_factors"]
+__all__ = ["PlainSVDConfig", "SVDConfig", "score_svd", "score_svd_plain"]
 
 
 @dataclass
@@ -52,62 +51,6 @@ class SVDConfig:
 
     def __post_init__(self) -> None:
         check_shrink(self.gram_shrink)
-
-
-def check_shrink(alpha: float, name: str = "gram_shrink") -> float:
-    """`alpha` as a float in [0, 1], or UserError."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}")
-    return float(alpha)
-
-
-def shrink_gram(gram: Tensor, alpha: float) -> Tensor:
-    """(1 − α)·G + α·mean(diag G)·I, in G's dtype: a Gram regularized toward isotropic inputs.
-
-    α = 0 returns G itself (the whitening fits the calibration inputs exactly); α = 1 gives
-    mean(diag G)·I, whose whitened SVD is the plain SVD of W. In between, directions the
-    calibration text barely excites keep part of their weight, so the truncation does not
-    discard what another domain's inputs use.
-    """
-    if alpha == 0.0:
-        return gram
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return (1.0 - alpha) * gram + alpha * gram.diagonal().mean() * eye
-
-
-def cholesky_with_damping(gram: Tensor, name: str = "layer", max_damping: float = 1e-1) -> tuple[Tensor, float]:
-    """Lower Cholesky factor of `gram` (float64), damped only if needed. Returns (L, δ used)."""
-    g = gram.to(torch.float64)
-    if not torch.isfinite(g).all():
-        raise ValueError(f"{name}: calibration Gram has non-finite entries (NaN/Inf activations?)")
-    g = 0.5 * (g + g.T)
-    mean_diag = g.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    damping = 0.0
-    while True:
-        chol, info = torch.linalg.cholesky_ex(g + damping * mean_diag * eye)
-        if int(info) == 0:
-            return chol, damping
-        damping = 1e-6 if damping == 0.0 else damping * 10
-        if damping > max_damping:
-            raise ValueError(f"{name}: calibration Gram is not positive definite even with damping {max_damping}")
-
-
-def whitened_svd_factors(weight: Tensor, gram: Tensor, name: str = "layer",
-                         shrink: float = 0.0) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Balanced full-rank factors (U, V) of W in the whitened basis, sorted by Σ. Returns (U, V, Σ, δ).
-
-    `shrink` > 0 whitens by `shrink_gram(gram, shrink)` instead of the Gram itself.
-    """
-    if shrink:
-        gram = shrink_gram(gram.to(torch.float64), shrink)
-    chol, damping = cholesky_with_damping(gram, name)
-    w = weight.detach().to(device=chol.device, dtype=torch.float64)
-    u, s, qh = torch.linalg.svd(w @ chol, full_matrices=False)
-    # Rows of Q̂ᵀ·S⁻¹: solve Sᵀ·Z = Q̂ (Sᵀ upper triangular) rather than inverting S.
-    v = torch.linalg.solve_triangular(chol.T, qh.T, upper=True).T
-    U, V = balanced_factors(u, s, v)
-    return U, V, s.to(torch.float32), damping
 
 
 @register_method("svd", SVDConfig, "activation-aware (whitened) truncated SVD with uniform ranks, as in SVD-LLM")

@@ -1,7 +1,7 @@
 """SVD-LLM (Wang et al. 2024, arXiv 2403.07378): truncation-aware whitening, then a sequential
 closed-form update of the truncated factors. Options, deviations from the paper: docs/baselines.md.
 
-1. Whitening (scoring, shared with the `svd` method: `compress.methods.svd`). With G = XᵀX = S·Sᵀ
+1. Whitening (scoring, shared with the `svd` method: `compress.whitening`). With G = XᵀX = S·Sᵀ
    the Cholesky factorization of a layer's calibration Gram (dense model), truncating the SVD of
    W·S gives W' = U_k·Σ_k·V_kᵀ·S⁻¹, whose error on the layer's outputs is exactly the tail of
    the spectrum. A Gram that is not positive definite is damped by δ·mean(diag G)·I,
@@ -56,9 +56,10 @@ from torch import Tensor, nn
 from compress.calibrate import block_output, first_block_inputs, gram_rows
 from compress.errors import UserError
 from compress.methods import options_of, register_method
-from compress.methods.svd import SVDConfig, cholesky_with_damping, score_svd
+from compress.methods.svd import SVDConfig, score_svd
 from compress.plan import FactorPlan, register_plan_type
 from compress.streaming import execution_device, held, maybe_offloaded
+from compress.whitening import cholesky_with_damping
 from lowrank.checkpoint import apply_umask_permissions
 from lowrank.linear import LowRankLinear, balanced_factors
 from lowrank.surgery import decoder_layers, replace_module_, target_linears
@@ -197,7 +198,7 @@ class SVDLLMConfig(SVDLLMOptions):
 _IDS_FILE = "calibration_ids.safetensors"
 
 
-@register_plan_type
+@register_plan_type("SVDLLMPlan")
 @dataclass
 class SVDLLMPlan(FactorPlan):
     """Whitened full-rank factors (as `svd`) plus the calibration ids the sequential update replays."""
@@ -253,15 +254,16 @@ class SVDLLMPlan(FactorPlan):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        self.metadata["plan_type"] = type(self).__name__
         self.metadata["options"] = dataclasses.asdict(self.options)
-        directory = super().save(directory)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # The ids first: plan.json, written last, marks a complete directory.
         ids = self.calibration_ids if self.calibration_ids is not None else torch.zeros(0, 0, dtype=torch.int64)
         tmp = directory / (_IDS_FILE + ".tmp")
         save_file({"ids": ids.detach().cpu().to(torch.int64).contiguous()}, str(tmp))
         apply_umask_permissions(tmp)  # safetensors writes 0o600
         os.replace(tmp, directory / _IDS_FILE)
-        return directory
+        return super().save(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SVDLLMPlan:
@@ -292,7 +294,7 @@ def score_svd_llm(model: nn.Module, chunks: Tensor, config: SVDLLMConfig) -> SVD
     base = score_svd(model, chunks, SVDConfig(batch_size=config.batch_size, progress=config.progress,
                                               offload=config.offload, gram_shrink=config.gram_shrink))
     ids = chunks if options.update_samples is None else chunks[: options.update_samples]
-    meta = {**base.metadata, "plan_type": SVDLLMPlan.__name__, "options": dataclasses.asdict(options),
+    meta = {**base.metadata, "options": dataclasses.asdict(options),
             "update_sequences": int(ids.shape[0])}
     return SVDLLMPlan("svd-llm", base.layers, "uniform", meta, calibration_ids=ids.detach().cpu().to(torch.int64),
                       options=options, progress=config.progress, offload=config.offload)

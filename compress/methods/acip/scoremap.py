@@ -18,11 +18,9 @@ layers whose factorization would save nothing back into dense ones.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress.acip.functional import Segments, Selection, global_order, select_for_size, size_for_counts
 from compress.errors import UserError
+from compress.methods.acip.functional import Segments, Selection, global_order, select_for_size, size_for_counts
+from compress.plan import PlanBase, SizesCovered, register_plan_type
 from lowrank.checkpoint import apply_umask_permissions
 from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
@@ -45,17 +44,12 @@ __all__ = [
     "ScoreMapMismatch",
     "check_identity",
     "is_score_map_dir",
-    "load_any_plan",
     "model_identity",
-    "temporarily_materialized",
 ]
 
 FORMAT_VERSION = 1
 JSON_NAME = "scoremap.json"
 TENSORS_NAME = "scoremap.safetensors"
-# A requested size may undershoot what the score map covers by this much (rounding of the
-# stop criterion, alignment) before it is refused.
-COVERAGE_SLACK = 0.005
 
 
 class ScoreMapMismatch(UserError):
@@ -149,9 +143,11 @@ class ScoreMapLayer:
         return self.U.shape[0], self.Vh.shape[1]
 
 
+@register_plan_type("scoremap", plan_file=JSON_NAME, untyped=True)
 @dataclass
-class ScoreMap:
+class ScoreMap(PlanBase):
     """Scored SVD triplets (plus LoRA branches) of every targeted linear; materializable at any size."""
+
 
     method: str
     layers: dict[str, ScoreMapLayer]
@@ -212,6 +208,20 @@ class ScoreMap:
         counts = torch.bincount(layer_of_ranked[:alive], minlength=len(self.layers))
         return size_for_counts(counts, self.segments, extra_rank=self.lora_rank)
 
+    @property
+    def supports_any_size(self) -> bool:
+        return True
+
+    @property
+    def sizes_covered(self) -> SizesCovered:
+        """Down to `min_size()`: for ACIP, where its pruning stopped."""
+        low = self.min_size()
+        stop = self.metadata.get("stop_ratio")
+        hint = f"; the run's stop ratio was {stop}" if stop else ""
+        return SizesCovered(lowest=low, owner="this score map",
+                            limit=f"it ranks singular values only down to size {low:.3f}{hint}; rerun the scoring "
+                                  "with a lower stop ratio to go smaller")
+
     # ------------------------------------------------------------------ selection
     def select(self, size: float, *, rank_multiple: int = 1) -> Selection:
         """Per-layer ranks whose parameter count is nearest `size` of the dense targeted linears."""
@@ -219,14 +229,9 @@ class ScoreMap:
             raise UserError(f"size must be a fraction in (0, 1], got {size}")
         if rank_multiple < 1:
             raise UserError(f"rank_multiple must be at least 1, got {rank_multiple}")
-        low = self.min_size()
-        if size < low - COVERAGE_SLACK:
-            stop = self.metadata.get("stop_ratio")
-            hint = f"; the run's stop ratio was {stop}" if stop else ""
-            raise UserError(
-                f"size {size} is below what this score map covers: it ranks singular values only down to "
-                f"size {low:.3f}{hint}; rerun the scoring with a lower stop ratio to go smaller"
-            )
+        coverage = self.sizes_covered
+        if size not in coverage:
+            raise UserError(coverage.refusal([size]))
         layer_of_ranked, _, _ = self._rank()
         min_count = 0 if self.lora_rank > 0 else 1  # a layer must keep something to compute
         return select_for_size(layer_of_ranked, self.segments, float(size), extra_rank=self.lora_rank,
@@ -372,6 +377,7 @@ class ScoreMap:
         apply_umask_permissions(tmp)  # safetensors writes 0o600
         os.replace(tmp, directory / TENSORS_NAME)
         meta = {
+            "plan_type": self.plan_type,
             "format": "lowrank-scoremap",
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -437,39 +443,3 @@ def _lowrank_from(U: Tensor, V: Tensor, bias: Tensor | None) -> LowRankLinear:
 def is_score_map_dir(directory: str | os.PathLike) -> bool:
     directory = Path(directory)
     return (directory / JSON_NAME).is_file() and (directory / TENSORS_NAME).is_file()
-
-
-def load_any_plan(directory: str | os.PathLike) -> Any:
-    """Whatever plan `directory` holds: a `ScoreMap`, a minify or surgeon plan, or a `compress.plan.FactorPlan`."""
-    if is_score_map_dir(directory):
-        return ScoreMap.load(directory)
-    if not Path(directory).is_dir():
-        raise UserError(f"score map / plan directory not found: {directory}")
-    try:
-        from compress.methods.minify import MinifyPlan
-    except ImportError:  # a checkout without that method
-        MinifyPlan = None  # noqa: N806
-    if MinifyPlan is not None and MinifyPlan.is_plan_dir(directory):
-        return MinifyPlan.load(directory)
-    from compress.methods.surgeon import SurgeonPlan
-
-    if SurgeonPlan.is_plan_dir(directory):
-        return SurgeonPlan.load(directory)
-    from compress.plan import FactorPlan
-
-    return FactorPlan.load(directory)
-
-
-@contextlib.contextmanager
-def temporarily_materialized(model: nn.Module, plan: Any, size: float, **kwargs: Any) -> Iterator[dict]:
-    """Materialize `plan` at `size` in `model`, and put the original layers back on exit.
-
-    The original modules are only swapped out, never modified, so evaluating many sizes from
-    one loaded model costs one materialization per size and no reload.
-    """
-    originals = dict(target_linears(model))
-    try:
-        yield plan.materialize_(model, size, **kwargs)
-    finally:
-        for name, module in originals.items():
-            replace_module_(model, name, module)

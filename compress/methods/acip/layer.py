@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lowrank_kernels.lowrank_matmul import lowrank_matmul
 from torch import Tensor, nn
 
-from compress.acip.functional import Segments, mask_forward
+from compress.methods.acip.functional import Segments, mask_forward
 
 __all__ = ["MaskBank", "MaskedSVDLinear", "masked_lowrank"]
 
@@ -92,7 +92,7 @@ class MaskBank(nn.Module):
         self.register_buffer("layer_index", segments.layer_index(device), persistent=False)
         self.values: Tensor | None = None
         self._offsets = segments.offsets
-        # Training-loss settings read by the ACIP step (compress.acip.train): distillation weight, whether
+        # Training-loss settings read by the ACIP step (compress.methods.acip.train): distillation weight, whether
         # the NLL term is dropped, and `teacher` (while True every layer runs with all masks on, no LoRA).
         self.distill = 0.0
         self.distill_only = False

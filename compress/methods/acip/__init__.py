@@ -4,20 +4,23 @@
 - `layer`: the masked SVD layer used while scoring (runs on `lowrank_kernels.lowrank_matmul`);
 - `train`: the scoring run (training loop, checkpoints, resume);
 - `distributed`: the same run over several processes (FSDP2; torchrun / accelerate launch);
-- `scoremap`: the score-map artifact and any-size materialization.
+- `scoremap`: the score-map artifact and any-size materialization;
+- `methods`: the registered methods `acip` and `svd-magnitude` (importing this package registers them).
 
 See docs/acip.md.
 """
 
-from compress.acip.scoremap import ScoreMap, ScoreMapMismatch, load_any_plan, temporarily_materialized
-from compress.acip.train import ACIPConfig, ACIPPaused, run_acip
+from compress.methods.acip.methods import SVDMagnitudeConfig, score_acip, score_svd_magnitude
+from compress.methods.acip.scoremap import ScoreMap, ScoreMapMismatch
+from compress.methods.acip.train import ACIPConfig, ACIPPaused, run_acip
 
 __all__ = [
     "ACIPConfig",
     "ACIPPaused",
+    "SVDMagnitudeConfig",
     "ScoreMap",
     "ScoreMapMismatch",
-    "load_any_plan",
     "run_acip",
-    "temporarily_materialized",
+    "score_acip",
+    "score_svd_magnitude",
 ]

@@ -1,4 +1,4 @@
-"""ACIP's scoring run: the training loop around the pure functions in `compress.acip.functional`.
+"""ACIP's scoring run: the training loop around the pure functions in `compress.methods.acip.functional`.
 
 1. Every targeted linear is replaced by `MaskedSVDLinear` (its SVD, a mask per singular value,
    a LoRA branch); the original `nn.Linear`s are kept aside and put back at the end. With
@@ -25,7 +25,7 @@ eager step is bound by Python and kernel-launch overhead, not by the GPU.
 
 Under ``torchrun`` / ``accelerate launch`` (``distributed="auto"`` or ``"fsdp"``) the frozen
 model is sharded with FSDP2 and each process takes its slice of every batch; the orchestration
-lives in `compress.acip.distributed`.
+lives in `compress.methods.acip.distributed`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress.acip.distributed import DistributedRun, resolve_mode, scoring_copy, shard_for_scoring
-from compress.acip.functional import (
+from compress.errors import UserError
+from compress.methods import check_shrink
+from compress.methods.acip.distributed import DistributedRun, resolve_mode, scoring_copy, shard_for_scoring
+from compress.methods.acip.functional import (
     Segments,
     alive_counts,
     l1_penalty,
@@ -57,9 +59,8 @@ from compress.acip.functional import (
     size_for_counts,
     update_scores,
 )
-from compress.acip.layer import MaskBank, MaskedSVDLinear
-from compress.acip.scoremap import ScoreMap, ScoreMapLayer, check_identity, model_identity
-from compress.errors import UserError
+from compress.methods.acip.layer import MaskBank, MaskedSVDLinear
+from compress.methods.acip.scoremap import ScoreMap, ScoreMapLayer, check_identity, model_identity
 from lowrank.checkpoint import apply_umask_permissions
 from lowrank.faults import fault_point
 from lowrank.surgery import replace_module_, target_linears
@@ -97,7 +98,7 @@ class ACIPConfig:
     factor_dtype: str = "float32"  # precision U, s, Vh are stored in (bfloat16 halves the score map)
     basis: str = "whitened"  # whitened: SVD of W·S, S = chol(input Gram) (SVD-LLM); plain: SVD of W (paper)
     whiten_samples: int = 128  # calibration chunks (evenly spaced) whose inputs form the Gram; 0 = all
-    gram_shrink: float = 0.0  # whitened basis: Gram (1-a)·G + a·mean(diag G)·I (compress.methods.svd.shrink_gram)
+    gram_shrink: float = 0.0  # whitened basis: Gram (1-a)·G + a·mean(diag G)·I (compress.whitening.shrink_gram)
     # Distillation: loss = NLL + distill·KL(teacher ‖ student) on the next-token distributions, the teacher
     # being the same network with every mask on and no LoRA (= the dense model); 0 = off (the paper's loss).
     distill: float = 0.0
@@ -137,8 +138,6 @@ class ACIPConfig:
             raise UserError("batch_size ≥ 1, lora_rank ≥ 0, mask_scale > 0 and lr > 0 are required")
         if self.distributed not in ("auto", "none", "fsdp"):
             raise UserError(f"distributed must be auto, none or fsdp, got {self.distributed!r}")
-        from compress.methods.svd import check_shrink
-
         check_shrink(self.gram_shrink)
         if not self.distill >= 0:
             raise UserError(f"distill must be ≥ 0, got {self.distill}")
@@ -207,7 +206,7 @@ def compute_whitened_factors(
     by (1 − shrink)·G + shrink·mean(diag G)·I (1: the plain basis, up to scaling of the rows).
     """
     from compress.calibrate import collect_input_grams
-    from compress.methods.svd import whitened_svd_factors
+    from compress.whitening import whitened_svd_factors
 
     n = chunks.shape[0]
     if 0 < samples < n:
@@ -493,7 +492,7 @@ def run_acip(
     the run early (the score map then covers only down to the size reached); returning
     ``"pause"`` writes a checkpoint (`checkpoint_dir` is required) and raises `ACIPPaused`.
 
-    Distributed (``config.distributed``, see `compress.acip.distributed`): every process calls
+    Distributed (``config.distributed``, see `compress.methods.acip.distributed`): every process calls
     this with the same model, chunks and config; the frozen model is sharded, each process
     trains on its slice of every batch, only rank 0 writes checkpoints, and every process gets
     the same score map back. The callback runs on rank 0 only.
