@@ -41,7 +41,7 @@ def iterate_batches(
 
         starts = tqdm(starts, desc=desc, unit="batch", leave=False)
     for start in starts:
-        fault_point(desc)  # fault suite: stop here (tests/test_faults.py); inert otherwise
+        fault_point(desc)  # fault suite: stop here (tests/compress/test_faults.py); inert otherwise
         yield chunks[start : start + batch_size].to(device)
 
 

@@ -814,7 +814,8 @@ def _bench_parser() -> argparse.ArgumentParser:
                                 description="Serving speed of a checkpoint (static KV cache, one CUDA-graph replay "
                                             "per decoded token): decode tokens/s per batch size and prefill "
                                             "tokens/s, beside a dense twin of its architecture; --profile traces "
-                                            "kernels. The same measurement as `python -m bench.e2e --model DIR`.")
+                                            "kernels. The same measurement as `python -m bench.kernels.e2e --model "
+                                            "DIR`.")
     _bench_module().add_arguments(p, checkpoint=True)
     return p
 

@@ -337,7 +337,7 @@ class FactorPlan(PlanBase):
                 layer = LowRankLinear.from_factors(U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype),
                                                    bias)
                 replace_module_(model, name, layer)
-            fault_point("materialize")  # fault suite (tests/test_faults.py); inert otherwise
+            fault_point("materialize")  # fault suite (tests/compress/test_faults.py); inert otherwise
         return ranks
 
     # ---------------------------------------------------------------- persistence

@@ -1,12 +1,12 @@
 """End-to-end serving speed: dense vs compressed models under the same graphed decode regime.
 
 This module ships with the package, so `python -m compress bench` works from a wheel;
-``bench/e2e.py`` is the repository's entry point to the same code.
+``bench/kernels/e2e.py`` is the repository's entry point to the same code.
 
-    python -m bench.e2e [--models smollm2,llama7b,qwen2] [--sizes 1.0,0.7,0.5,0.4] [--out DIR]
-    python -m bench.e2e --model DIR [--out DIR]                 a checkpoint, beside a dense twin
-    python -m bench.e2e --profile --models llama7b,smollm2 --sizes 1.0,0.5 --out DIR
-    python -m bench.e2e --smoke --models tiny                   a seconds-long check, CPU included
+    python -m bench.kernels.e2e [--models smollm2,llama7b,qwen2] [--sizes 1.0,0.7,0.5,0.4] [--out DIR]
+    python -m bench.kernels.e2e --model DIR [--out DIR]                 a checkpoint, beside a dense twin
+    python -m bench.kernels.e2e --profile --models llama7b,smollm2 --sizes 1.0,0.5 --out DIR
+    python -m bench.kernels.e2e --smoke --models tiny                   a seconds-long check, CPU included
 
 For each model and size it reports decode tokens/s and ms/token at batch 1, 8 and 32 (prompt
 512, 256 new tokens, greedy, `lowrank.serving.GraphedDecoder`: static KV cache + one CUDA-graph
@@ -518,7 +518,7 @@ def _jobs(cfg: dict, device: str, dtype: torch.dtype) -> list[tuple[str, str, Ca
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
-    """The benchmark behind both `python -m bench.e2e` and `python -m compress bench`; returns the results.
+    """The benchmark behind both `python -m bench.kernels.e2e` and `python -m compress bench`; returns the results.
 
     Raises `UserError` for bad settings, and where no CUDA GPU is visible unless ``smoke``.
     """
@@ -679,7 +679,7 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.kernels.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)

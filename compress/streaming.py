@@ -134,7 +134,7 @@ class StreamHook(ModelHook):
     sends the inputs to the execution device; `post_forward` puts the CPU originals back.
     Nested uses (a forward inside `held`) load once. `loads` counts the transfers of the unit
     to the execution device, `calls` the forwards, `bytes_loaded` the bytes actually copied
-    (0 where the execution device is the CPU); tests and bench/streaming_memory.py read them.
+    (0 where the execution device is the CPU); tests and bench/quality/streaming_memory.py read them.
     """
 
     def __init__(self, execution_device: torch.device, *, recurse: bool, io_same_device: bool = False) -> None:

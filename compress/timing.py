@@ -91,7 +91,7 @@ def _git_commit() -> str:
     """$GIT_COMMIT when set, else HEAD of the checkout, else "unknown".
 
     The environment variable wins: a tree copied to a GPU machine may carry a stale .git whose
-    HEAD is not the code that runs (it happened: bench/results/commits.md).
+    HEAD is not the code that runs (it happened: docs/notes/results_commits.md).
     """
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]

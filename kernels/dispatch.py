@@ -13,7 +13,7 @@ table's side-by-side timings for tuned shapes, else from a per-T latency model f
 sweep (``predicted_ms``).
 
 ``fused_candidates`` and ``gemm_candidates`` are the configs the tuners (``compress.tune``,
-``bench.tune_lowrank``) and the opt-in autotune time, in their JSON form.
+``bench.tools.tune_lowrank``) and the opt-in autotune time, in their JSON form.
 
 Importing this module never initialises CUDA and works without Triton.
 """
@@ -270,7 +270,7 @@ def predicted_ms(T: int, N: int, M: int, R: int | None, model: dict | None = Non
     """Latency-model estimate (ms) of the factorized dispatch (``R``) or of dense (``R=None``).
 
     The table's ``latency_model`` holds, per T bucket, ``ms = c0 + c1 * bytes + c2 * flops`` fitted
-    by least squares to one sweep on the table's device (``bench.tune_lowrank --merge-dense``); the
+    by least squares to one sweep on the table's device (``bench.tools.tune_lowrank --merge-dense``); the
     default ``model`` is the H100 table's.  ``c0`` captures the
     launch cost that dominates small layers, ``c1``/``c2`` the bandwidth- and compute-bound terms.
     Ranks that are not multiples of 8 (ragged rows, slow in every GEMM library) have their own fit.

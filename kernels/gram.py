@@ -300,7 +300,7 @@ def default_config(d: int, dtype: torch.dtype) -> GramConfig:
     128×128 tiles up to d=8192: at d=4096 the upper triangle is 528 tiles, exactly four
     waves on a 132-SM H100, where 128×256 tiles would give 2.06 waves (three, a third
     idle).  fp32 inputs take the exact "ieee" dot with smaller tiles.  Chosen from the
-    sweeps of ``python -m bench.gram --tune`` on an H100 (bench/results/gram_tune_*.json);
+    sweeps of ``python -m bench.kernels.gram --tune`` on an H100 (bench/results/gram_tune_*.json);
     ``LOWRANK_GRAM_CONFIG`` (JSON ``{"<d>" or "*": {GramConfig fields}}``) overrides them
     for 16-bit inputs.
     """

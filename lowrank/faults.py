@@ -1,4 +1,4 @@
-"""Named fault-injection points for the fault suite (tests/test_faults.py); inert unless asked for.
+"""Named fault-injection points for the fault suite (tests/compress/test_faults.py); inert unless asked for.
 
 ``LOWRANK_FAULT=NAME[=ACTION][,NAME[=ACTION]...]`` makes ``fault_point(NAME)`` act, once per process:
 

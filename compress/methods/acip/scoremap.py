@@ -283,7 +283,7 @@ class ScoreMap(PlanBase):
             module = targets[name]
             count = int(selection.counts[i])
             ranks[name] = self._materialize_layer(model, name, module, lf, local[i], count, reset, device)
-            fault_point("materialize")  # fault suite (tests/test_faults.py); inert otherwise
+            fault_point("materialize")  # fault suite (tests/compress/test_faults.py); inert otherwise
         return ranks
 
     def _materialize_layer(self, model: nn.Module, name: str, module: nn.Linear, lf: ScoreMapLayer,

@@ -958,7 +958,7 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                     state.phase = "done"
                 position = (batches.epoch, batches.cursor)
                 rng = _snapshot_rng(device)
-                fault_point("acip:step")  # fault suite (tests/test_faults.py); inert otherwise
+                fault_point("acip:step")  # fault suite (tests/compress/test_faults.py); inert otherwise
                 if ckpt is not None and (pause or state.step % config.checkpoint_every == 0
                                          or state.phase == "done"):
                     save(position, rng)

@@ -1,0 +1,1 @@
+"""Speed benchmarks: each kernel on its own (lowrank_matmul, gram, the CUDA GEMV) and compressed models end to end."""
