@@ -22,6 +22,8 @@ __all__ = [
     "decoder_layers",
     "expert_structure",
     "factorize_",
+    "GatedMlp",
+    "gated_mlps",
     "get_module",
     "layer_param_count",
     "record_dense_shapes",
@@ -137,6 +139,40 @@ def expert_structure(model: nn.Module) -> str | None:
         if name.startswith(prefix + ".") and p.dim() >= 3:
             return f"{name} (a 3-D weight {list(p.shape)}, as fused expert weights are)"
     return None
+
+
+@dataclass(frozen=True)
+class GatedMlp:
+    """Full module names of one gated MLP's linears (Llama layout): its channels are the rows of
+    gate and up and the columns of down, so pruning a channel touches all three."""
+
+    gate: str
+    up: str
+    down: str
+
+
+def gated_mlps(linears: Mapping[str, nn.Module]) -> dict[str, GatedMlp]:
+    """The gated MLPs among `linears` (e.g. `target_linears(model)`), {parent module name: GatedMlp}, in order.
+
+    A gated MLP is a parent holding all three of ``gate_proj``, ``up_proj`` and ``down_proj``; fused
+    (``gate_up_proj``) and ungated MLPs are not. ``ValueError`` names the MLP whose widths disagree
+    (gate and up out-features, down in-features). Minify and the surgeon both prune by these channels.
+    """
+    parts: dict[str, dict[str, str]] = {}
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in ("gate_proj", "up_proj", "down_proj"):
+            parts.setdefault(parent, {})[leaf] = name
+    mlps: dict[str, GatedMlp] = {}
+    for parent, d in parts.items():
+        if len(d) < 3:
+            continue
+        gate, up, down = (linears[d[x]] for x in ("gate_proj", "up_proj", "down_proj"))
+        if gate.out_features != up.out_features or down.in_features != gate.out_features:
+            raise ValueError(f"{parent}: gate/up/down widths disagree ({gate.out_features}, {up.out_features}, "
+                             f"{down.in_features})")
+        mlps[parent] = GatedMlp(d["gate_proj"], d["up_proj"], d["down_proj"])
+    return mlps
 
 
 # The targeted linears' ORIGINAL (out, in) shapes live on the model itself, in this attribute, so

@@ -66,9 +66,11 @@ from compress.plan import PlanBase, read_plan_dir, register_plan_type, write_pla
 from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import (
+    GatedMlp,
     block_linear_names,
     decoder_layers,
     expert_structure,
+    gated_mlps,
     layer_param_count,
     record_dense_shapes,
     recorded_dense_shapes,
@@ -303,13 +305,8 @@ class MinifyConfig(MinifyOptions):
 
 
 # ============================================================================ model structure
-@dataclass(frozen=True)
-class MlpNames:
-    """Full module names of one gated MLP's three linears."""
-
-    gate: str
-    up: str
-    down: str
+# The gated MLP's three linears (lowrank.surgery.GatedMlp), under the name minify's API has used.
+MlpNames = GatedMlp
 
 
 def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
@@ -325,13 +322,10 @@ def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
     if experts is not None:
         raise UserError(f"minify cannot prune mixture-of-experts MLPs: {experts}; "
                         "svd, svd-llm, asvd and acip run on such models and count the experts they leave dense")
-    parts: dict[str, dict[str, str]] = {}
-    for name in linears:
-        parent, _, leaf = name.rpartition(".")
-        if leaf in ("gate_proj", "up_proj", "down_proj"):
-            parts.setdefault(parent, {})[leaf] = name
-    mlps = {p: MlpNames(d["gate_proj"], d["up_proj"], d["down_proj"])
-            for p, d in parts.items() if len(d) == 3}
+    try:
+        mlps = gated_mlps(linears)
+    except ValueError as exc:
+        raise UserError(f"minify: {exc}") from exc
     if not mlps:
         raise UserError("minify needs gated MLPs with separate gate_proj, up_proj, down_proj linears; this model's "
                         f"blocks have {block_linear_names(model)} (fused or ungated MLPs are not supported)")
@@ -339,10 +333,6 @@ def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
         mods = [linears[n] for n in (names.gate, names.up, names.down)]
         if any(isinstance(m, LowRankLinear) for m in mods):
             raise UserError(f"{p}: MLP is already factorized; minify must run before low-rank factorization")
-        gate, up, down = mods
-        if gate.out_features != up.out_features or down.in_features != gate.out_features:
-            raise UserError(f"{p}: gate/up/down widths disagree ({gate.out_features}, {up.out_features}, "
-                            f"{down.in_features})")
     return mlps
 
 

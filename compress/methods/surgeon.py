@@ -70,8 +70,10 @@ from compress.plan import PlanBase, SizesCovered, read_plan_dir, register_plan_t
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import (
+    GatedMlp,
     block_linear_names,
     expert_structure,
+    gated_mlps,
     record_dense_shapes,
     recorded_dense_shapes,
     replace_module_,
@@ -377,13 +379,8 @@ class SurgeonConfig(SurgeonOptions):
 
 
 # ============================================================================ model structure
-@dataclass(frozen=True)
-class MlpChannels:
-    """A gated MLP: channels are rows of gate/up and columns of down."""
-
-    gate: str
-    up: str
-    down: str
+# A gated MLP: channels are rows of gate/up and columns of down (lowrank.surgery.GatedMlp).
+MlpChannels = GatedMlp
 
 
 @dataclass(frozen=True)
@@ -421,7 +418,10 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
         parent, _, leaf = name.rpartition(".")
         parts.setdefault(parent, {})[leaf] = name
     attentions: dict[str, AttentionGroups] = {}
-    mlps: dict[str, MlpChannels] = {}
+    try:
+        mlps = gated_mlps(linears)
+    except ValueError as exc:
+        raise UserError(f"surgeon: {exc}") from exc
     for parent, d in parts.items():
         if all(k in d for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
             module = model.get_submodule(parent)
@@ -438,12 +438,6 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
                                 f"{o.in_features}) do not match head_dim {head_dim} and group size {group}")
             attentions[parent] = AttentionGroups(d["q_proj"], d["k_proj"], d["v_proj"], d["o_proj"],
                                                  int(head_dim), int(group))
-        if all(k in d for k in ("gate_proj", "up_proj", "down_proj")):
-            gate, up, down = (linears[d[x]] for x in ("gate_proj", "up_proj", "down_proj"))
-            if gate.out_features != up.out_features or down.in_features != gate.out_features:
-                raise UserError(f"{parent}: gate/up/down widths disagree ({gate.out_features}, "
-                                f"{up.out_features}, {down.in_features})")
-            mlps[parent] = MlpChannels(d["gate_proj"], d["up_proj"], d["down_proj"])
     if not attentions and not mlps:
         raise UserError("surgeon needs separate q/k/v/o_proj attention or gate/up/down_proj MLP linears; this "
                         f"model's blocks have {block_linear_names(model)} (fused projections are not supported)")
