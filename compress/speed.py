@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.errors import UserError
+from compress.errors import UserError, report_or_exit_code
 from compress.timing import (
     HBM_TBPS,
     device_peaks,
@@ -683,15 +683,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
-    try:
-        results = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {results['path']}" + (f", {results['markdown']}, {results['traces']}" if "markdown" in results
-                                          else ""))
-    print(summary(results))
-    return 0
+
+    def report(results: dict) -> str:
+        extra = f", {results['markdown']}, {results['traces']}" if "markdown" in results else ""
+        return f"wrote {results['path']}{extra}\n{summary(results)}"
+
+    return report_or_exit_code(lambda: run(args), report)
 
 
 if __name__ == "__main__":

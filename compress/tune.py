@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from compress.errors import UserError
+from compress.errors import UserError, report_or_exit_code
 
 __all__ = ["DEFAULT_TOKENS", "add_arguments", "candidates", "checkpoint_shapes", "main", "parse_shapes", "run",
            "tune_shapes"]
@@ -366,13 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compress tune", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    try:
-        result = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(summary(result))
-    return 0
+    return report_or_exit_code(lambda: run(args), summary)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,7 @@ def _tokenizer(template: str | None, *, bos: bool = True):
                                    **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only add spin-wait overhead
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -76,12 +76,7 @@ SIZE = {"minify": 0.8, "surgeon": 0.85}  # others: 0.7 of the targeted linears
 SIZE_TOL = {"asvd": 0.04}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only add spin-wait overhead
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is faster (conftest)
 
 
 def make_model(family: str, seed: int = 0) -> torch.nn.Module:
