@@ -51,7 +51,9 @@ SETTINGS = dict(whiten_samples=8, stop_ratio=0.6, lr=4.5e-3, reg_start=5e-2, reg
 
 
 def _config(**overrides) -> ACIPConfig:
-    return ACIPConfig(**{**SETTINGS, **overrides})
+    # distill=0: `_two_rank_step` replays the two ranks' NLL-only step (the CLI test below runs the default,
+    # distillation, under a real two-process launch).
+    return ACIPConfig(**{"distill": 0.0, **SETTINGS, **overrides})
 
 
 def _free_port() -> int:

@@ -169,14 +169,14 @@ def fast(**overrides) -> ACIPConfig:
 
 def test_acip_with_distillation_runs_and_changes_the_result():
     calib = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(11))
-    base = run_acip(make_tiny_llama(), calib, fast())
+    base = run_acip(make_tiny_llama(), calib, fast(distill=0.0))
     kl = run_acip(make_tiny_llama(), calib, fast(distill=1.0))
     only = run_acip(make_tiny_llama(), calib, fast(distill=1.0, distill_only=True))
     assert kl.metadata["config"]["distill"] == 1.0 and only.metadata["config"]["distill_only"] is True
     name = next(iter(base.layers))
     assert not torch.equal(base.layers[name].lora_B, kl.layers[name].lora_B)
     with pytest.raises(UserError):
-        fast(distill_only=True).validate()
+        fast(distill=0.0, distill_only=True).validate()
 
 
 # ---------------------------------------------------------------------------- early stopping
