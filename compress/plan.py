@@ -37,7 +37,7 @@ from compress.errors import UserError
 from lowrank.checkpoint import apply_umask_permissions
 from lowrank.faults import fault_point
 from lowrank.linear import LowRankLinear
-from lowrank.surgery import aligned_rank, replace_module_, target_linears
+from lowrank.surgery import aligned_rank, replace_module_, target_linears, targets_restored
 
 __all__ = ["COVERAGE_SLACK", "PLAN_TYPES", "FactorPlan", "LayerFactors", "Plan", "PlanBase", "SizesCovered",
            "ranks_for_size", "read_plan_dir", "recorded_plan_type", "register_plan_type", "temporarily_materialized",
@@ -122,7 +122,8 @@ class PlanBase:
 
     @property
     def supports_any_size(self) -> bool:
-        return True
+        # Derived, so that a class states its coverage once (in `sizes_covered`).
+        return self.sizes_covered.only is None
 
     @property
     def sizes_covered(self) -> SizesCovered:
@@ -219,12 +220,8 @@ def temporarily_materialized(model: nn.Module, plan: Plan, size: float, **kwargs
     The original modules are only swapped out, never modified, so evaluating many sizes from
     one loaded model costs one materialization per size and no reload.
     """
-    originals = dict(target_linears(model))
-    try:
+    with targets_restored(model):
         yield plan.materialize_(model, size, **kwargs)
-    finally:
-        for name, module in originals.items():
-            replace_module_(model, name, module)
 
 
 @dataclass

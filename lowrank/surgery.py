@@ -7,7 +7,8 @@ min(r·(m+n), m·n) parameters, since a factorization that saves nothing is kept
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "set_dense_shapes",
     "size_report",
     "target_linears",
+    "targets_restored",
     "untargeted_weights",
 ]
 
@@ -90,6 +92,21 @@ def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> di
     if not found:
         raise ValueError("no target linear layers found inside the decoder blocks")
     return found
+
+
+@contextlib.contextmanager
+def targets_restored(model: nn.Module) -> Iterator[None]:
+    """Put `model`'s current targeted linears back in place on exit, whatever replaced them meanwhile.
+
+    The modules are only swapped back by name, never copied: this serves code that builds new
+    modules (materializing a plan, pruning onto new linears) and must leave the model as it was.
+    """
+    originals = dict(target_linears(model))
+    try:
+        yield
+    finally:
+        for name, module in originals.items():
+            replace_module_(model, name, module)
 
 
 def block_linear_names(model: nn.Module) -> str:

@@ -78,6 +78,7 @@ from lowrank.surgery import (
     recorded_dense_shapes,
     replace_module_,
     target_linears,
+    targets_restored,
 )
 
 __all__ = [
@@ -987,10 +988,6 @@ class SurgeonPlan(PlanBase):
     last_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def supports_any_size(self) -> bool:
-        return False
-
-    @property
     def sizes_covered(self) -> SizesCovered:
         """The sizes `score_surgeon` pruned to."""
         return SizesCovered(only=tuple(sorted(self.pruned)), owner="this surgeon plan",
@@ -1082,9 +1079,8 @@ class SurgeonPlan(PlanBase):
 def _pruned_copy(model: nn.Module, chunks: Tensor, size: float, options: SurgeonOptions, config: SurgeonConfig,
                  checkpoint_dir: str | None) -> PrunedSize:
     """`surgeon_prune_` at `size`, its weights kept aside (in CPU memory) and `model`'s own layers put back."""
-    originals = dict(target_linears(model))
     t0 = time.perf_counter()
-    try:
+    with targets_restored(model):  # the originals are never modified: pruning works on new modules
         stats = surgeon_prune_(model, chunks, size, options, progress=config.progress, checkpoint_dir=checkpoint_dir,
                                resume=bool(config.resume))
         stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -1092,9 +1088,6 @@ def _pruned_copy(model: nn.Module, chunks: Tensor, size: float, options: Surgeon
         pruned = target_linears(model)
         weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in pruned.items()}
         biases = {n: m.bias.detach().to("cpu", copy=True) for n, m in pruned.items() if m.bias is not None}
-    finally:
-        for name, module in originals.items():  # never modified: pruning works on new modules
-            replace_module_(model, name, module)
     return PrunedSize(weights, biases, stats)
 
 

@@ -209,10 +209,6 @@ class ScoreMap(PlanBase):
         return size_for_counts(counts, self.segments, extra_rank=self.lora_rank)
 
     @property
-    def supports_any_size(self) -> bool:
-        return True
-
-    @property
     def sizes_covered(self) -> SizesCovered:
         """Down to `min_size()`: for ACIP, where its pruning stopped."""
         low = self.min_size()
