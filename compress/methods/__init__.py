@@ -18,7 +18,8 @@ from compress.errors import UserError
 if TYPE_CHECKING:
     from compress.plan import Plan
 
-__all__ = ["MethodSpec", "available_methods", "check_shrink", "get_method", "options_of", "register_method"]
+__all__ = ["MethodSpec", "available_methods", "check_shrink", "dense_mlp_linears", "get_method", "options_of",
+           "register_method"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,29 @@ def check_shrink(alpha: float, name: str = "gram_shrink") -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}")
     return float(alpha)
+
+
+def dense_mlp_linears(model: Any, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(targeted linears, gated MLPs) of `model` for a method that prunes MLP channels (minify, surgeon).
+
+    Raises UserError, one line prefixed by `method`, for what such a method cannot prune: a linear it
+    cannot target, mixture-of-experts MLPs (the other methods run there and count what they leave
+    dense), or an MLP layout `lowrank.surgery.gated_mlps` rejects.
+    """
+    from lowrank.surgery import expert_structure, gated_mlps, target_linears
+
+    try:
+        linears = target_linears(model)
+        experts = expert_structure(model)
+    except ValueError as exc:
+        raise UserError(f"{method}: {exc}") from exc
+    if experts is not None:
+        raise UserError(f"{method} cannot prune mixture-of-experts MLPs: {experts}; "
+                        "svd, svd-llm, asvd and acip run on such models and count the experts they leave dense")
+    try:
+        return linears, gated_mlps(linears)
+    except ValueError as exc:
+        raise UserError(f"{method}: {exc}") from exc
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

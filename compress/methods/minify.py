@@ -61,7 +61,7 @@ from compress.calibrate import (
     iterate_batches,
 )
 from compress.errors import UserError
-from compress.methods import options_of, register_method
+from compress.methods import dense_mlp_linears, options_of, register_method
 from compress.plan import PlanBase, read_plan_dir, register_plan_type, write_plan_dir
 from compress.streaming import execution_device, held, is_offloaded, maybe_offloaded, recomputing
 from lowrank.linear import LowRankLinear
@@ -69,13 +69,10 @@ from lowrank.surgery import (
     GatedMlp,
     block_linear_names,
     decoder_layers,
-    expert_structure,
-    gated_mlps,
     layer_param_count,
     record_dense_shapes,
     recorded_dense_shapes,
     replace_module_,
-    target_linears,
 )
 
 __all__ = [
@@ -314,18 +311,7 @@ def find_mlps(model: nn.Module) -> dict[str, MlpNames]:
 
     Recognises the Llama-family layout (gate_proj, up_proj, down_proj under one parent).
     """
-    try:
-        linears = target_linears(model)
-        experts = expert_structure(model)
-    except ValueError as exc:
-        raise UserError(f"minify: {exc}") from exc
-    if experts is not None:
-        raise UserError(f"minify cannot prune mixture-of-experts MLPs: {experts}; "
-                        "svd, svd-llm, asvd and acip run on such models and count the experts they leave dense")
-    try:
-        mlps = gated_mlps(linears)
-    except ValueError as exc:
-        raise UserError(f"minify: {exc}") from exc
+    linears, mlps = dense_mlp_linears(model, "minify")
     if not mlps:
         raise UserError("minify needs gated MLPs with separate gate_proj, up_proj, down_proj linears; this model's "
                         f"blocks have {block_linear_names(model)} (fused or ungated MLPs are not supported)")

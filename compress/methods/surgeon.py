@@ -65,15 +65,13 @@ from torch import Tensor, nn
 
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
 from compress.errors import UserError
-from compress.methods import options_of, register_method
+from compress.methods import dense_mlp_linears, options_of, register_method
 from compress.plan import PlanBase, SizesCovered, read_plan_dir, register_plan_type, write_plan_dir
 from compress.streaming import execution_device, maybe_offloaded
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import (
     GatedMlp,
     block_linear_names,
-    expert_structure,
-    gated_mlps,
     record_dense_shapes,
     recorded_dense_shapes,
     replace_module_,
@@ -402,14 +400,7 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
     Recognises the Llama-family layout (q/k/v/o_proj under an attention module that knows its
     head_dim, gate/up/down_proj under one parent): Llama, Qwen2/3, Mistral, Gemma, ...
     """
-    try:
-        linears = target_linears(model)
-        experts = expert_structure(model)
-    except ValueError as exc:
-        raise UserError(f"surgeon: {exc}") from exc
-    if experts is not None:
-        raise UserError(f"surgeon cannot prune mixture-of-experts MLPs: {experts}; "
-                        "svd, svd-llm, asvd and acip run on such models and count the experts they leave dense")
+    linears, mlps = dense_mlp_linears(model, "surgeon")
     factorized = [n for n, m in linears.items() if isinstance(m, LowRankLinear)]
     if factorized:
         raise UserError(f"surgeon prunes dense linears; {factorized[0]} is already factorized "
@@ -419,10 +410,6 @@ def find_units(model: nn.Module) -> tuple[dict[str, AttentionGroups], dict[str, 
         parent, _, leaf = name.rpartition(".")
         parts.setdefault(parent, {})[leaf] = name
     attentions: dict[str, AttentionGroups] = {}
-    try:
-        mlps = gated_mlps(linears)
-    except ValueError as exc:
-        raise UserError(f"surgeon: {exc}") from exc
     for parent, d in parts.items():
         if all(k in d for k in ("q_proj", "k_proj", "v_proj", "o_proj")):
             module = model.get_submodule(parent)
