@@ -12,7 +12,14 @@ import torch
 
 from compress.errors import UserError
 from compress.methods.acip import ACIPConfig, run_acip
-from compress.methods.acip.train import distill_loss, holdout_nll, install_masked_layers, split_holdout
+from compress.methods.acip import train as acip_train
+from compress.methods.acip.train import (
+    distill_loss,
+    holdout_nll,
+    install_masked_layers,
+    rows_per_pass,
+    split_holdout,
+)
 from compress.methods.asvd import ASVDConfig, scaled_svd_factors, shrink_scales
 from compress.methods.svd import SVDConfig
 from compress.methods.svd_llm import SVDLLMConfig
@@ -115,6 +122,52 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
     t, s = torch.log_softmax(logits[0, 0], -1), torch.log_softmax(other[0, 0], -1)
     one = distill_loss(other[:1, :1], logits[:1, :1])
     torch.testing.assert_close(one, (t.exp() * (t - s)).sum())
+
+
+def test_kl_gradient_is_softmax_minus_teacher_distribution():
+    gen = torch.Generator().manual_seed(21)
+    teacher = torch.randn(3, 4, 17, generator=gen)
+    student = torch.randn(3, 4, 17, generator=gen, requires_grad=True)
+    distill_loss(student, teacher).backward()
+    expected = (torch.softmax(student.detach(), -1) - torch.softmax(teacher, -1)) / (3 * 4)
+    torch.testing.assert_close(student.grad, expected, rtol=1e-5, atol=1e-7)
+    # the value against the textbook form, over every position
+    t, s = torch.log_softmax(teacher, -1), torch.log_softmax(student.detach(), -1)
+    torch.testing.assert_close(distill_loss(student.detach(), teacher), (t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_rows_per_pass_caps_the_logit_elements():
+    assert rows_per_pass(4, 1024, 49_152, budget=2**28) == 4  # SmolLM2: the whole batch in one pass
+    assert rows_per_pass(4, 1024, 262_144, budget=2**28) == 1  # Gemma 3: one sequence a pass
+    assert rows_per_pass(4, 1024, 262_144, budget=2**29) == 2
+    assert rows_per_pass(4, 4096, 262_144, budget=2**28) == 1  # never zero
+    assert rows_per_pass(3, 16, 128, budget=10**9) == 3  # never more than the batch
+
+
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_a_step_in_several_passes_has_the_gradients_of_one(monkeypatch, distill):
+    ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(22))
+    grads, nlls = [], []
+    for budget in (None, 12 * VOCAB):  # the whole batch at once, then one sequence per pass
+        if budget is not None:
+            monkeypatch.setattr(acip_train, "LOGIT_ELEMENTS_PER_PASS", budget)
+        torch.manual_seed(0)
+        model = make_tiny_llama()
+        bank, layers = _masked(model)
+        model.eval()  # no dropout: the passes must see the same function
+        bank.distill = distill
+        with torch.no_grad():
+            bank.p[::4] = -1.0
+            for layer in layers.values():
+                layer.lora_B.normal_(0, 0.05)
+        params = [bank.p.requires_grad_(True)] + [t.requires_grad_(True) for layer in layers.values()
+                                                    for t in (layer.lora_A, layer.lora_B)]
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        nlls.append(acip_train._step_body(model, bank, optimizer, ids, 1e-2))
+        grads.append([p.grad.clone() for p in params])
+    torch.testing.assert_close(nlls[0], nlls[1], rtol=1e-5, atol=1e-6)
+    for one, several in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(one, several, rtol=1e-4, atol=1e-6)
 
 
 def _masked(model, rank: int = 4):

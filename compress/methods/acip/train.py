@@ -67,7 +67,8 @@ from lowrank.faults import fault_point
 from lowrank.surgery import replace_module_, target_linears
 
 __all__ = ["ACIPConfig", "ACIPPaused", "compute_svd_factors", "compute_whitened_factors", "distill_loss",
-           "holdout_nll", "install_masked_layers", "run_acip", "split_holdout", "training_step"]
+           "holdout_nll", "install_masked_layers", "rows_per_pass", "run_acip", "split_holdout",
+           "training_step"]
 
 STATE_NAME = "state.pt"
 FACTORS_NAME = "factors.safetensors"
@@ -334,10 +335,47 @@ def split_holdout(chunks: Tensor, holdout: float) -> tuple[Tensor, Tensor | None
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean over positions of KL(teacher ‖ student) between next-token distributions, in float32."""
-    t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    s = torch.log_softmax(student_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    """Mean over positions of KL(teacher ‖ student) between next-token distributions, in float32.
+
+    Written as Σ p_t·log p_t − Σ p_t·s + logsumexp(s) (s: the student's logits, Σ p_t = 1) so that,
+    besides the logits themselves, autograd holds one vocabulary-sized tensor (p_t) instead of the
+    four of log_softmax(s), exp, difference and product: with a 262k vocabulary (Gemma) each is
+    1 GiB per 1024-token sequence.
+    """
+    s = student_logits.float()
+    with torch.no_grad():
+        log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+        p_t = log_t.exp()
+        neg_entropy = torch.matmul(p_t.unsqueeze(-2), log_t.unsqueeze(-1))[..., 0, 0]
+        del log_t
+    cross = torch.matmul(p_t.unsqueeze(-2), s.unsqueeze(-1))[..., 0, 0]  # a batched dot: no product tensor
+    return (neg_entropy - cross + torch.logsumexp(s, dim=-1)).mean()
+
+
+# A training step's next-token logits (B·L·V) live in float32 in a few copies at once (logits, the
+# loss's softmax, the teacher's distribution, their gradient). A step runs its batch in micro-batches
+# of at most this many logit elements (1 GiB per float32 copy), each with its own forward and backward,
+# so the vocabulary does not decide the peak memory: Gemma 3 (V = 262,144) runs one 1024-token
+# sequence at a time; SmolLM2 (V = 49,152) keeps its whole batch of 4 in one pass.
+LOGIT_ELEMENTS_PER_PASS = 2**28
+
+
+def rows_per_pass(rows: int, seq_len: int, vocab: int, budget: int | None = None) -> int:
+    """How many of a batch's `rows` sequences one forward/backward pass takes (≥ 1, ≤ rows).
+
+    `budget`: logit elements per pass (default `LOGIT_ELEMENTS_PER_PASS`, read at call time).
+    """
+    budget = LOGIT_ELEMENTS_PER_PASS if budget is None else budget
+    return max(1, min(rows, budget // max(1, seq_len * vocab)))
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", 0) or 1)
 
 
 @torch.no_grad()
@@ -732,29 +770,42 @@ def training_step(model: nn.Module, bank: MaskBank, optimizer: torch.optim.Optim
 def _step_body(model: nn.Module, bank: MaskBank, optimizer: torch.optim.Optimizer, batch: Tensor,
                reg: float | Tensor | None) -> Tensor:
     # Forward, backward, update; the gradients are left in place (a CUDA graph rewrites them).
+    rows = batch.shape[0]
+    step = rows_per_pass(rows, batch.shape[1], _vocab_size(model))
+    nll_total: Tensor | None = None
+    for start in range(0, rows, step):
+        part = batch[start : start + step]
+        share = part.shape[0] / rows  # passes of equal-length sequences: the batch mean is the weighted sum
+        nll, loss = _pass_loss(model, bank, part)
+        if share != 1.0:
+            loss, nll = loss * share, nll * share
+        if reg is not None and start + step >= rows:  # the L1 term once per step
+            loss = loss + reg * l1_penalty(bank.p)
+        loss.backward()
+        nll_total = nll.detach() if nll_total is None else nll_total + nll.detach()
+    optimizer.step()
+    assert nll_total is not None
+    return nll_total
+
+
+def _pass_loss(model: nn.Module, bank: MaskBank, batch: Tensor) -> tuple[Tensor, Tensor]:
+    """(next-token NLL, training loss) of one pass; the masks are recomputed, as autograd frees them."""
     bank.refresh()
     weight = bank.distill
-    if weight:
-        # The teacher is the same network with every mask on and no LoRA: the dense model, no second copy.
-        with torch.no_grad():
-            bank.teacher = True
-            try:
-                teacher = model(input_ids=batch, use_cache=False).logits
-            finally:
-                bank.teacher = False
-        out = model(input_ids=batch, labels=batch, use_cache=False)
-        nll = out.loss
-        kl = distill_loss(out.logits, teacher)
-        loss = weight * kl if bank.distill_only else nll + weight * kl
-        del teacher, out
-    else:
+    if not weight:
         nll = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss = nll
-    if reg is not None:
-        loss = loss + reg * l1_penalty(bank.p)
-    loss.backward()
-    optimizer.step()
-    return nll.detach()
+        return nll, nll
+    # The teacher is the same network with every mask on and no LoRA: the dense model, no second copy.
+    with torch.no_grad():
+        bank.teacher = True
+        try:
+            teacher = model(input_ids=batch, use_cache=False).logits
+        finally:
+            bank.teacher = False
+    out = model(input_ids=batch, labels=batch, use_cache=False)
+    kl = distill_loss(out.logits, teacher)
+    del teacher
+    return out.loss, (weight * kl if bank.distill_only else out.loss + weight * kl)
 
 
 # Tests set this to run the graph path's warm-up/undo logic on the CPU, without capturing.
