@@ -19,9 +19,10 @@ Time: each job has an estimate from the H100 runs in bench/results (svd scoring 
 with CUDA graphs, surgeon ~75 s per size, one evaluation ~2 s + ~2.5 s of generation). ``--part K/N``
 cuts the ordered grid into N contiguous parts of about equal estimated cost; a job whose estimate no
 longer fits in --budget-minutes is skipped (and listed), an ACIP run that outlives twice its estimate
-or the budget is cut short, and the JSON is rewritten after every job, so a run killed at its limit
-still returns everything finished. ``--jobs a,b`` runs named jobs only; ``--grid all`` adds the extra
-jobs (ACIP on WikiText-2 alone, smaller LoRA, ACIP with a shrunk Gram, surgeon variants).
+or the budget is cut short, and the JSON is rewritten after every evaluated size, so a run killed at
+its limit still returns every size it finished (the killed job's status reads "running").
+``--jobs a,b`` runs named jobs only; ``--grid all`` adds the extra jobs (ACIP on WikiText-2 alone,
+smaller LoRA, ACIP with a shrunk Gram, surgeon variants).
 
 Output: ``<out>/domain_quality_<part>_<gpu>.json`` (rows, per-text provenance with sha256, calibration
 draws, targets, timings) and a compact table on stdout. Options are chosen on `SELECTION_TEXT` (legal)
@@ -210,6 +211,9 @@ class Context:
         self.dense: dict[str, Any] = {}
         self.rows: list[dict[str, Any]] = []
         self.jobs: dict[str, dict[str, Any]] = {}
+        # Rewrites the result file; called after every evaluated size, so a run killed at its time
+        # limit keeps the sizes it finished, not only its finished jobs.
+        self.save: Callable[[], Any] | None = None
         dense_params = sum(m.weight.numel() for m in self._targets(self.model32).values())
         self.model_params = sum(p.numel() for p in self.model32.parameters())
         self.target_params = dense_params
@@ -260,6 +264,8 @@ class Context:
                "sanity": {**sanity, **sanity_check(sanity, self.dense["sanity"])}, "samples": samples,
                "eval_seconds": round(time.perf_counter() - t0, 2), **extra}
         self.rows.append(row)
+        if self.save is not None:
+            self.save()
         cells = " ".join(f"{k} {v:.3f}" for k, v in ratio.items())
         print(f"  {label:<40} ×dense: {cells} | artifacts {sanity['artifacts']['total']} rep "
               f"{sanity['repetition']:.1f}%", flush=True)
@@ -529,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = 0.02 if args.smoke else 1.0  # smoke jobs take a sliver of the GPU estimates
     skipped: list[str] = []
     path = _write(ctx, part, skipped)
+    ctx.save = lambda: _write(ctx, part, skipped)
     for job in jobs:
         if job.estimate_s * scale * 1.05 > ctx.left():
             skipped.append(job.key)
@@ -538,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {job.key} ({job.kind} [{job.calibration}] {job.variant}; ~{job.estimate_s:.0f} s)", flush=True)
         t_job = time.perf_counter()
+        # A file that still says "running" was written by a process killed inside this job: its rows
+        # are the sizes the job finished.
+        ctx.jobs[job.key] = {"status": "running", "estimate_seconds": job.estimate_s}
         try:
             meta = RUNNERS[job.kind](ctx, job)
             status = "done"

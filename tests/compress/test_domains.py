@@ -254,9 +254,20 @@ def test_domain_quality_smoke_end_to_end(tmp_path, monkeypatch):
     from bench.quality import domain_quality
 
     monkeypatch.delenv("WIKITEXT2", raising=False)
+    writes = []  # (rows, job statuses) of every rewrite of the result file
+    real_write = domain_quality._write
+
+    def recording_write(ctx, part, skipped):
+        writes.append((len(ctx.rows), {k: j["status"] for k, j in ctx.jobs.items()}))
+        return real_write(ctx, part, skipped)
+
+    monkeypatch.setattr(domain_quality, "_write", recording_write)
     code = domain_quality.main(["--smoke", "--out", str(tmp_path), "--jobs",
                                 "svd-mix-g0,svd-mix-g0.3,acip-mix,minify-mix,surgeon-mix"])
     assert code == 0
+    # every evaluated size is on disk before the next starts: a kill loses at most the size in progress
+    assert [n for n, _ in writes] == sorted(n for n, _ in writes) and {n for n, _ in writes} >= set(range(1, 6))
+    assert any(statuses.get("svd-mix-g0") == "running" and n == 1 for n, statuses in writes)
     result = json.loads((tmp_path / "domain_quality_smoke_partjobs.json").read_text())
     assert set(result["dense"]["ppl"]) == {"wiki", "docs", "legal", "code"}
     assert all(j["status"] == "done" for j in result["jobs"].values()), result["jobs"]
