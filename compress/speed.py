@@ -72,6 +72,7 @@ from compress.timing import (
     write_result,
 )
 from lowrank import LowRankLinear, target_linears
+from lowrank.fusion import fuse_sibling_projections
 from lowrank.linear import balanced_factors
 from lowrank.serving import GraphedDecoder, enable_dense_fallback
 from lowrank.surgery import DEFAULT_RANK_MULTIPLE, aligned_rank, decoder_layers, replace_module_, size_report
@@ -485,6 +486,7 @@ def _settings(args: argparse.Namespace) -> dict:
     out.update(smoke=smoke, profile=bool(getattr(args, "profile", False)), model=getattr(args, "model", None),
                compile=bool(getattr(args, "compile", False)),
                dense_fallback=bool(getattr(args, "dense_fallback", False)),
+               fuse_siblings=bool(getattr(args, "fuse_siblings", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
                save=not getattr(args, "no_save", False),
                rank_multiple=getattr(args, "rank_multiple", None) or DEFAULT_RANK_MULTIPLE)
@@ -541,6 +543,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         stem += "_compiled"
     if cfg["dense_fallback"]:
         stem += "_fallback"
+    if cfg["fuse_siblings"]:
+        stem += "_fused"
     if cfg["smoke"]:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
@@ -561,7 +565,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                 continue
             build_s = time.perf_counter() - t0
             vocab = model.config.vocab_size
+            report = size_report(model)  # before fusing: the fused modules are no longer targeted linears
             fallback = enable_dense_fallback(model, [*cfg["batches"], cfg["prefill"]]) if cfg["dense_fallback"] else {}
+            # Both sides alike (the dense twin too): one GEMM per q/k/v and per gate/up group.
+            fused = fuse_sibling_projections(model) if cfg["fuse_siblings"] else []
             try:
                 if cfg["profile"]:
                     row = profile_model(model, prompt=cfg["prompt"], new_tokens=cfg["new_tokens"],
@@ -573,10 +580,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                                   cfg["repeats"], compile_step=cfg["compile"])
             except Exception as exc:  # record and go on: one failing shape must not lose the others
                 row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            report = size_report(model)
             row.update({"target_fraction": report.target_fraction, "model_fraction": report.model_fraction,
                         "weight_bytes": weight_bytes(model),
-                        "dense_fallback_layers": sum(fallback.values()),
+                        "dense_fallback_layers": sum(fallback.values()), "fused_groups": len(fused),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                         "build_seconds": round(build_s, 1)})
             results["models"].setdefault(name, {})[key] = row
@@ -672,6 +678,9 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--dense-fallback", action="store_true",
                    help="give low-rank layers a dense copy where dense GEMM is measured faster at the benchmarked "
                         "batch sizes (lowrank.serving.enable_dense_fallback); weight bytes then count the copies")
+    p.add_argument("--fuse-siblings", action="store_true",
+                   help="compute q/k/v and gate/up with one GEMM per group (lowrank.fusion), on every model "
+                        "measured, the dense twin included; low-rank layers with a dense copy stay unfused")
     p.add_argument("--smoke", action="store_true",
                    help="small settings that also run on the CPU (eager there; not speed results)")
     p.add_argument("--out", default=None,

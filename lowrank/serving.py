@@ -82,14 +82,14 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: nn.Module, *, max_cache_len: int, use_cuda_graph: bool | None = None,
-                 compile: bool | str = False) -> None:
+                 compile: bool | str | Callable = False) -> None:
         """`compile` runs the decode step through `torch.compile(fullgraph=True)` before the graph is
-        captured (True: inductor; a string names another backend), fusing the norms, rotary
-        embeddings and residual adds that otherwise cost one small kernel launch each."""
+        captured (True: inductor; a string or a callable names another backend), fusing the norms,
+        rotary embeddings and residual adds that otherwise cost one small kernel launch each."""
         self.model = model.eval()
         self._step_forward = self._forward
         if compile:
-            backend = "inductor" if compile is True else str(compile)
+            backend = "inductor" if compile is True else compile if callable(compile) else str(compile)
             self._step_forward = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False)
         self.device = next(model.parameters()).device
         self.max_cache_len = max_cache_len

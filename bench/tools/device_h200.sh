@@ -2,8 +2,9 @@
 # One bounded GPU session for issue #17 (run from the repo root with OUT set; ~400 s):
 # (a) tune the e2e model shapes and the bench.kernels.lowrank 50% sweep shapes into this device's table,
 # (c) end-to-end compiled decode (LLaMA-7B shape 1.0/0.5/0.4, SmolLM2 shape 1.0/0.5 with
-#     --dense-fallback), (b) the per-layer sweep with the remaining time. Partial results land in
-#     $OUT as each step ends.  Usage: [STEPS="tune llama smol sweep"] bash bench/tools/device_h200.sh [total_seconds]
+#     --dense-fallback), (d) [STEPS with "fused"] LLaMA-7B and SmolLM2 shapes at 1.0/0.5 with --fuse-siblings,
+#     (b) the per-layer sweep with the remaining time. Partial results land in $OUT as each step ends.
+#     Usage: [STEPS="tune llama smol fused sweep"] bash bench/tools/device_h200.sh [total_seconds]
 set -u
 TOTAL=${1:-400}
 STEPS=${STEPS:-tune llama smol sweep}
@@ -39,6 +40,9 @@ has llama && [ "$(left)" -gt 120 ] && timeout $(( $(left) - 60 )) python3 -m ben
 say "e2e llama done"
 has smol && [ "$(left)" -gt 70 ] && timeout $(( $(left) - 35 )) python3 -m bench.kernels.e2e --models smollm2_shape --sizes 1.0,0.5 --dense-fallback $E2EARGS 2>&1 | tee -a "$LOG" | tail -5
 say "e2e smollm2 done"
+# (d) the same models with sibling projections fused (q/k/v and gate/up one GEMM each) on both sides
+has fused && [ "$(left)" -gt 120 ] && timeout $(( $(left) - 60 )) python3 -m bench.kernels.e2e --models llama7b,smollm2_shape --sizes 1.0,0.5 --fuse-siblings $E2EARGS 2>&1 | tee -a "$LOG" | tail -6
+say "e2e fused done"
 # (b) per-layer sweep with what is left
 B=$(( $(left) - 25 ))
 has sweep && [ "$B" -gt 20 ] && timeout $(( B + 20 )) python3 -m bench.kernels.lowrank --fractions 0.5 --budget-s $B --out "$OUT" 2>&1 | tee "$OUT/sweep_log.txt" | tail -3
@@ -53,7 +57,7 @@ for p in sorted(out.glob("e2e_*.json")):
             if "decode" not in r: print(" ", name, k, r.get("error")); continue
             sp = r.get("decode_speedup", {})
             print(f"  {name:14s} {k:4s} " + " ".join(f"b{b} {v['tokens_per_s']:.0f} ({sp.get(b, sp.get(str(b), 1)):.2f}x)" for b, v in r["decode"].items())
-                  + f" prefill {r['prefill']['tokens_per_s']:.0f} ({r.get('prefill_speedup', 1):.2f}x) bytes {r.get('weight_bytes_ratio', 1):.2f} fb {r.get('dense_fallback_layers')}")
+                  + f" prefill {r['prefill']['tokens_per_s']:.0f} ({r.get('prefill_speedup', 1):.2f}x) bytes {r.get('weight_bytes_ratio', 1):.2f} fb {r.get('dense_fallback_layers')} fused {r.get('fused_groups', 0)}")
 for p in sorted(out.glob("lowrank_*.json")):
     if p.name.startswith("lowrank_matmul."): continue
     recs = json.loads(p.read_text())["records"]

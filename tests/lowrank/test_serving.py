@@ -194,6 +194,16 @@ def test_compress_bench_cli(tiny_checkpoint, tmp_path, capsys):
     rows = result["models"][str(tiny_checkpoint)]
     assert rows["checkpoint"]["target_fraction"] < 1 and rows["dense"]["target_fraction"] == 1
     assert rows["checkpoint"]["weight_bytes_ratio"] < 1
+    assert rows["checkpoint"]["fused_groups"] == 0
+    # --fuse-siblings: both sides fused (2 blocks × q/k/v, gate/up), sizes and bytes reported as unfused
+    assert main(["bench", "--model", str(tiny_checkpoint), "--smoke", "--batches", "1", "--fuse-siblings",
+                 "--out", str(tmp_path / "fused")]) == 0
+    fused = json.loads(next((tmp_path / "fused").glob("e2e_checkpoint_*_fused_smoke.json")).read_text())
+    frows = fused["models"][str(tiny_checkpoint)]
+    assert frows["checkpoint"]["fused_groups"] == frows["dense"]["fused_groups"] == 4
+    assert "error" not in frows["checkpoint"] and "error" not in frows["dense"]
+    for key in ("target_fraction", "weight_bytes"):
+        assert frows["checkpoint"][key] == rows["checkpoint"][key] and frows["dense"][key] == rows["dense"][key]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,211 @@
+"""Sibling projections in one GEMM: q/k/v and gate/up read the same input, so one launch can serve them.
+
+At decode time a small model is bound by kernel launches, not by bytes (SmolLM2-135M: a compiled,
+graphed dense step takes 14× its weight traffic; README *Measured speed*). Attention's q, k and v
+projections and a gated MLP's gate and up projections all multiply the same activations, so
+
+    fuse_sibling_projections(model)
+
+concatenates each such group's weights into one matrix and computes the group with one matmul:
+q/k/v go from three launches to one, gate/up from two to one. For `LowRankLinear` members the
+shared first factor is fused (x·[V_q; V_k; V_v]ᵀ in one GEMM) and each member keeps its own second
+factor U. Dense and compressed models get the same treatment, so a benchmark compares like with like.
+
+How: the group's first member (the one the model's forward calls first, q_proj / gate_proj in
+transformers' Llama-family code) computes every member's output and leaves the others' parts in the
+group; each later member returns its part when it is called with the very same input tensor, and
+computes its own slice otherwise (another call order, or a call with other inputs stays correct,
+just unfused). The model computes the same function. Inputs are never held past the group's last
+member.
+
+A serving transform: the fused modules replace the originals in the module tree, so the state dict
+changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither
+all `nn.Linear` nor all `LowRankLinear` (without a dense fallback copy), or that differ in dtype or
+device, are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowrank.linear import LowRankLinear
+from lowrank.surgery import replace_module_
+
+__all__ = ["SIBLING_SETS", "FusedSibling", "SiblingGroup", "fuse_sibling_projections", "unfuse_sibling_projections"]
+
+# Child names under one parent module that read the parent's input (Llama, Mistral, Qwen2/3, Gemma 2/3, ...),
+# in the order the parent's forward calls them.
+SIBLING_SETS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _weight_of(module: nn.Module) -> Tensor:
+    return module.U if isinstance(module, LowRankLinear) else module.weight
+
+
+def _split_sizes(outputs: Sequence[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for size in outputs:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+class SiblingGroup(nn.Module):
+    """The fused weights of one group of projections, and the parts the first member left for the others.
+
+    Dense members: `weight` [Σ out, in] (+ `bias`). Low-rank members: `V` [Σ rank, in] (+ one `U_i`
+    [out_i, rank_i] per member, in `factors`) and the biases.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        first = members[0]
+        self.low_rank = isinstance(first, LowRankLinear)
+        self.in_features = first.in_features
+        self.out_features = [m.out_features for m in members]
+        self.out_bounds = _split_sizes(self.out_features)
+        with torch.no_grad():
+            if self.low_rank:
+                self.ranks = [m.rank for m in members]
+                self.rank_bounds = _split_sizes(self.ranks)
+                self.V = nn.Parameter(torch.cat([m.V for m in members]), requires_grad=False)
+                # U is shared with the member it came from, which the fused module then replaces
+                self.factors = nn.ParameterList([nn.Parameter(m.U.detach(), requires_grad=False) for m in members])
+            else:
+                self.weight = nn.Parameter(torch.cat([m.weight for m in members]), requires_grad=False)
+            biases = [m.bias for m in members]
+            self.has_bias = [b is not None for b in biases]
+            self.bias = None
+            if any(self.has_bias):  # members without one get zeros in the fused bias, and None alone
+                like = _weight_of(first)
+                self.bias = nn.Parameter(torch.cat([
+                    b if b is not None else like.new_zeros(n) for b, n in zip(biases, self.out_features, strict=True)
+                ]), requires_grad=False)
+        # Set by the first member's call, read by the others: (input, [part per member]).
+        self._pending_input: Tensor | None = None
+        self._pending: list[Tensor | None] = [None] * len(members)
+
+    def _bias_of(self, index: int) -> Tensor | None:
+        if self.bias is None or not self.has_bias[index]:
+            return None
+        lo, hi = self.out_bounds[index]
+        return self.bias[lo:hi]
+
+    def compute_all(self, x: Tensor) -> list[Tensor]:
+        """Every member's output for input `x`, from one matmul over the concatenated weights."""
+        if not self.low_rank:
+            y = F.linear(x, self.weight, self.bias)
+            return [y[..., lo:hi] for lo, hi in self.out_bounds]
+        t = F.linear(x, self.V)
+        return [F.linear(t[..., lo:hi], U, self._bias_of(i))
+                for i, ((lo, hi), U) in enumerate(zip(self.rank_bounds, self.factors, strict=True))]
+
+    def compute_one(self, x: Tensor, index: int) -> Tensor:
+        """Member `index`'s output alone (its slice of the fused weights)."""
+        if not self.low_rank:
+            lo, hi = self.out_bounds[index]
+            return F.linear(x, self.weight[lo:hi], self._bias_of(index))
+        lo, hi = self.rank_bounds[index]
+        return F.linear(F.linear(x, self.V[lo:hi]), self.factors[index], self._bias_of(index))
+
+    def member_forward(self, x: Tensor, index: int) -> Tensor:
+        last = len(self.out_features) - 1
+        if index == 0:
+            parts = self.compute_all(x)
+            self._pending_input, self._pending = x, [None, *parts[1:]]
+            return parts[0]
+        part = self._pending[index]
+        if part is None or self._pending_input is not x:
+            return self.compute_one(x, index)
+        self._pending[index] = None
+        if index == last:  # nothing of this call is held past the group's last member
+            self._pending_input = None
+        return part
+
+    def unfused(self, index: int) -> nn.Module:
+        """Member `index` as the module it replaced (a copy of its weights)."""
+        bias = self._bias_of(index)
+        lo, hi = self.out_bounds[index]
+        if self.low_rank:
+            rlo, rhi = self.rank_bounds[index]
+            return LowRankLinear.from_factors(self.factors[index], self.V[rlo:rhi], bias)
+        weight = self.weight[lo:hi]
+        linear = nn.Linear(self.in_features, hi - lo, bias=bias is not None, device="meta", dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight.detach().clone())
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().clone())
+        return linear
+
+
+class FusedSibling(nn.Module):
+    """Stands where one member of a `SiblingGroup` was; the group's first member owns the group."""
+
+    def __init__(self, group: SiblingGroup, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.in_features = group.in_features
+        self.out_features = group.out_features[index]
+        if index == 0:
+            self.group = group  # registered once, so the fused weights count once
+        else:
+            object.__setattr__(self, "_group_ref", group)  # a plain reference, not a submodule
+
+    @property
+    def sibling_group(self) -> SiblingGroup:
+        return self.group if self.index == 0 else self._group_ref
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.sibling_group.member_forward(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _fusable(members: Sequence[nn.Module]) -> bool:
+    kinds = {type(m) for m in members}
+    if kinds == {nn.Linear}:
+        pass
+    elif kinds == {LowRankLinear}:
+        if any(m.dense_weight is not None for m in members):
+            return False  # the dense copy is picked per call; fusing the factors would bypass it
+    else:
+        return False
+    params = [_weight_of(m) for m in members]
+    return (len({m.in_features for m in members}) == 1 and len({p.dtype for p in params}) == 1
+            and len({p.device for p in params}) == 1 and all(p.device.type != "meta" for p in params))
+
+
+@torch.no_grad()
+def fuse_sibling_projections(model: nn.Module, sets: Sequence[Sequence[str]] = SIBLING_SETS) -> list[str]:
+    """Fuse every group of sibling projections of `model` in place; returns the fused groups' names.
+
+    A name is ``parent.{q_proj,k_proj,v_proj}``. A group whose members are not all `nn.Linear` or all
+    `LowRankLinear` without a dense copy, or that differ in input width, dtype or device, is skipped.
+    """
+    fused = []
+    for parent_name, parent in list(model.named_modules()):
+        for names in sets:
+            members = [getattr(parent, n, None) for n in names]
+            if any(m is None for m in members) or not _fusable(members):
+                continue
+            group = SiblingGroup(members)
+            for index, name in enumerate(names):
+                replace_module_(model, f"{parent_name}.{name}" if parent_name else name, FusedSibling(group, index))
+            prefix = f"{parent_name}." if parent_name else ""
+            fused.append(prefix + "{" + ",".join(names) + "}")
+    return fused
+
+
+@torch.no_grad()
+def unfuse_sibling_projections(model: nn.Module) -> int:
+    """Put back the modules `fuse_sibling_projections` replaced (same names and weights); returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedSibling):
+            replace_module_(model, name, module.sibling_group.unfused(module.index))
+            count += 1
+    return count
