@@ -121,6 +121,9 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         _svd_job("wiki", 0.3, (0.9, 0.8), tier="extra"),
         Job("surgeon-mix-nolora", "extra", 35 + EVAL_SECONDS, "surgeon", "mix", (0.8,), {"lora_steps": 0},
             "no LoRA"),
+        # the surgeon's LoRA distilled to the dense model, as ACIP's default (compress.distill)
+        Job("surgeon-mix-kl", "extra", 2 * (90 + EVAL_SECONDS), "surgeon", "mix", (0.9, 0.8), {"distill": 1.0},
+            "LoRA distill=1"),
         Job("surgeon-wiki", "extra", 75 + EVAL_SECONDS, "surgeon", "wiki", (0.8,), {}),
         Job("minify-wiki", "extra", 8 + EVAL_SECONDS, "minify", "wiki", (0.9,), {},
             extra={"variants": {"default": {}}}),

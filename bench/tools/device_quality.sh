@@ -21,7 +21,7 @@
 set -u
 TOTAL=${1:-580}
 STEPS=${STEPS:-gemma-prep gemma-acip}
-JOBS=${JOBS:-acip-mix-short,acip-mix-r8,surgeon-mix}
+JOBS=${JOBS:-surgeon-mix,surgeon-mix-kl,acip-mix-short,acip-mix-r8}
 GEMMA_WHEELS=${GEMMA_WHEELS:-/tmp/gem}
 GEMMA_SHA256=a5fd3b62
 OUT=${OUT:-/tmp/out}

@@ -64,6 +64,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
+from compress.distill import distill_loss
 from compress.errors import UserError
 from compress.methods import dense_mlp_linears, options_of, register_method
 from compress.plan import PlanBase, SizesCovered, read_plan_dir, register_plan_type, write_plan_dir
@@ -318,6 +319,12 @@ class SurgeonOptions:
     lora_steps: int = 20
     lora_rank: int = 8
     lora_lr: float = 1e-4
+    # LoRA objective: NLL + distill·KL(dense ‖ pruned) on every next-token distribution (compress.distill).
+    # The teacher is the model being pruned with its original linears swapped back for one no-grad
+    # forward per step, so no copy is held. 0: NLL alone, which fits the calibration text (on SmolLM2
+    # and Gemma 3 the pruned model then beats dense on WikiText-2; docs/domains.md).
+    distill: float = 0.0
+    distill_only: bool = False  # with distill > 0: drop the NLL term
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -339,6 +346,11 @@ class SurgeonOptions:
                 raise UserError(f"surgeon {name} must be a positive integer, got {value!r}")
         if not isinstance(self.lora_steps, int) or self.lora_steps < 0:
             raise UserError(f"surgeon lora_steps must be an integer ≥ 0, got {self.lora_steps!r}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not (
+                math.isfinite(self.distill) and self.distill >= 0):
+            raise UserError(f"surgeon distill must be a finite number ≥ 0, got {self.distill!r}")
+        if self.distill_only and not self.distill > 0:
+            raise UserError("surgeon distill_only needs distill > 0")
         if not 0.0 <= self.min_keep <= 1.0:
             raise UserError(f"surgeon min_keep must be in [0, 1], got {self.min_keep}")
         if self.curvature_samples is not None and self.curvature_samples < 1:
@@ -731,15 +743,28 @@ def _zeroed_shot_(model: nn.Module, masks: _Masks, curv: _Curvature, request: in
 
 
 # ============================================================================ LoRA correction
+@torch.no_grad()
+def _teacher_logits(model: nn.Module, batch: Tensor, dense_modules: Mapping[str, nn.Module]) -> Tensor:
+    """The dense model's logits: `model` with its original linears swapped back in for one forward."""
+    with targets_restored(model):  # the pruned modules (and their LoRA hooks) come back on exit
+        for name, module in dense_modules.items():
+            replace_module_(model, name, module)
+        return model(input_ids=batch, use_cache=False).logits
+
+
 @torch.enable_grad()
 def _lora_correction_(model: nn.Module, chunks: Tensor, names: Sequence[str], options: SurgeonOptions,
-                      masks: _Masks | None, progress: bool) -> float:
+                      masks: _Masks | None, progress: bool,
+                      dense_modules: Mapping[str, nn.Module] | None = None) -> float:
     """Fit a rank-r LoRA per targeted linear for a few steps, then merge it into the weights.
 
     In the zeroed modes the merged update is multiplied by the keep-mask, so pruned weights
     stay zero; in physical mode pruned structures no longer exist. Returns the last loss.
     Under offload the adapters live on the accelerator and each merge goes to the CPU-resident weight.
+    With `options.distill` > 0 the loss adds KL to the dense model, whose linears `dense_modules` holds.
     """
+    if options.distill and dense_modules is None:
+        raise ValueError("distill needs the dense model's linears (dense_modules)")
     device = execution_device(model)
     gen = torch.Generator(device="cpu").manual_seed(options.seed)
     adapters: dict[str, tuple[Tensor, Tensor]] = {}
@@ -767,8 +792,13 @@ def _lora_correction_(model: nn.Module, chunks: Tensor, names: Sequence[str], op
         step = 0
         while step < options.lora_steps:
             for batch in iterate_batches(chunks, options.batch_size, device, progress=False):
+                teacher = _teacher_logits(model, batch, dense_modules) if options.distill else None
                 logits = model(input_ids=batch, use_cache=False).logits
                 loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
+                if teacher is not None:
+                    kl = options.distill * distill_loss(logits, teacher)
+                    loss = kl if options.distill_only else loss + kl
+                    del teacher
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -849,7 +879,8 @@ def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: Surge
         raise UserError("surgeon needs calibration token ids of shape [n ≥ 1, seq_len ≥ 2]")
     attentions, mlps = find_units(model)
     dense_shapes = record_dense_shapes(model)
-    names = list(target_linears(model))
+    dense_modules = dict(target_linears(model))  # never modified: pruning and LoRA work on new modules
+    names = list(dense_modules)
     dense_total = sum(dense_shapes[n][0] * dense_shapes[n][1] for n in names)
     dense_widths = {b: dense_shapes[m.down][1] for b, m in mlps.items()}
     physical = options.structure == "physical"
@@ -909,7 +940,8 @@ def surgeon_prune_(model: nn.Module, chunks: Tensor, size: float, options: Surge
         t3 = time.perf_counter()
         lora_loss = None
         if options.lora_steps:
-            lora_loss = _lora_correction_(model, calib, list(target_linears(model)), options, masks, progress)
+            lora_loss = _lora_correction_(model, calib, list(target_linears(model)), options, masks, progress,
+                                          dense_modules)
         _sync(device)
         t4 = time.perf_counter()
         factor_bytes = sum(t.numel() * t.element_size() for t in

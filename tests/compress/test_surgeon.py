@@ -449,3 +449,41 @@ def test_smollm2_surgeon_quality(smollm2):
     surgeon_prune_(model, calib, 0.95, SurgeonOptions(shots=2, batch_size=8, lora_steps=4), progress=False)
     pruned = perplexity_of_ids(model, held, batch_size=8, progress=False)
     assert pruned < 1.5 * dense
+
+
+def test_distillation_teacher_is_the_dense_model_and_changes_the_correction(monkeypatch):
+    """With distill > 0 every LoRA step sees the dense model's logits (its original linears swapped back for one
+    forward, the pruned ones and their LoRA hooks restored after), and the correction differs from NLL alone."""
+    import compress.methods.surgeon as surgeon
+
+    model = make_tiny_llama(seed=_seed() % 1000)
+    ids = _tokens(4, 16)
+    with torch.no_grad():
+        dense_logits = copy.deepcopy(model)(ids[:2]).logits
+    seen = []
+    real = surgeon._teacher_logits
+
+    def checking(m, batch, dense_modules):
+        pruned = dict(target_linears(m))
+        out = real(m, batch, dense_modules)
+        assert all(target_linears(m)[n] is mod for n, mod in pruned.items())  # the pruned model is back
+        seen.append((batch, out))
+        return out
+
+    monkeypatch.setattr(surgeon, "_teacher_logits", checking)
+    results = {}
+    for distill in (0.0, 1.0):
+        pruned = copy.deepcopy(model)
+        torch.manual_seed(5)
+        surgeon_prune_(pruned, ids, 0.7, SurgeonOptions(shots=1, batch_size=2, lora_steps=3, lora_lr=1e-2,
+                                                         distill=distill), progress=False)
+        results[distill] = {n: m.weight.clone() for n, m in target_linears(pruned).items()}
+    assert len(seen) == 3  # one teacher forward per LoRA step, only when distilling
+    batch, teacher = seen[0]
+    assert torch.equal(batch, ids[:2])
+    torch.testing.assert_close(teacher, dense_logits, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(results[0.0][n], results[1.0][n]) for n in results[0.0])
+    with pytest.raises(UserError, match="distill_only needs distill > 0"):
+        SurgeonOptions(distill_only=True)
+    with pytest.raises(UserError, match="distill must be"):
+        SurgeonOptions(distill=-1.0)

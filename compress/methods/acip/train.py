@@ -49,6 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from compress.distill import distill_loss
 from compress.errors import UserError
 from compress.methods import check_shrink
 from compress.methods.acip.distributed import DistributedRun, resolve_mode, scoring_copy, shard_for_scoring
@@ -332,24 +333,6 @@ def split_holdout(chunks: Tensor, holdout: float) -> tuple[Tensor, Tensor | None
     keep = torch.ones(n, dtype=torch.bool)
     keep[idx] = False
     return chunks[keep], chunks[idx]
-
-
-def distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean over positions of KL(teacher ‖ student) between next-token distributions, in float32.
-
-    Written as Σ p_t·log p_t − Σ p_t·s + logsumexp(s) (s: the student's logits, Σ p_t = 1) so that,
-    besides the logits themselves, autograd holds one vocabulary-sized tensor (p_t) instead of the
-    four of log_softmax(s), exp, difference and product: with a 262k vocabulary (Gemma) each is
-    1 GiB per 1024-token sequence.
-    """
-    s = student_logits.float()
-    with torch.no_grad():
-        log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
-        p_t = log_t.exp()
-        neg_entropy = torch.matmul(p_t.unsqueeze(-2), log_t.unsqueeze(-1))[..., 0, 0]
-        del log_t
-    cross = torch.matmul(p_t.unsqueeze(-2), s.unsqueeze(-1))[..., 0, 0]  # a batched dot: no product tensor
-    return (neg_entropy - cross + torch.logsumexp(s, dim=-1)).mean()
 
 
 # A training step's next-token logits (B·L·V) live in float32 in a few copies at once (logits, the
