@@ -271,6 +271,37 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(calib, tmp_path):
         assert torch.equal(lf.lora_A, other.lora_A) and torch.equal(lf.lora_B, other.lora_B), name
 
 
+def test_a_run_that_dies_before_its_first_checkpoint_resumes_its_factors(calib, tmp_path, monkeypatch, capsys):
+    """Out of memory in the first steps (after the factors were written): --resume reuses the factors and
+    trains from step 0, to the uninterrupted result, without computing the SVDs again."""
+    import compress.methods.acip.train as train
+
+    config = fast_config(checkpoint_every=1000, checkpoint_dir=str(tmp_path / "d"))
+    full = run_acip(make_tiny_llama(), calib, dataclasses.replace(config, checkpoint_dir=str(tmp_path / "full")))
+
+    def out_of_memory(info):
+        if info["step"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_acip(make_tiny_llama(), calib, config, callback=out_of_memory)
+    assert (tmp_path / "d" / "factors.safetensors").is_file() and not (tmp_path / "d" / "state.pt").exists()
+
+    def no_svd_again(*args, **kwargs):
+        raise AssertionError("the factors were computed again")
+
+    monkeypatch.setattr(train, "compute_svd_factors", no_svd_again)
+    capsys.readouterr()
+    resumed = run_acip(make_tiny_llama(), calib, dataclasses.replace(config, resume=True))
+    assert "holds the factors but no training step yet" in capsys.readouterr().out
+    assert resumed.metadata["steps"] == full.metadata["steps"]
+    for name, lf in full.layers.items():
+        other = resumed.layers[name]
+        assert torch.equal(lf.scores, other.scores) and torch.equal(lf.lora_B, other.lora_B), name
+    with pytest.raises(UserError, match="other settings"):
+        run_acip(make_tiny_llama(), calib, dataclasses.replace(config, lr=1e-3, resume=True))
+
+
 def test_resume_refuses_other_settings(calib, tmp_path):
     config = fast_config(checkpoint_dir=str(tmp_path / "c"))
 

@@ -554,7 +554,11 @@ def run_acip(
     progress = config.progress and writer
 
     resume_state = None
-    if config.resume and ckpt is not None and (ckpt / STATE_NAME).is_file():
+    # A run that died after its factors were written but before its first training checkpoint (out of
+    # memory in the first steps, say) still resumes them: the SVDs and whitening are not done twice.
+    resumable = config.resume and ckpt is not None and (ckpt / META_NAME).is_file()
+    has_state = resumable and (ckpt / STATE_NAME).is_file()
+    if resumable and (has_state or (ckpt / FACTORS_NAME).is_file()):
         meta = json.loads((ckpt / META_NAME).read_text())
         check_identity(meta["identity"], model)
         stored = meta.get("config", {})
@@ -568,9 +572,12 @@ def run_acip(
                             "interrupted run's")
         factors = _read_factors(ckpt, names)
         whitening = meta.get("whitening")
-        resume_state = torch.load(ckpt / STATE_NAME, weights_only=True, map_location="cpu")
-        if resume_state.get("version") != STATE_VERSION:
-            raise UserError(f"{ckpt / STATE_NAME} has an unknown format")
+        if has_state:
+            resume_state = torch.load(ckpt / STATE_NAME, weights_only=True, map_location="cpu")
+            if resume_state.get("version") != STATE_VERSION:
+                raise UserError(f"{ckpt / STATE_NAME} has an unknown format")
+        elif writer:
+            print(f"note: {ckpt} holds the factors but no training step yet; training starts from step 0")
     else:
         if config.resume and writer:
             print(f"note: no checkpoint to resume in {ckpt}; starting afresh")
