@@ -15,8 +15,8 @@ How: the group's first member (the one the model's forward calls first, q_proj /
 transformers' Llama-family code) computes every member's output and leaves the others' parts in the
 group; each later member returns its part when it is called with the very same input tensor, and
 computes its own slice otherwise (another call order, or a call with other inputs stays correct,
-just unfused). The model computes the same function. Inputs are never held past the group's last
-member.
+just unfused). The model computes the same function. In that usual order nothing of a call is held
+past the group's last member; otherwise the leftovers live until the group's next call.
 
 A serving transform: the fused modules replace the originals in the module tree, so the state dict
 changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither
