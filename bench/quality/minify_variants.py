@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from typing import Any
 
 import torch
 
-from compress.data import chunk_prefix, load_text, pack_tokens, tokenize_text
-from compress.eval import perplexity_of_ids
+from bench.quality import domains
 from compress.methods.minify import MinifyConfig, score_minify
-from compress.mixture import mixture_batches
 from compress.model import load_model
 from compress.timing import env_info, gpu_slug, write_result
 
@@ -46,22 +43,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--size", type=float, default=0.9, help="kept fraction of the MLP")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    wikitext = os.environ.get("WIKITEXT2")
-    if not wikitext:
-        raise SystemExit("set WIKITEXT2 to the folder holding WikiText-2's valid.txt and test.txt")
     torch.manual_seed(0)
     model, tok = load_model(None, dtype=torch.float32, device=args.device)
     eval_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    prefix = chunk_prefix(tok, "auto")
-    texts = {"wiki": f"{wikitext}/test.txt", "legal": "offline:legal:eval", "code": "offline:code:eval"}
-    windows = {k: pack_tokens(tokenize_text(tok, load_text(v, "eval")), 1024, prefix)[: args.windows]
-               for k, v in texts.items()}
-    calib, info = mixture_batches(tok, [f"{wikitext}/valid.txt@0.7", "offline:docs:calib@0.3"], seq_len=1024,
-                                  num_samples=args.samples, seed=0, bos="auto")
+    # domain_quality's texts and `mix` calibration (its `resolve` asks for $WIKITEXT2 if it is unset)
+    windows = domains.eval_chunks(tok, 1024, names=("wiki", "legal", "code"), max_chunks=args.windows)
+    calib, info = domains.calibration_chunks(tok, "mix", seq_len=1024, num_samples=args.samples)
 
     def perplexities(m: torch.nn.Module) -> dict[str, float]:
-        m = m.to(eval_dtype)
-        return {k: perplexity_of_ids(m, c, batch_size=4, progress=False) for k, c in windows.items()}
+        return domains.perplexities(m.to(eval_dtype), windows, batch_size=4)
 
     dense = perplexities(copy.deepcopy(model))
     print("dense", {k: round(v, 3) for k, v in dense.items()}, flush=True)
