@@ -74,7 +74,7 @@ from compress.timing import (
 from lowrank import LowRankLinear, target_linears
 from lowrank.fusion import fuse_sibling_projections
 from lowrank.linear import balanced_factors
-from lowrank.serving import GraphedDecoder, enable_dense_fallback
+from lowrank.serving import COMPILE_MODES, GraphedDecoder, enable_dense_fallback
 from lowrank.surgery import DEFAULT_RANK_MULTIPLE, aligned_rank, decoder_layers, replace_module_, size_report
 
 SHAPES = {
@@ -274,9 +274,9 @@ def _prefill_call(model: nn.Module, tokens: int, vocab: int) -> Callable[[], obj
 
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[int], prompt: int, new_tokens: int, prefill_len: int,
-            vocab: int, repeats: int, compile_step: bool = False) -> dict:
+            vocab: int, repeats: int, compile_step: bool = False, compile_mode: str | None = None) -> dict:
     device = next(model.parameters()).device
-    decoder = GraphedDecoder(model, max_cache_len=prompt + new_tokens, compile=compile_step)
+    decoder = GraphedDecoder(model, max_cache_len=prompt + new_tokens, compile=compile_step, compile_mode=compile_mode)
     result: dict = {"decode": {}, "graphed": decoder.use_cuda_graph}
     for batch in batches:
         ids = torch.randint(0, vocab, (batch, prompt), device=device)
@@ -337,11 +337,12 @@ def _profiled(fn: Callable[[], object], cuda: bool, archive: zipfile.ZipFile, en
 
 @torch.no_grad()
 def profile_decode(model: nn.Module, *, prompt: int, new_tokens: int, steps: int, vocab: int, repeats: int,
-                   archive: zipfile.ZipFile, tag: str, compile_step: bool = False) -> dict:
+                   archive: zipfile.ZipFile, tag: str, compile_step: bool = False,
+                   compile_mode: str | None = None) -> dict:
     """Batch-1 decode: graphed step time, kernel table of a few steps, HBM floor."""
     cuda = _cuda(model)
     cache_len = prompt + max(new_tokens, steps + 2)
-    decoder = GraphedDecoder(model, max_cache_len=cache_len, compile=compile_step)
+    decoder = GraphedDecoder(model, max_cache_len=cache_len, compile=compile_step, compile_mode=compile_mode)
     ids = torch.randint(0, vocab, (1, prompt), device=next(model.parameters()).device)
     step_ms = decode_ms(decoder, ids, new_tokens, repeats)
 
@@ -398,10 +399,11 @@ def profile_prefill(model: nn.Module, *, tokens: int, vocab: int, repeats: int, 
 
 
 def profile_model(model: nn.Module, *, prompt: int, new_tokens: int, steps: int, prefill_len: int, vocab: int,
-                  repeats: int, archive: zipfile.ZipFile, tag: str, compile_step: bool = False) -> dict:
+                  repeats: int, archive: zipfile.ZipFile, tag: str, compile_step: bool = False,
+                  compile_mode: str | None = None) -> dict:
     """Batch-1 decode and prefill of one model: step times, kernel tables, floors."""
     decode = profile_decode(model, prompt=prompt, new_tokens=new_tokens, steps=steps, vocab=vocab, repeats=repeats,
-                            archive=archive, tag=tag, compile_step=compile_step)
+                            archive=archive, tag=tag, compile_step=compile_step, compile_mode=compile_mode)
     _free_memory()  # the decoder's cache and graph went with profile_decode's frame
     return {"decode": decode,
             "prefill": profile_prefill(model, tokens=prefill_len, vocab=vocab, repeats=repeats, archive=archive,
@@ -484,7 +486,8 @@ def _settings(args: argparse.Namespace) -> dict:
         if any(not 0.0 < s <= 1.0 for s in out["sizes"]):
             raise UserError(f"--sizes must be fractions in (0, 1], got {out['sizes']}")
     out.update(smoke=smoke, profile=bool(getattr(args, "profile", False)), model=getattr(args, "model", None),
-               compile=bool(getattr(args, "compile", False)),
+               compile=bool(getattr(args, "compile", False)) or getattr(args, "compile_mode", None) is not None,
+               compile_mode=getattr(args, "compile_mode", None),
                dense_fallback=bool(getattr(args, "dense_fallback", False)),
                fuse_siblings=bool(getattr(args, "fuse_siblings", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
@@ -541,6 +544,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     stem = ("e2e_profile" if cfg["profile"] else "e2e_checkpoint" if cfg["checkpoint"] else "e2e") + f"_{gpu_slug()}"
     if cfg["compile"]:
         stem += "_compiled"
+    if cfg["compile_mode"] not in (None, "default"):
+        stem += "_" + cfg["compile_mode"].replace("-", "_")
     if cfg["dense_fallback"]:
         stem += "_fallback"
     if cfg["fuse_siblings"]:
@@ -574,10 +579,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                     row = profile_model(model, prompt=cfg["prompt"], new_tokens=cfg["new_tokens"],
                                         steps=cfg["profile_steps"], prefill_len=cfg["prefill"], vocab=vocab,
                                         repeats=cfg["repeats"], archive=archive, tag=f"{name}_{key}".replace("/", "_"),
-                                        compile_step=cfg["compile"])
+                                        compile_step=cfg["compile"], compile_mode=cfg["compile_mode"])
                 else:
                     row = measure(model, cfg["batches"], cfg["prompt"], cfg["new_tokens"], cfg["prefill"], vocab,
-                                  cfg["repeats"], compile_step=cfg["compile"])
+                                  cfg["repeats"], compile_step=cfg["compile"], compile_mode=cfg["compile_mode"])
             except Exception as exc:  # record and go on: one failing shape must not lose the others
                 row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             row.update({"target_fraction": report.target_fraction, "model_fraction": report.model_fraction,
@@ -675,6 +680,9 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--profile-steps", type=int, default=None, help="decode steps in the trace (default 5)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (inductor) before capturing its CUDA graph")
+    p.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m],
+                   help="torch.compile mode of the decode step (implies --compile); max-autotune-no-cudagraphs "
+                        "times Triton GEMM templates against cuBLAS (slow to compile)")
     p.add_argument("--dense-fallback", action="store_true",
                    help="give low-rank layers a dense copy where dense GEMM is measured faster at the benchmarked "
                         "batch sizes (lowrank.serving.enable_dense_fallback); weight bytes then count the copies")

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedDecoder", "DecodeStats", "capture_cuda_graph", "enable_dense_fallback"]
+__all__ = ["COMPILE_MODES", "GraphedDecoder", "DecodeStats", "capture_cuda_graph", "enable_dense_fallback"]
 
 T = TypeVar("T")
 
@@ -74,6 +74,11 @@ class DecodeStats:
     batch_size: int = 0
 
 
+# torch.compile modes that leave CUDA-graph capture to GraphedDecoder ("reduce-overhead" and
+# "max-autotune" record graphs of their own, which cannot nest inside the decoder's capture).
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+
+
 class GraphedDecoder:
     """Greedy decoding with a static cache; the per-token step is a CUDA graph replay on GPU.
 
@@ -82,15 +87,24 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: nn.Module, *, max_cache_len: int, use_cuda_graph: bool | None = None,
-                 compile: bool | str | Callable = False) -> None:
+                 compile: bool | str | Callable = False, compile_mode: str | None = None) -> None:
         """`compile` runs the decode step through `torch.compile(fullgraph=True)` before the graph is
         captured (True: inductor; a string or a callable names another backend), fusing the norms,
-        rotary embeddings and residual adds that otherwise cost one small kernel launch each."""
+        rotary embeddings and residual adds that otherwise cost one small kernel launch each.
+        `compile_mode` is torch.compile's mode, one of `COMPILE_MODES` (None: its default);
+        "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS and fuse
+        neighbours into them. Modes that capture CUDA graphs themselves are refused: this class
+        captures the step already."""
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if compile_mode is not None and not compile:
+            raise ValueError("compile_mode needs compile=True (or a backend)")
         self.model = model.eval()
         self._step_forward = self._forward
         if compile:
             backend = "inductor" if compile is True else compile if callable(compile) else str(compile)
-            self._step_forward = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False)
+            self._step_forward = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False,
+                                               mode=compile_mode)
         self.device = next(model.parameters()).device
         self.max_cache_len = max_cache_len
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph

@@ -53,6 +53,14 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(compressed, random_
     assert torch.equal(decoder.generate(prompt, max_new_tokens=12), reference)
 
 
+def test_compile_mode_is_checked_up_front():
+    """Modes that record CUDA graphs of their own cannot run inside the decoder's capture: refused by name."""
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        GraphedDecoder(make_tiny_llama(), max_cache_len=16, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="needs compile"):
+        GraphedDecoder(make_tiny_llama(), max_cache_len=16, compile_mode="max-autotune-no-cudagraphs")
+
+
 def test_decoder_rejects_overlong_requests(random_tokens):
     decoder = GraphedDecoder(make_tiny_llama(), max_cache_len=16)
     with pytest.raises(ValueError, match="max_cache_len"):
