@@ -15,7 +15,9 @@ the tokenizer adds in front of a text by default (`--bos auto`: BOS for Gemma), 
 evaluation alike, and perplexity scores all seq_len tokens of each window (lm-eval's rolling convention).
 Calibration: `--calib-samples` random windows of `--valid` (seed 0), scored in fp32. Evaluation: `--test`
 (and every `--eval NAME=FILE`) in non-overlapping windows, bf16 on the GPU (fp32 on the CPU). Each method
-scores once on a fresh copy of the dense model; every size materializes on another fresh copy.
+scores once on a fresh copy of the dense model; every size materializes on another fresh copy. Copies are
+float32, except ACIP's on a GPU: bf16 with each training step replayed as a CUDA graph, as in SmolLM2's ACIP
+results (`GPU_SCORING`; `--method-opt cuda_graphs=false` turns the graphs off).
 
 Sizes follow each method's `--size` convention (targeted linears; minify: MLP retention), and every point
 records its measured targeted-linear and whole-model fractions. Each point also records the paired standard
@@ -62,6 +64,18 @@ SMOKE_OPTIONS = {
     "surgeon": {"shots": 2},
 }
 NOISE_SIGMAS = FAMILY_NOISE_SIGMAS  # better than dense by more than this many paired standard errors: suspect
+# ACIP trains on the GPU as SmolLM2's published ACIP runs do (bench.quality.acip_quality, domain_quality): on a
+# bf16 copy, each step replayed as a CUDA graph. In float32 and eager, Gemma 3 270M took over a second per
+# step on an H100 (step 400 of the schedule after ~8 minutes), too slow for one 10-minute device call.
+GPU_SCORING = {"acip": (torch.bfloat16, {"cuda_graphs": True})}
+
+
+def scoring_setup(method: str, device: str) -> tuple[torch.dtype, dict[str, Any]]:
+    """(dtype the method scores and materializes in, option defaults) on `device`; --method-opt overrides."""
+    if device == "cuda" and method in GPU_SCORING:
+        dtype, options = GPU_SCORING[method]
+        return dtype, dict(options)
+    return torch.float32, {}
 
 
 def default_model() -> Path:
@@ -175,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      f"{_sources_label(calib_info)}, seed 0"),
                      "calibration_sources": calib_info["sources"],
                      "eval": {name: f"{Path(p_).name}, {windows[name].shape[0]} windows" for name, p_ in texts},
-                     "eval_dtype": str(eval_dtype).replace("torch.", ""), "scoring_dtype": "float32",
+                     "eval_dtype": str(eval_dtype).replace("torch.", ""),
+                     "scoring_dtype": "float32 (per method: methods.<name>.scoring_dtype)",
                      "noise_rule": f"beats dense beyond noise: log(ppl/dense) < -{NOISE_SIGMAS} paired SE",
                      "smoke": args.smoke},
     })
@@ -208,8 +223,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for method in methods:
         spec = get_method(method)
-        options = {"progress": False, **(SMOKE_OPTIONS.get(method, {}) if args.smoke else {}), **method_opts}
-        work = copy.deepcopy(model)
+        scoring_dtype, device_options = scoring_setup(method, device)
+        options = {"progress": False, **device_options, **(SMOKE_OPTIONS.get(method, {}) if args.smoke else {}),
+                   **method_opts}
+        # Scoring and every size start from the same copy: float32, or the method's GPU dtype.
+        base = model if scoring_dtype == torch.float32 else copy.deepcopy(model).to(scoring_dtype)
+        work = copy.deepcopy(base)
         planned = tuple(sizes_override or SIZES[method])
         # A method that prunes while it scores (surgeon) is told its sizes now; its score time includes them.
         at_sizes = {"sizes": planned} if "sizes" in spec.option_names() else {}
@@ -224,12 +243,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         _sync()
         entry = {"convention": CONVENTIONS.get(method, "targeted linears"), "options": options,
+                 "scoring_dtype": str(scoring_dtype).replace("torch.", ""),
                  "score_seconds": round(time.perf_counter() - t0, 2), "env": env_info(), "points": []}
         results["refused"].pop(method, None)
         results["methods"][method] = entry
         del work
         for size in planned:
-            compressed = copy.deepcopy(model)
+            compressed = copy.deepcopy(base)
             t0 = time.perf_counter()
             plan.materialize_(compressed, size)
             _sync()
@@ -249,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{method} {size}: targeted {point['target_fraction']:.3f}, model {point['model_fraction']:.3f}, "
                   f"test perplexity {test['perplexity']:.3f}{flag}", flush=True)
             write_result(stem, results, args.out)  # partial results survive a kill
+        del base
     print(f"wrote {path}")
     return results
 

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bench.quality import family_quality as fq
 from bench.tools import results_table as rt
@@ -105,6 +106,17 @@ def test_results_table_withholds_what_beats_dense_beyond_noise(gemma_result, tmp
     assert rt.fmt_ppl(dense * 0.99) in svd_row
     assert "refused this family: minify cannot prune" in section
     assert "Perplexity on `other`" in section
+
+
+def test_scoring_setup_per_device():
+    """ACIP trains in bf16 with CUDA graphs on a GPU (SmolLM2's published protocol); all else stays float32."""
+    assert fq.scoring_setup("acip", "cuda") == (torch.bfloat16, {"cuda_graphs": True})
+    for method in fq.METHODS:
+        assert fq.scoring_setup(method, "cpu") == (torch.float32, {})
+        if method != "acip":
+            assert fq.scoring_setup(method, "cuda") == (torch.float32, {})
+    fq.scoring_setup("acip", "cuda")[1]["cuda_graphs"] = False  # callers get a copy, not the table
+    assert fq.GPU_SCORING["acip"][1] == {"cuda_graphs": True}
 
 
 def test_beats_dense_rule():
