@@ -4,7 +4,8 @@
 # (c) end-to-end compiled decode (LLaMA-7B shape 1.0/0.5/0.4, SmolLM2 shape 1.0/0.5 with
 #     --dense-fallback), (d) [STEPS with "fused"] LLaMA-7B and SmolLM2 shapes at 1.0/0.5 with --fuse-siblings,
 #     (b) the per-layer sweep with the remaining time. Partial results land in $OUT as each step ends.
-#     Usage: [STEPS="tune llama smol fused sweep"] bash bench/tools/device_h200.sh [total_seconds]
+#     (e) [STEPS with "autotune"] the fused dense SmolLM2 shape under --compile-mode max-autotune-no-cudagraphs.
+#     Usage: [STEPS="tune llama smol fused autotune sweep"] bash bench/tools/device_h200.sh [total_seconds]
 set -u
 TOTAL=${1:-400}
 STEPS=${STEPS:-tune llama smol sweep}
@@ -43,6 +44,10 @@ say "e2e smollm2 done"
 # (d) the same models with sibling projections fused (q/k/v and gate/up one GEMM each) on both sides
 has fused && [ "$(left)" -gt 120 ] && timeout $(( $(left) - 60 )) python3 -m bench.kernels.e2e --models llama7b,smollm2_shape --sizes 1.0,0.5 --fuse-siblings $E2EARGS 2>&1 | tee -a "$LOG" | tail -6
 say "e2e fused done"
+# (e) dense SmolLM2 shape, fused, with inductor's max-autotune (Triton GEMM templates timed against cuBLAS,
+#     neighbours fused into them): beside (d)'s default-mode row, towards the 1000 tok/s target of #17
+has autotune && [ "$(left)" -gt 150 ] && timeout $(( $(left) - 60 )) python3 -m bench.kernels.e2e --models smollm2_shape --sizes 1.0 --fuse-siblings --compile-mode max-autotune-no-cudagraphs $E2EARGS 2>&1 | tee -a "$LOG" | tail -3
+say "e2e autotune done"
 # (b) per-layer sweep with what is left
 B=$(( $(left) - 25 ))
 has sweep && [ "$B" -gt 20 ] && timeout $(( B + 20 )) python3 -m bench.kernels.lowrank --fractions 0.5 --budget-s $B --out "$OUT" 2>&1 | tee "$OUT/sweep_log.txt" | tail -3

@@ -13,7 +13,8 @@
 #                  the saved tokenizer replaces it) and check the tokenization of a fixed sentence.
 #   gemma-acip     bench.quality.family_quality --methods acip on /tmp/gemma_dir, checkpointing to /tmp/ckacip
 #                  so that a second call resumes it. It must run alone: beside other jobs on an 80 GB card
-#                  it ran out of memory before af0ff54 bounded its logit memory.
+#                  it ran out of memory before af0ff54 bounded its logit memory. Before 24b4b93 it trained in
+#                  float32 eagerly (~1 s a step on an H100: two calls did not finish); now bf16 + CUDA graphs.
 #   gemma-surgeon  the same for the surgeon.
 #   smol-jobs      bench.quality.domain_quality --jobs $JOBS (default: the LoRA ablations still owed).
 # Environment: WIKITEXT2 (folder with valid.txt, test.txt), LOWRANK_CORPORA (exported offline corpora),
