@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import os
 import time
@@ -472,6 +473,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--part", default="1/1", help="K/N: run the K-th of N parts of the ordered grid (default 1/1)")
     p.add_argument("--grid", choices=("core", "all"), default="core", help="core jobs, or also the extra ones")
     p.add_argument("--jobs", default=None, help="comma list of job keys to run (overrides --grid and --part)")
+    p.add_argument("--sizes", default=None,
+                   help="comma list replacing every selected job's sizes (e.g. 0.8 for one point of a job); "
+                        "surgeon, which scores once per size, scales its time estimate with the count")
     p.add_argument("--budget-minutes", type=float, default=9.0,
                    help="wall-clock budget of this process; jobs that no longer fit are skipped (default 9)")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -492,7 +496,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def with_sizes(job: Job, sizes: tuple[float, ...]) -> Job:
+    """`job` at `sizes` instead of its own; a method that scores once per size (surgeon) rescales its estimate."""
+    estimate = job.estimate_s * len(sizes) / len(job.sizes) if job.kind == "surgeon" else job.estimate_s
+    return dataclasses.replace(job, sizes=sizes, estimate_s=estimate)
+
+
+def parse_sizes(text: str) -> tuple[float, ...]:
+    try:
+        sizes = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"--sizes must be a comma list of fractions, got {text!r}") from None
+    if not sizes or any(not 0.0 < v < 1.0 for v in sizes):
+        raise SystemExit(f"--sizes must be fractions in (0, 1), got {text!r}")
+    return sizes
+
+
 def select_jobs(args: argparse.Namespace) -> tuple[list[Job], str]:
+    jobs, part = _selected_jobs(args)
+    if args.sizes:
+        sizes = parse_sizes(args.sizes)
+        jobs = [with_sizes(j, sizes) for j in jobs]
+    return jobs, part
+
+
+def _selected_jobs(args: argparse.Namespace) -> tuple[list[Job], str]:
     if args.jobs:
         wanted = [k.strip() for k in args.jobs.split(",") if k.strip()]
         by_key = {j.key: j for j in grid(args.acip_time_scale)}

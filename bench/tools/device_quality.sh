@@ -16,7 +16,8 @@
 #                  it ran out of memory before af0ff54 bounded its logit memory. Before 24b4b93 it trained in
 #                  float32 eagerly (~1 s a step on an H100: two calls did not finish); now bf16 + CUDA graphs.
 #   gemma-surgeon  the same for the surgeon.
-#   smol-jobs      bench.quality.domain_quality --jobs $JOBS (default: the LoRA ablations still owed).
+#   smol-jobs      bench.quality.domain_quality --jobs $JOBS (default: the LoRA ablations still owed), at
+#                  $SIZES if set (e.g. SIZES=0.8 JOBS=surgeon-mix: the surgeon's one missing point).
 # Environment: WIKITEXT2 (folder with valid.txt, test.txt), LOWRANK_CORPORA (exported offline corpora),
 # PYTHONPATH with the repository and `lowrank_kernels`, SMOLLM2_GGUF for smol-jobs.
 set -u
@@ -61,7 +62,7 @@ family() {  # family METHOD [extra args]: one method on Gemma 3, its JSON writte
 has gemma-acip && family acip --method-opt checkpoint_dir=/tmp/ckacip --method-opt resume=true
 has gemma-surgeon && family surgeon
 if has smol-jobs && [ "$(left)" -gt 120 ]; then
-  timeout $(( $(left) - 10 )) python3 -m bench.quality.domain_quality --out "$OUT" --jobs "$JOBS" \
+  timeout $(( $(left) - 10 )) python3 -m bench.quality.domain_quality --out "$OUT" --jobs "$JOBS" ${SIZES:+--sizes $SIZES} \
     --eval-chunks 64 --budget-minutes $(( ($(left) - 20) / 60 )) > "$OUT/domain_quality.log" 2>&1
   say "domain_quality rc $?"; tail -12 "$OUT/domain_quality.log"
 fi

@@ -250,6 +250,21 @@ def test_domain_quality_parts_cover_the_grid_in_order():
                                      "acip-mix-short", "minify-mix", "surgeon-mix"}
 
 
+def test_domain_quality_sizes_override():
+    from bench.quality import domain_quality as dq
+
+    default = {j.key: j for j in dq.select_jobs(dq._parse(["--jobs", "surgeon-mix,acip-mix-short"]))[0]}
+    jobs, _ = dq.select_jobs(dq._parse(["--jobs", "surgeon-mix,acip-mix-short", "--sizes", "0.8"]))
+    assert [j.sizes for j in jobs] == [(0.8,), (0.8,)]
+    surgeon, acip = jobs
+    # the surgeon scores once per size: one of two sizes costs half; ACIP scores once whatever the sizes
+    assert surgeon.estimate_s == pytest.approx(default["surgeon-mix"].estimate_s / 2)
+    assert acip.estimate_s == default["acip-mix-short"].estimate_s and acip.options == {"post_tune_steps": 200}
+    for bad in ("1.2", "0", "a,b", ","):
+        with pytest.raises(SystemExit, match="--sizes"):
+            dq.select_jobs(dq._parse(["--jobs", "surgeon-mix", "--sizes", bad]))
+
+
 def test_domain_quality_smoke_end_to_end(tmp_path, monkeypatch):
     from bench.quality import domain_quality
 
