@@ -503,13 +503,17 @@ def with_sizes(job: Job, sizes: tuple[float, ...]) -> Job:
 
 
 def parse_sizes(text: str) -> tuple[float, ...]:
+    """--sizes as `compress curve` reads it (comma list or START:STOP:STEP), below 1, largest first as in the grid."""
+    from compress.cli import _parse_sizes
+    from compress.errors import UserError
+
     try:
-        sizes = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SystemExit(f"--sizes must be a comma list of fractions, got {text!r}") from None
-    if not sizes or any(not 0.0 < v < 1.0 for v in sizes):
-        raise SystemExit(f"--sizes must be fractions in (0, 1), got {text!r}")
-    return sizes
+        sizes = _parse_sizes(text)
+    except UserError as exc:
+        raise SystemExit(str(exc)) from None
+    if 1.0 in sizes:
+        raise SystemExit(f"--sizes must be fractions below 1 (1 is the dense model, scored anyway), got {text!r}")
+    return tuple(sorted(sizes, reverse=True))
 
 
 def select_jobs(args: argparse.Namespace) -> tuple[list[Job], str]:
