@@ -53,7 +53,8 @@ fi
 
 family() {  # family METHOD [extra args]: one method on Gemma 3, its JSON written straight into $OUT/fq
   local method=$1; shift
-  timeout $(( $(left) - 10 )) python3 -m bench.quality.family_quality --model /tmp/gemma_dir \
+  # SIGINT, not SIGTERM: ACIP checkpoints on Ctrl-C, so a call cut at its limit loses no steps
+  timeout -s INT -k 30 $(( $(left) - 40 )) python3 -m bench.quality.family_quality --model /tmp/gemma_dir \
     --valid "$WIKITEXT2/valid.txt@0.7" --valid offline:docs:calib@0.3 --test "$WIKITEXT2/test.txt" \
     --eval legal=offline:legal:eval --eval code=offline:code:eval --eval-chunks 64 \
     --methods "$method" --out "$OUT/fq" "$@" > "$OUT/family_$method.log" 2>&1
