@@ -54,13 +54,15 @@ fi
 family() {  # family METHOD [extra args]: one method on Gemma 3, its JSON written straight into $OUT/fq
   local method=$1; shift
   # SIGINT, not SIGTERM: ACIP checkpoints on Ctrl-C, so a call cut at its limit loses no steps
-  timeout -s INT -k 30 $(( $(left) - 40 )) python3 -m bench.quality.family_quality --model /tmp/gemma_dir \
+  timeout -s INT -k 30 $(( $(left) - 40 )) env ${SHOW_PROGRESS:+-u TQDM_DISABLE} python3 -m bench.quality.family_quality --model /tmp/gemma_dir \
     --valid "$WIKITEXT2/valid.txt@0.7" --valid offline:docs:calib@0.3 --test "$WIKITEXT2/test.txt" \
     --eval legal=offline:legal:eval --eval code=offline:code:eval --eval-chunks 64 \
     --methods "$method" --out "$OUT/fq" "$@" > "$OUT/family_$method.log" 2>&1
   say "family $method rc $?: $(grep -E "^$method " "$OUT/family_$method.log" | tr '\n' ';')"
 }
-has gemma-acip && family acip --method-opt checkpoint_dir=/tmp/ckacip --method-opt resume=true
+# ACIP's progress bar, every 15 s, so a call's log shows the step rate and phase
+has gemma-acip && TQDM_MININTERVAL=15 SHOW_PROGRESS=1 family acip --method-opt checkpoint_dir=/tmp/ckacip \
+  --method-opt resume=true --method-opt progress=true
 has gemma-surgeon && family surgeon
 if has smol-jobs && [ "$(left)" -gt 120 ]; then
   timeout $(( $(left) - 10 )) python3 -m bench.quality.domain_quality --out "$OUT" --jobs "$JOBS" ${SIZES:+--sizes $SIZES} \
