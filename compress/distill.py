@@ -9,10 +9,35 @@ computed before it was compressed, on any text.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["distill_loss"]
+from compress.errors import UserError
+
+__all__ = ["check_distill", "distill_loss", "training_loss"]
+
+
+def check_distill(distill: object, distill_only: object, *, owner: str = "") -> None:
+    """Refuse a distillation weight that is not a finite number ≥ 0, or `distill_only` without a weight.
+
+    `owner` prefixes the message ("surgeon " → "surgeon distill must be ...") so that a method's options
+    name themselves in the one-line CLI error.
+    """
+    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not (
+            math.isfinite(distill) and distill >= 0):
+        raise UserError(f"{owner}distill must be a finite number ≥ 0, got {distill!r}")
+    if distill_only and not distill > 0:
+        raise UserError(f"{owner}distill_only needs distill > 0")
+
+
+def training_loss(nll: Tensor, kl: Tensor | None, distill: float, distill_only: bool) -> Tensor:
+    """NLL + distill·KL, or distill·KL alone with `distill_only`; the NLL when there is no KL term."""
+    if kl is None or not distill:
+        return nll
+    weighted = distill * kl
+    return weighted if distill_only else nll + weighted
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

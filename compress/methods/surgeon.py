@@ -64,7 +64,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from compress.calibrate import FISHER_LABELS, KfacFactors, collect_kfac, iterate_batches
-from compress.distill import distill_loss
+from compress.distill import check_distill, distill_loss, training_loss
 from compress.errors import UserError
 from compress.methods import dense_mlp_linears, options_of, register_method
 from compress.plan import PlanBase, SizesCovered, read_plan_dir, register_plan_type, write_plan_dir
@@ -346,11 +346,7 @@ class SurgeonOptions:
                 raise UserError(f"surgeon {name} must be a positive integer, got {value!r}")
         if not isinstance(self.lora_steps, int) or self.lora_steps < 0:
             raise UserError(f"surgeon lora_steps must be an integer ≥ 0, got {self.lora_steps!r}")
-        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not (
-                math.isfinite(self.distill) and self.distill >= 0):
-            raise UserError(f"surgeon distill must be a finite number ≥ 0, got {self.distill!r}")
-        if self.distill_only and not self.distill > 0:
-            raise UserError("surgeon distill_only needs distill > 0")
+        check_distill(self.distill, self.distill_only, owner="surgeon ")
         if not 0.0 <= self.min_keep <= 1.0:
             raise UserError(f"surgeon min_keep must be in [0, 1], got {self.min_keep}")
         if self.curvature_samples is not None and self.curvature_samples < 1:
@@ -796,8 +792,7 @@ def _lora_correction_(model: nn.Module, chunks: Tensor, names: Sequence[str], op
                 logits = model(input_ids=batch, use_cache=False).logits
                 loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
                 if teacher is not None:
-                    kl = options.distill * distill_loss(logits, teacher)
-                    loss = kl if options.distill_only else loss + kl
+                    loss = training_loss(loss, distill_loss(logits, teacher), options.distill, options.distill_only)
                     del teacher
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

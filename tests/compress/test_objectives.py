@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compress.distill import check_distill, training_loss
 from compress.errors import UserError
 from compress.methods.acip import ACIPConfig, run_acip
 from compress.methods.acip import train as acip_train
@@ -134,6 +135,31 @@ def test_kl_gradient_is_softmax_minus_teacher_distribution():
     # the value against the textbook form, over every position
     t, s = torch.log_softmax(teacher, -1), torch.log_softmax(student.detach(), -1)
     torch.testing.assert_close(distill_loss(student.detach(), teacher), (t.exp() * (t - s)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("owner", ["", "surgeon "])
+def test_distill_options_are_checked_in_one_place(owner):
+    for bad in (-0.5, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(UserError, match=f"^{owner}distill must be a finite number"):
+            check_distill(bad, False, owner=owner)
+    with pytest.raises(UserError, match=f"^{owner}distill_only needs distill > 0"):
+        check_distill(0.0, True, owner=owner)
+    check_distill(0.25, True, owner=owner)
+    # both methods' option classes route through it
+    with pytest.raises(UserError, match="^distill must be"):
+        ACIPConfig(distill=-1.0).validate()
+    with pytest.raises(UserError, match="^distill_only needs"):
+        ACIPConfig(distill=0.0, distill_only=True).validate()
+
+
+def test_training_loss_combines_nll_and_kl_by_the_options():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    nll, kl = torch.rand((), generator=gen) + 0.1, torch.rand((), generator=gen) + 0.1
+    w = float(torch.rand((), generator=gen)) + 0.1
+    torch.testing.assert_close(training_loss(nll, kl, w, False), nll + w * kl)
+    torch.testing.assert_close(training_loss(nll, kl, w, True), w * kl)
+    assert training_loss(nll, None, w, False) is nll
+    assert training_loss(nll, kl, 0.0, False) is nll
 
 
 def test_rows_per_pass_caps_the_logit_elements():

@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress.distill import distill_loss
+from compress.distill import check_distill, distill_loss, training_loss
 from compress.errors import UserError
 from compress.methods import check_shrink
 from compress.methods.acip.distributed import DistributedRun, resolve_mode, scoring_copy, shard_for_scoring
@@ -145,10 +145,7 @@ class ACIPConfig:
         if self.distributed not in ("auto", "none", "fsdp"):
             raise UserError(f"distributed must be auto, none or fsdp, got {self.distributed!r}")
         check_shrink(self.gram_shrink)
-        if not self.distill >= 0:
-            raise UserError(f"distill must be ≥ 0, got {self.distill}")
-        if self.distill_only and not self.distill > 0:
-            raise UserError("distill_only needs distill > 0")
+        check_distill(self.distill, self.distill_only)
         if self.holdout < 0 or (self.holdout >= 1 and self.holdout != int(self.holdout)):
             raise UserError(f"holdout must be a fraction in [0, 1) or a whole number of chunks, got {self.holdout}")
         if self.holdout_every < 1 or self.holdout_patience < 0:
@@ -795,7 +792,7 @@ def _pass_loss(model: nn.Module, bank: MaskBank, batch: Tensor) -> tuple[Tensor,
     out = model(input_ids=batch, labels=batch, use_cache=False)
     kl = distill_loss(out.logits, teacher)
     del teacher
-    return out.loss, (weight * kl if bank.distill_only else out.loss + weight * kl)
+    return out.loss, training_loss(out.loss, kl, weight, bank.distill_only)
 
 
 # Tests set this to run the graph path's warm-up/undo logic on the CPU, without capturing.
