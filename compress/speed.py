@@ -72,7 +72,7 @@ from compress.timing import (
     write_result,
 )
 from lowrank import LowRankLinear, target_linears
-from lowrank.fusion import fuse_sibling_projections
+from lowrank.fusion import DENSE_FUSE_MAX_ROWS, fuse_sibling_projections
 from lowrank.linear import balanced_factors
 from lowrank.serving import COMPILE_MODES, GraphedDecoder, enable_dense_fallback
 from lowrank.surgery import DEFAULT_RANK_MULTIPLE, aligned_rank, decoder_layers, replace_module_, size_report
@@ -588,6 +588,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             row.update({"target_fraction": report.target_fraction, "model_fraction": report.model_fraction,
                         "weight_bytes": weight_bytes(model),
                         "dense_fallback_layers": sum(fallback.values()), "fused_groups": len(fused),
+                        # dense groups fuse inputs of up to this many rows (lowrank.fusion); absent before
+                        "dense_fuse_max_rows": DENSE_FUSE_MAX_ROWS if fused else None,
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                         "build_seconds": round(build_s, 1)})
             results["models"].setdefault(name, {})[key] = row

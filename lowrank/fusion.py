@@ -18,6 +18,16 @@ computes its own slice otherwise (another call order, or a call with other input
 just unfused). The model computes the same function. In that usual order nothing of a call is held
 past the group's last member; otherwise the leftovers live until the group's next call.
 
+Dense groups fuse only inputs of up to `DENSE_FUSE_MAX_ROWS` rows (tokens × batch); a longer input
+(a prefill) runs one GEMM per member over its rows of the concatenated weight, the very GEMMs of the
+unfused model. Measured on the dense SmolLM2-135M shape (H100, compiled; bench/results/
+e2e_h100_compiled_smollm2_shape_*_20261207.json): fused, decode gains 1.19–1.24× at batch 1 and 8,
+but a 4096-token prefill loses 5% and 15% in two runs, while the 50% low-rank model's fused first
+factor gains 1.15× at that prefill, so low-rank groups always fuse. The outputs of a dense fused
+GEMM are strided column slices, a low-rank group's are contiguous (each member's own U GEMM); why
+the strided slices cost at prefill is our guess, not measured. The bound itself lies between the
+measured 8 and 4096 rows and is not tuned.
+
 A serving transform: the fused modules replace the originals in the module tree, so the state dict
 changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither
 all `nn.Linear` nor all `LowRankLinear` (without a dense fallback copy), or that differ in dtype or
@@ -35,11 +45,14 @@ from torch import Tensor, nn
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import replace_module_
 
-__all__ = ["SIBLING_SETS", "FusedSibling", "SiblingGroup", "fuse_sibling_projections", "unfuse_sibling_projections"]
+__all__ = ["DENSE_FUSE_MAX_ROWS", "SIBLING_SETS", "FusedSibling", "SiblingGroup", "fuse_sibling_projections",
+           "unfuse_sibling_projections"]
 
 # Child names under one parent module that read the parent's input (Llama, Mistral, Qwen2/3, Gemma 2/3, ...),
 # in the order the parent's forward calls them.
 SIBLING_SETS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Dense groups: inputs with more rows than this run one GEMM per member (see the module docstring).
+DENSE_FUSE_MAX_ROWS = 128
 
 
 def _weight_of(module: nn.Module) -> Tensor:
@@ -61,13 +74,18 @@ class SiblingGroup(nn.Module):
     [out_i, rank_i] per member, in `factors`) and the biases.
     """
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    def __init__(self, members: Sequence[nn.Module], *, dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS) -> None:
         super().__init__()
+        if dense_max_rows is not None and (isinstance(dense_max_rows, bool) or not isinstance(dense_max_rows, int)
+                                           or dense_max_rows < 1):
+            raise ValueError(f"dense_max_rows must be a positive integer or None, got {dense_max_rows!r}")
         first = members[0]
         self.low_rank = isinstance(first, LowRankLinear)
         self.in_features = first.in_features
         self.out_features = [m.out_features for m in members]
         self.out_bounds = _split_sizes(self.out_features)
+        # Longest input (in rows) that a dense group computes in one GEMM; None: every input.
+        self.dense_max_rows = None if self.low_rank else dense_max_rows
         with torch.no_grad():
             if self.low_rank:
                 self.ranks = [m.rank for m in members]
@@ -113,6 +131,8 @@ class SiblingGroup(nn.Module):
         return F.linear(F.linear(x, self.V[lo:hi]), self.factors[index], self._bias_of(index))
 
     def member_forward(self, x: Tensor, index: int) -> Tensor:
+        if self.dense_max_rows is not None and x.numel() > self.dense_max_rows * self.in_features:
+            return self.compute_one(x, index)  # a long dense input: the unfused model's GEMM
         last = len(self.out_features) - 1
         if index == 0:
             parts = self.compute_all(x)
@@ -180,11 +200,13 @@ def _fusable(members: Sequence[nn.Module]) -> bool:
 
 
 @torch.no_grad()
-def fuse_sibling_projections(model: nn.Module, sets: Sequence[Sequence[str]] = SIBLING_SETS) -> list[str]:
+def fuse_sibling_projections(model: nn.Module, sets: Sequence[Sequence[str]] = SIBLING_SETS, *,
+                             dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS) -> list[str]:
     """Fuse every group of sibling projections of `model` in place; returns the fused groups' names.
 
     A name is ``parent.{q_proj,k_proj,v_proj}``. A group whose members are not all `nn.Linear` or all
     `LowRankLinear` without a dense copy, or that differ in input width, dtype or device, is skipped.
+    Dense groups compute inputs of more than `dense_max_rows` rows member by member (None: always fused).
     """
     fused = []
     for parent_name, parent in list(model.named_modules()):
@@ -192,7 +214,7 @@ def fuse_sibling_projections(model: nn.Module, sets: Sequence[Sequence[str]] = S
             members = [getattr(parent, n, None) for n in names]
             if any(m is None for m in members) or not _fusable(members):
                 continue
-            group = SiblingGroup(members)
+            group = SiblingGroup(members, dense_max_rows=dense_max_rows)
             for index, name in enumerate(names):
                 replace_module_(model, f"{parent_name}.{name}" if parent_name else name, FusedSibling(group, index))
             prefix = f"{parent_name}." if parent_name else ""

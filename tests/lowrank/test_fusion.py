@@ -66,6 +66,39 @@ def test_one_matmul_serves_the_group(compressed, monkeypatch):
     assert group._pending_input is None and group._pending == [None, None, None]  # nothing held after v
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_long_dense_inputs_run_member_by_member(compressed, monkeypatch):
+    model = make_tiny_llama(layers=1)
+    if compressed:
+        factorize_(model, lambda name, lin: 8)
+    fuse_sibling_projections(model, dense_max_rows=5)
+    calls = []
+    real = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        calls.append(tuple(w.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.sibling_group
+    for rows, fused in ((5, True), (6, False)):  # 1×5 rows fit the bound, 2×3 do not
+        x = torch.randn(1, 5, 64) if rows == 5 else torch.randn(2, 3, 64)
+        calls.clear()
+        parts = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if compressed:  # low-rank groups fuse whatever the length
+            assert len(calls) == 4, calls
+        else:
+            assert len(calls) == (1 if fused else 3), (rows, calls)
+            if not fused:  # each member's own rows of the fused weight, as the unfused model computes
+                assert calls == [(n, 64) for n in group.out_features]
+        for i, part in enumerate(parts):
+            torch.testing.assert_close(part, group.compute_one(x, i))
+        assert group._pending_input is None
+    with pytest.raises(ValueError, match="dense_max_rows must be a positive integer"):
+        fuse_sibling_projections(make_tiny_llama(layers=1), dense_max_rows=0)
+
+
 def test_other_call_orders_and_inputs_stay_correct():
     model = make_tiny_llama(layers=1)
     attn = model.model.layers[0].self_attn
