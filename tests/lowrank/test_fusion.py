@@ -25,6 +25,19 @@ def _fresh_ids(vocab: int, batch: int = 2, seq: int = 11):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _record_linear_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Patch F.linear to note each call's weight shape; returns the (live) list of shapes."""
+    calls: list[tuple[int, ...]] = []
+    real = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        calls.append(tuple(w.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    return calls
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
 @pytest.mark.parametrize("compressed", [False, True])
 def test_fused_model_computes_the_same_logits(family, compressed):
@@ -47,14 +60,7 @@ def test_one_matmul_serves_the_group(compressed, monkeypatch):
     if compressed:
         factorize_(model, lambda name, lin: 8)
     fuse_sibling_projections(model)
-    calls = []
-    real = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        calls.append(tuple(w.shape))
-        return real(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    calls = _record_linear_calls(monkeypatch)
     attn = model.model.layers[0].self_attn
     x = torch.randn(1, 3, 64)
     q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -72,14 +78,7 @@ def test_long_dense_inputs_run_member_by_member(compressed, monkeypatch):
     if compressed:
         factorize_(model, lambda name, lin: 8)
     fuse_sibling_projections(model, dense_max_rows=5)
-    calls = []
-    real = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        calls.append(tuple(w.shape))
-        return real(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    calls = _record_linear_calls(monkeypatch)
     attn = model.model.layers[0].self_attn
     group = attn.q_proj.sibling_group
     for rows, fused in ((5, True), (6, False)):  # 1×5 rows fit the bound, 2×3 do not
