@@ -23,7 +23,9 @@ from typing import Any
 
 # Protocol fields that must agree for the paired, per-window comparisons of two runs to mean the same thing.
 SAME_PROTOCOL = ("bos", "window_prefix", "seq_len", "scored_tokens_per_window", "calibration", "eval")
-SAME_MODEL = ("source", "model_type", "params", "target_params")
+# Not the source string: runs name the same weights differently (a path on the device, a description
+# written into the file afterwards). The dense perplexities on every text are what tie the two runs together.
+SAME_MODEL = ("model_type", "params", "target_params")
 
 
 class MergeError(ValueError):
