@@ -306,3 +306,21 @@ def test_domain_quality_smoke_end_to_end(tmp_path, monkeypatch):
     md = "\n".join(domain_sections(results))
     assert "| model | wiki | docs | legal | code | worst OOD | artifacts | rep % |" in md
     assert all(f"| {row['label']} |" in md for row in result["rows"])
+
+
+def test_domain_quality_acip_jobs_keep_the_paper_post_tuning():
+    """ACIPConfig's default post-tuning (200 steps) differs from the paper's 1000; the grid's ACIP jobs pin the
+    paper's count unless a job sets its own, so a key measures what its published rows measured."""
+    from types import SimpleNamespace
+
+    from bench.quality import domain_quality as dq
+    from compress.methods.acip import ACIPConfig
+
+    assert ACIPConfig().post_tune_steps == 200
+    for scale in (1.0, 2.0, 4.0):
+        ctx = SimpleNamespace(device="cpu", args=SimpleNamespace(acip_time_scale=scale, smoke=False))
+        base = dq._acip_base(ctx)
+        assert base["post_tune_steps"] == round(dq.PAPER_POST_TUNE_STEPS / scale)
+        by_key = {j.key: j for j in dq.grid(scale)}
+        assert {**base, **by_key["acip-mix-kl"].options}["post_tune_steps"] == round(1000 / scale)
+        assert {**base, **by_key["acip-mix-short"].options}["post_tune_steps"] == round(200 / scale)
