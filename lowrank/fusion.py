@@ -23,10 +23,10 @@ Dense groups fuse only inputs of up to `DENSE_FUSE_MAX_ROWS` rows (tokens × bat
 unfused model. Measured on the dense SmolLM2-135M shape (H100, compiled; bench/results/
 e2e_h100_compiled_smollm2_shape_*_20261207.json): fused, decode gains 1.19–1.24× at batch 1 and 8,
 but a 4096-token prefill loses 5% and 15% in two runs, while the 50% low-rank model's fused first
-factor gains 1.15× at that prefill, so low-rank groups always fuse. The outputs of a dense fused
-GEMM are strided column slices, a low-rank group's are contiguous (each member's own U GEMM); why
-the strided slices cost at prefill is our guess, not measured. The bound itself lies between the
-measured 8 and 4096 rows and is not tuned.
+factor gains 1.15× at that prefill, so low-rank groups always fuse. With this bound a third run
+still lost at prefill (0.88×; e2e_h100_compiled_smollm2_shape_dense_fused_bound128_20261207.json),
+so the loss is not the fused GEMM's strided outputs, as first guessed; where it goes is not profiled
+yet. The bound itself lies between the measured 8 and 4096 rows and is not tuned.
 
 A serving transform: the fused modules replace the originals in the module tree, so the state dict
 changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither
