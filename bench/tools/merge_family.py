@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from compress.timing import write_result
 
 # Protocol fields that must agree for the paired, per-window comparisons of two runs to mean the same thing.
 SAME_PROTOCOL = ("bos", "window_prefix", "seq_len", "scored_tokens_per_window", "calibration", "eval")
@@ -89,18 +89,6 @@ def merge_family(target: dict[str, Any], source: dict[str, Any], *, methods: lis
     return wanted
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, help="family_quality JSON to merge into (rewritten atomically)")
@@ -110,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest relative difference of dense perplexity per text (default 0.005)")
     p.add_argument("--replace", action="store_true", help="overwrite methods the target already has")
     args = p.parse_args(argv)
+    if args.target.suffix != ".json":
+        print(f"merge_family: error: the target must be a family_quality .json file, got {args.target}",
+              file=sys.stderr)
+        return 2
     try:
         target = json.loads(args.target.read_text())
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -121,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError, MergeError) as exc:
         print(f"merge_family: error: {exc}", file=sys.stderr)
         return 2
-    _write_atomic(args.target, target)
+    write_result(args.target.stem, target, args.target.parent)  # atomic, as family_quality writes the file
     print(f"wrote {args.target}")
     return 0
 

@@ -11,10 +11,10 @@ import pytest
 from bench.tools import merge_family as mf
 
 
-def _run(gpu: str, methods: dict[str, float], dense_scale: float = 1.0) -> dict:
+def _run(gpu: str, methods: dict[str, float]) -> dict:
     """A family_quality-shaped result with fresh random perplexities (method -> test perplexity)."""
     rng = random.Random()
-    dense = {name: rng.uniform(5.0, 50.0) * dense_scale for name in ("test", "legal", "code")}
+    dense = {name: rng.uniform(5.0, 50.0) for name in ("test", "legal", "code")}
     env = {"gpu": gpu, "timestamp_utc": "2026-12-07T14:00:00+00:00", "git_commit": f"{rng.getrandbits(64):016x}"}
     return {
         "bench": "family_quality", "env": env,
