@@ -80,7 +80,7 @@ PRUNE_STEPS = 1145  # ACIP's pruning phase on SmolLM2 with the paper's schedule 
 PAPER_POST_TUNE_STEPS = 1000  # the paper's LoRA post-tuning steps; ACIPConfig's default is 200 (docs/domains.md)
 
 
-def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_tune: int = 1000, *,
+def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_tune: int = PAPER_POST_TUNE_STEPS, *,
               sizes=ACIP_VARIANT_SIZES, magnitude: bool = False, per_step: float = 1 / 16, tier: str = "core",
               scale: float = 1.0) -> Job:
     """An ACIP job; `scale` > 1 runs the paper's schedule that much faster (as bench.quality.acip_quality
