@@ -107,6 +107,20 @@ class SiblingGroup(nn.Module):
         # Set by the first member's call, read by the others: (input, [part per member]).
         self._pending_input: Tensor | None = None
         self._pending: list[Tensor | None] = [None] * len(members)
+        # Dense members' (weight rows, bias) as views of the fused tensors, made once: a long input runs
+        # member by member, and that path is host-bound (an eager prefill), so it should not slice per call.
+        self._member_views: list[tuple[Tensor, Tensor | None]] | None = None
+        self._views_of: Tensor | None = None
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: the views would point at old storage
+        self._member_views = self._views_of = None
+        return super()._apply(fn, recurse)
+
+    def _dense_member(self, index: int) -> tuple[Tensor, Tensor | None]:
+        if self._member_views is None or self._views_of is not self.weight:  # (load_state_dict(assign=True))
+            self._member_views = [(self.weight[lo:hi], self._bias_of(i)) for i, (lo, hi) in enumerate(self.out_bounds)]
+            self._views_of = self.weight
+        return self._member_views[index]
 
     def _bias_of(self, index: int) -> Tensor | None:
         if self.bias is None or not self.has_bias[index]:
@@ -126,14 +140,15 @@ class SiblingGroup(nn.Module):
     def compute_one(self, x: Tensor, index: int) -> Tensor:
         """Member `index`'s output alone (its slice of the fused weights)."""
         if not self.low_rank:
-            lo, hi = self.out_bounds[index]
-            return F.linear(x, self.weight[lo:hi], self._bias_of(index))
+            weight, bias = self._dense_member(index)
+            return F.linear(x, weight, bias)
         lo, hi = self.rank_bounds[index]
         return F.linear(F.linear(x, self.V[lo:hi]), self.factors[index], self._bias_of(index))
 
     def member_forward(self, x: Tensor, index: int) -> Tensor:
         if self.dense_max_rows is not None and x.numel() > self.dense_max_rows * self.in_features:
-            return self.compute_one(x, index)  # a long dense input: the unfused model's GEMM
+            weight, bias = self._dense_member(index)  # a long dense input: the unfused model's GEMM
+            return F.linear(x, weight, bias)
         last = len(self.out_features) - 1
         if index == 0:
             parts = self.compute_all(x)

@@ -88,7 +88,7 @@ def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_
     evals = len(sizes) * (2 if magnitude else 1)
     steps = (PRUNE_STEPS + post_tune) / scale
     options = dict(options)
-    if "post_tune_steps" in options:
+    if options.get("post_tune_steps"):  # 0 (no post-tuning) stays 0
         options["post_tune_steps"] = max(1, round(options["post_tune_steps"] / scale))
     return Job(key, tier, 12 + steps * per_step + EVAL_SECONDS * evals, "acip", calib, sizes, options, variant,
                {"magnitude": magnitude, "time_scale": scale})
@@ -116,6 +116,11 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         # extra: the calibration domain's effect on ACIP, a smaller LoRA, a shrunk basis, surgeon variants
         _acip_job("acip-wiki", "default", "wiki", {}, magnitude=True, tier="extra", scale=s),
         _acip_job("acip-mix-r8", "lora_rank=8", "mix", {"lora_rank": 8}, tier="extra", scale=s),
+        # Post-tuning fits the one LoRA every size shares to the stop-ratio model: none at all, or 200 steps
+        # each under the masks of a size drawn between the stop ratio and 1 (post_tune_size=any).
+        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, tier="extra", scale=s),
+        _acip_job("acip-mix-any", "post_tune_steps=200 post_tune_size=any", "mix",
+                  {"post_tune_steps": 200, "post_tune_size": "any"}, 200, tier="extra", scale=s),
         _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
         _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es}, per_step=1 / 12,
                   tier="extra", scale=s),
@@ -324,7 +329,7 @@ def run_acip(ctx: Context, job: Job) -> dict[str, Any]:
     options = {**_acip_base(ctx), **job.options}
     if ctx.args.smoke and "holdout" in job.options:
         options.update(holdout=2, holdout_every=2, holdout_patience=1)
-    if ctx.args.smoke and "post_tune_steps" in job.options:
+    if ctx.args.smoke and job.options.get("post_tune_steps"):
         options["post_tune_steps"] = 3
     config = _config("acip", **options)
     t0 = time.perf_counter()

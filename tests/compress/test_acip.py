@@ -560,3 +560,95 @@ def test_graph_step_warmup_is_undone(calib, scored, monkeypatch):
         other = graphed.layers[name]
         assert torch.equal(lf.scores, other.scores), name
         assert torch.equal(lf.lora_A, other.lora_A) and torch.equal(lf.lora_B, other.lora_B), name
+
+
+# ---------------------------------------------------------------------------- post-tuning across sizes
+def test_post_tune_masks_keep_what_materializing_at_each_size_keeps(scored):
+    _, score_map, _, _ = scored
+    scores = torch.cat([lf.scores for lf in score_map.layers.values()])
+    singular = torch.cat([lf.s for lf in score_map.layers.values()])
+    segments = score_map.segments
+    low = score_map.min_size()
+    position, counts, sizes = F.post_tune_masks(scores, singular, segments, low, points=7,
+                                                extra_rank=score_map.lora_rank)
+    assert sorted(position.tolist()) == list(range(scores.numel()))  # a permutation of the entries
+    assert counts.tolist() == sorted(counts.tolist()) and counts[-1] == scores.numel()
+    assert int(counts[0]) >= int((scores > 0).sum())  # never below what pruning left alive
+    assert sizes[0] == pytest.approx(low) and sizes[-1] == pytest.approx(1.0)
+    for count, size in zip(counts.tolist(), sizes.tolist(), strict=True):
+        kept = position < count
+        per_layer = torch.bincount(segments.layer_index()[kept], minlength=len(segments.lengths))
+        assert torch.equal(per_layer, score_map.select(size).counts), size
+        # the kept entries are the best-scored ones: none kept scores below one dropped
+        if 0 < count < scores.numel():
+            assert scores[kept].min() >= scores[~kept].max()
+
+
+def test_post_tune_masks_refuse_bad_arguments():
+    segments = F.Segments.from_shapes([(6, 4), (5, 8)])
+    scores, singular = torch.randn(segments.total), torch.rand(segments.total)
+    with pytest.raises(ValueError, match="points"):
+        F.post_tune_masks(scores, singular, segments, 0.5, points=0)
+    with pytest.raises(ValueError, match="low"):
+        F.post_tune_masks(scores, singular, segments, 0.0)
+
+
+def test_any_size_post_tuning_trains_under_drawn_masks(calib, monkeypatch):
+    """post_tune_size=any: every post-tuning step runs under the masks of one of the score map's sizes,
+    more than one size is drawn, the scores are the stop run's, and the LoRA is another."""
+    import compress.methods.acip.train as train
+
+    seen: list[tuple[str, int]] = []
+    real_step = train.training_step
+
+    def recording_step(model, bank, optimizer, batch, reg):
+        seen.append(("acip" if reg is not None else "post", int((bank.p.detach() > 0).sum())))
+        return real_step(model, bank, optimizer, batch, reg)
+
+    monkeypatch.setattr(train, "training_step", recording_step)
+    stop = run_acip(make_tiny_llama(), calib, fast_config(post_tune_steps=12))
+    seen.clear()
+    config = fast_config(post_tune_steps=12, post_tune_size="any")
+    anysize = run_acip(make_tiny_llama(), calib, config)
+    post = [alive for phase, alive in seen if phase == "post"]
+    assert len(post) == 12
+    scores = torch.cat([lf.scores for lf in anysize.layers.values()])
+    singular = torch.cat([lf.s for lf in anysize.layers.values()])
+    _, counts, _ = F.post_tune_masks(scores, singular, anysize.segments, anysize.metadata["final_ratio"],
+                                     extra_rank=config.lora_rank)
+    assert set(post) <= set(counts.tolist()) and len(set(post)) > 1
+    assert anysize.metadata["config"]["post_tune_size"] == "any"
+    lora_differs = False
+    for name, lf in stop.layers.items():
+        assert torch.equal(lf.scores, anysize.layers[name].scores), name
+        lora_differs |= not torch.equal(lf.lora_B, anysize.layers[name].lora_B)
+    assert lora_differs
+    again = run_acip(make_tiny_llama(), calib, config)  # the draws depend on (seed, step) alone
+    for name, lf in anysize.layers.items():
+        assert torch.equal(lf.lora_A, again.layers[name].lora_A) and torch.equal(lf.lora_B, again.layers[name].lora_B)
+
+
+def test_any_size_post_tuning_resumes_to_the_uninterrupted_result(calib, tmp_path):
+    config = fast_config(post_tune_steps=8, post_tune_size="any", checkpoint_every=2, lora_dropout=0.0)
+    full = run_acip(make_tiny_llama(), calib, dataclasses.replace(config, checkpoint_dir=str(tmp_path / "a")))
+    stop_at = full.metadata["acip_steps"] + 3  # inside the post-tuning
+
+    def interrupt(info):
+        if info["step"] == stop_at:
+            signal.raise_signal(signal.SIGINT)
+
+    ckpt = str(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        run_acip(make_tiny_llama(), calib, dataclasses.replace(config, checkpoint_dir=ckpt), callback=interrupt)
+    resumed = run_acip(make_tiny_llama(), calib, dataclasses.replace(config, checkpoint_dir=ckpt, resume=True))
+    for name, lf in full.layers.items():
+        other = resumed.layers[name]
+        assert torch.equal(lf.scores, other.scores), name
+        assert torch.equal(lf.lora_A, other.lora_A) and torch.equal(lf.lora_B, other.lora_B), name
+
+
+def test_post_tune_size_options_are_checked():
+    with pytest.raises(UserError, match="post_tune_size"):
+        fast_config(post_tune_size="largest").validate()
+    with pytest.raises(UserError, match="holdout"):
+        fast_config(post_tune_size="any", holdout=2).validate()

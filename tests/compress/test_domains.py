@@ -324,3 +324,5 @@ def test_domain_quality_acip_jobs_keep_the_paper_post_tuning():
         by_key = {j.key: j for j in dq.grid(scale)}
         assert {**base, **by_key["acip-mix-kl"].options}["post_tune_steps"] == round(1000 / scale)
         assert {**base, **by_key["acip-mix-short"].options}["post_tune_steps"] == round(200 / scale)
+        assert {**base, **by_key["acip-mix-post0"].options}["post_tune_steps"] == 0  # none, at any time scale
+        assert by_key["acip-mix-any"].options == {"post_tune_steps": round(200 / scale), "post_tune_size": "any"}

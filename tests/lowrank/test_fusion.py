@@ -98,6 +98,24 @@ def test_long_dense_inputs_run_member_by_member(compressed, monkeypatch):
         fuse_sibling_projections(make_tiny_llama(layers=1), dense_max_rows=0)
 
 
+def test_member_views_follow_dtype_moves_and_assigned_weights():
+    """A long dense input reads cached views of the fused weight: they must follow .to() and assigned weights."""
+    model = make_tiny_llama(layers=1)
+    fuse_sibling_projections(model, dense_max_rows=2)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.sibling_group
+    x = torch.randn(1, 7, 64)
+    attn.q_proj(x)  # builds the views
+    model.double()
+    xd = x.double()
+    assert attn.k_proj(xd).dtype == torch.float64
+    lo, hi = group.out_bounds[1]
+    torch.testing.assert_close(attn.k_proj(xd), xd @ group.weight[lo:hi].T)
+    fresh = torch.randn_like(group.weight)
+    group.load_state_dict({**group.state_dict(), "weight": fresh}, assign=True)
+    torch.testing.assert_close(attn.k_proj(xd), xd @ fresh[lo:hi].T)
+
+
 def test_other_call_orders_and_inputs_stay_correct():
     model = make_tiny_llama(layers=1)
     attn = model.model.layers[0].self_attn

@@ -32,6 +32,7 @@ __all__ = [
     "l1_penalty",
     "layer_params",
     "mask_forward",
+    "post_tune_masks",
     "reg_weight",
     "select_for_size",
     "size_for_counts",
@@ -229,3 +230,31 @@ def select_for_size(
         return above
     low = evaluate(below)
     return low if abs(low.size - size) <= abs(above.size - size) else above
+
+
+def post_tune_masks(scores: Tensor, singular: Tensor, segments: Segments, low: float, *, points: int = 16,
+                    extra_rank: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks for post-tuning one LoRA across the sizes a score map serves (`post_tune_size="any"`).
+
+    Returns (position, counts, sizes): `position[i]` is entry i's place in the global order the
+    score map materializes by (score, ties by singular value), and `counts[j]` how many best-placed
+    entries materializing at `sizes[j]` keeps, for `points` sizes evenly spaced from `low` to 1.
+    The mask at size j is then `position < counts[j]`, exactly what `ScoreMap.select` keeps
+    (rank_multiple 1). Counts never go below the entries alive at the end of pruning (score > 0):
+    smaller sizes are outside what the score map covers.
+    """
+    if points < 1:
+        raise ValueError(f"points must be at least 1, got {points}")
+    if not 0.0 < low <= 1.0:
+        raise ValueError(f"low must be a size in (0, 1], got {low}")
+    scores, singular = scores.detach().float().cpu(), singular.detach().float().cpu()
+    order = global_order(scores, singular)
+    layer_of_ranked = segments.layer_index()[order]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), dtype=order.dtype)
+    alive = int((scores > 0).sum())
+    sizes = torch.linspace(low, 1.0, points, dtype=torch.float64) if points > 1 else torch.ones(1, dtype=torch.float64)
+    min_count = 0 if extra_rank > 0 else 1
+    counts = torch.tensor([max(alive, select_for_size(layer_of_ranked, segments, float(size), extra_rank=extra_rank,
+                                                      min_count=min_count).global_count) for size in sizes])
+    return position, counts, sizes.float()

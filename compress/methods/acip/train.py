@@ -57,6 +57,7 @@ from compress.methods.acip.functional import (
     Segments,
     alive_counts,
     l1_penalty,
+    post_tune_masks,
     reg_weight,
     size_for_counts,
     update_scores,
@@ -99,6 +100,10 @@ class ACIPConfig:
     # on every text, off domain by 10-28% (docs/domains.md), since the post-tuning fits the LoRA to the
     # stop-ratio model and to the calibration set, and one run serves every larger size.
     post_tune_steps: int = 200
+    # Which masks the post-tuning trains the LoRA under. stop: the stop-ratio model's (the paper), though
+    # the same LoRA then serves every larger size. any: each step draws one of 16 sizes evenly spaced from
+    # where pruning stopped to 1 and keeps the entries materializing at that size would keep.
+    post_tune_size: str = "stop"
     batch_size: int = 4
     max_steps: int = 20_000  # safety cap on the pruning phase
     size_includes_lora: bool = True  # count the folded LoRA rank in the size (what is really stored)
@@ -154,18 +159,25 @@ class ACIPConfig:
             raise UserError(f"holdout must be a fraction in [0, 1) or a whole number of chunks, got {self.holdout}")
         if self.holdout_every < 1 or self.holdout_patience < 0:
             raise UserError("holdout_every ≥ 1 and holdout_patience ≥ 0 are required")
+        if self.post_tune_size not in ("stop", "any"):
+            raise UserError(f"post_tune_size must be stop or any, got {self.post_tune_size!r}")
+        if self.post_tune_size == "any" and self.holdout:
+            # Early stopping compares held-out NLL between evaluations; under a size drawn per step
+            # those would be NLLs of different models.
+            raise UserError("post_tune_size=any does not combine with holdout (early stopping); set one of them")
 
 
 # Config fields that change the result: a checkpoint written under other values cannot be resumed.
 _RESULT_KEYS = ("stop_ratio", "lr", "reg_start", "reg_update_every", "reg_update_factor", "mask_scale",
                 "lora_rank", "lora_alpha", "lora_dropout", "post_tune_steps", "batch_size",
                 "size_includes_lora", "svd_dtype", "factor_dtype", "basis", "whiten_samples", "seed",
-                "gram_shrink", "distill", "distill_only", "holdout", "holdout_every", "holdout_patience")
+                "gram_shrink", "distill", "distill_only", "holdout", "holdout_every", "holdout_patience",
+                "post_tune_size")
 
 
 # Result-relevant settings that checkpoints written before they existed ran with.
 _LEGACY_DEFAULTS = {"basis": "plain", "gram_shrink": 0.0, "distill": 0.0, "distill_only": False, "holdout": 0.0,
-                    "holdout_every": 50, "holdout_patience": 4}
+                    "holdout_every": 50, "holdout_patience": 4, "post_tune_size": "stop"}
 
 
 class ACIPPaused(Exception):
@@ -646,8 +658,9 @@ def run_acip(
         enable_activation_checkpointing(net, config.activation_checkpointing)
         stepper = _Stepper(net, bank, optimizer, device, graphs=graphs)
         try:
+            singular = torch.cat([factors[name][1].float() for name in names])
             _train(net, bank, layers, stepper, optimizer, batches, state, config, ckpt, callback, device, dist,
-                   held_out)
+                   held_out, singular)
         finally:
             stepper.release()
             disable_activation_checkpointing(net, config.activation_checkpointing)
@@ -899,8 +912,31 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
            optimizer: torch.optim.Optimizer, batches: _Batches, state: _State, config: ACIPConfig,
            ckpt: Path | None,
            callback: Callable[[dict[str, Any]], bool | None] | None, device: torch.device,
-           dist: DistributedRun | None = None, held_out: Tensor | None = None) -> None:
+           dist: DistributedRun | None = None, held_out: Tensor | None = None,
+           singular: Tensor | None = None) -> None:
     segments = bank.segments
+    any_size: tuple[Tensor, Tensor] | None = None  # post_tune_size="any": (entry positions, kept counts)
+
+    @torch.no_grad()
+    def draw_post_tune_mask() -> None:
+        # One of the score map's sizes for this post-tuning step, drawn from (seed, step) alone so that a
+        # resumed run draws the same sequence; written into p in place, which a captured CUDA graph reads.
+        nonlocal any_size
+        if any_size is None:
+            if singular is None:
+                raise ValueError("post_tune_size='any' needs the singular values")
+            position, counts, _ = post_tune_masks(state.scores, singular, segments, state.ratio,
+                                                  extra_rank=config.lora_rank)
+            any_size = (position.to(bank.p.device), counts)
+        position, counts = any_size
+        pick = torch.Generator().manual_seed(config.seed * 1_000_003 + state.post_steps)
+        keep = int(counts[int(torch.randint(counts.numel(), (1,), generator=pick))])
+        bank.p.copy_(torch.where(position < keep, bank.scale, -bank.scale))
+
+    @torch.no_grad()
+    def restore_stop_mask() -> None:
+        # Back to the masks pruning ended with (alive entries score their p), as post_tune_size="stop" leaves them.
+        bank.p.copy_(torch.where(state.scores.to(bank.p.device) > 0, state.scores.to(bank.p.device), -bank.scale))
 
     def check_holdout() -> None:
         # Early stopping: held-out NLL of the current LoRA; keep the best, count evaluations without a gain.
@@ -950,6 +986,8 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                 position = (batches.epoch, batches.cursor)
                 rng = _snapshot_rng(device)
                 batch = batches.next()
+                if state.phase == "post_tune" and config.post_tune_size == "any":
+                    draw_post_tune_mask()
                 lam = reg_weight(state.acip_steps, config.reg_start, config.reg_update_every,
                                  config.reg_update_factor)
                 nll = stepper(batch, lam if state.phase == "acip" else None)
@@ -1015,6 +1053,8 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
                 if stop_now or (dist is None and interrupt.requested):
                     agreed_stop = True
                     raise KeyboardInterrupt
+            if config.post_tune_size == "any" and state.post_steps > 0:
+                restore_stop_mask()
     except KeyboardInterrupt:
         # Steps apply atomically (optimizer.step either ran or not), so the state as of the last
         # completed step is consistent; `position`/`rng` were taken right after it.
