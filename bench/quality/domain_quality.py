@@ -119,7 +119,7 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         # Post-tuning fits the one LoRA every size shares to the stop-ratio model: none at all, or 200 steps
         # each under the masks of a size drawn between the stop ratio and 1 (post_tune_size=any).
         _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, tier="extra", scale=s),
-        _acip_job("acip-mix-any", "post_tune_steps=200 post_tune_size=any", "mix",
+        _acip_job("acip-mix-any", "post_tune_size=any (200 steps)", "mix",
                   {"post_tune_steps": 200, "post_tune_size": "any"}, 200, tier="extra", scale=s),
         _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
         _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es}, per_step=1 / 12,
