@@ -40,6 +40,10 @@ replays; where this torch version hides the kernels of a replay from the profile
 number of eager steps instead (the table says which), always beside the graphed step time. Each
 step is compared with the HBM floor: (weight bytes + KV bytes read per token) / 3.0 TB/s.
 
+``--graph-prefill``: the prefill is captured once as a CUDA graph and its replays are timed (the JSON's
+``prefill.mode`` says ``cuda_graph``, or why it fell back to eager). SmolLM2's eager prefill is host-bound
+(kernels fill about a third of it on an H100), so without this its ratios measure Python, not kernels.
+
 ``--smoke``: small settings (batches 1,2; prompt 16; 8 new tokens; prefill 32; one repeat) that
 also run on the CPU, where decoding is eager and the numbers are not speed results.
 """
@@ -267,14 +271,49 @@ def decode_ms(decoder: GraphedDecoder, ids: torch.Tensor, new_tokens: int, repea
     return median(times) * 1e3
 
 
-def _prefill_call(model: nn.Module, tokens: int, vocab: int) -> Callable[[], object]:
-    ids = torch.randint(0, vocab, (1, tokens), device=next(model.parameters()).device)
+def _prefill_call(model: nn.Module, tokens: int, vocab: int, ids: torch.Tensor | None = None) -> Callable[[], object]:
+    if ids is None:
+        ids = torch.randint(0, vocab, (1, tokens), device=next(model.parameters()).device)
     return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def graphed_prefill(model: nn.Module, tokens: int, vocab: int,
+                    ids: torch.Tensor | None = None) -> tuple[Callable[[], object], str]:
+    """(a batch-1 prefill callable, how it runs): the prefill captured once as a CUDA graph and replayed.
+
+    A small model's eager prefill is host-bound: SmolLM2-135M's 4096-token prefill runs 8.8 ms of kernels
+    in 23-27 ms on an H100 (bench/results/e2e_profile_h100_smollm2_shape_*_20261207.md), so its time
+    measures Python. A replayed graph launches every kernel at once, the way the decode step is timed.
+    Falls back to the eager call, saying why, where there is no CUDA or the capture fails.
+    """
+    eager = _prefill_call(model, tokens, vocab, ids)
+    if not _cuda(model):
+        return eager, "eager (no CUDA device)"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, Triton compilation
+        for _ in range(2):
+            eager()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = eager()
+    except Exception as exc:  # noqa: BLE001 - any capture failure: time eagerly, and say so
+        torch.cuda.synchronize()
+        return eager, f"eager (CUDA graph capture failed: {type(exc).__name__}: {exc})"[:300]
+
+    def replay() -> object:
+        graph.replay()
+        return static_out  # the capture's output tensors, rewritten by each replay
+
+    return replay, "cuda_graph"
 
 
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[int], prompt: int, new_tokens: int, prefill_len: int,
-            vocab: int, repeats: int, compile_step: bool = False, compile_mode: str | None = None) -> dict:
+            vocab: int, repeats: int, compile_step: bool = False, compile_mode: str | None = None,
+            graph_prefill: bool = False) -> dict:
     device = next(model.parameters()).device
     decoder = GraphedDecoder(model, max_cache_len=prompt + new_tokens, compile=compile_step, compile_mode=compile_mode)
     result: dict = {"decode": {}, "graphed": decoder.use_cuda_graph}
@@ -284,11 +323,17 @@ def measure(model: nn.Module, batches: list[int], prompt: int, new_tokens: int, 
         result["decode"][batch] = {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms}
     del decoder
     _free_memory()
-    prefill = _prefill_call(model, prefill_len, vocab)
+    if graph_prefill:
+        prefill, mode = graphed_prefill(model, prefill_len, vocab)
+    else:
+        prefill, mode = _prefill_call(model, prefill_len, vocab), "eager"
     for _ in range(2):
         prefill()
     prefill_ms = event_median_ms(prefill, reps=5, cuda=_cuda(model))
-    result["prefill"] = {"tokens": prefill_len, "ms": prefill_ms, "tokens_per_s": prefill_len * 1e3 / prefill_ms}
+    result["prefill"] = {"tokens": prefill_len, "ms": prefill_ms, "tokens_per_s": prefill_len * 1e3 / prefill_ms,
+                         "mode": mode}
+    del prefill
+    _free_memory()  # a captured graph holds its memory pool until released
     return result
 
 
@@ -490,6 +535,7 @@ def _settings(args: argparse.Namespace) -> dict:
                compile_mode=getattr(args, "compile_mode", None),
                dense_fallback=bool(getattr(args, "dense_fallback", False)),
                fuse_siblings=bool(getattr(args, "fuse_siblings", False)),
+               graph_prefill=bool(getattr(args, "graph_prefill", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
                save=not getattr(args, "no_save", False),
                rank_multiple=getattr(args, "rank_multiple", None) or DEFAULT_RANK_MULTIPLE)
@@ -550,6 +596,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         stem += "_fallback"
     if cfg["fuse_siblings"]:
         stem += "_fused"
+    if cfg["graph_prefill"] and not cfg["profile"]:
+        stem += "_graphprefill"
     if cfg["smoke"]:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
@@ -582,7 +630,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                                         compile_step=cfg["compile"], compile_mode=cfg["compile_mode"])
                 else:
                     row = measure(model, cfg["batches"], cfg["prompt"], cfg["new_tokens"], cfg["prefill"], vocab,
-                                  cfg["repeats"], compile_step=cfg["compile"], compile_mode=cfg["compile_mode"])
+                                  cfg["repeats"], compile_step=cfg["compile"], compile_mode=cfg["compile_mode"],
+                                  graph_prefill=cfg["graph_prefill"])
             except Exception as exc:  # record and go on: one failing shape must not lose the others
                 row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             row.update({"target_fraction": report.target_fraction, "model_fraction": report.model_fraction,
@@ -691,6 +740,9 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--fuse-siblings", action="store_true",
                    help="compute q/k/v and gate/up with one GEMM per group (lowrank.fusion), on every model "
                         "measured, the dense twin included; low-rank layers with a dense copy stay unfused")
+    p.add_argument("--graph-prefill", action="store_true",
+                   help="time the prefill as a replayed CUDA graph (both sides), not eagerly: a small model's eager "
+                        "prefill measures Python launch overhead (--profile stays eager, for its kernel table)")
     p.add_argument("--smoke", action="store_true",
                    help="small settings that also run on the CPU (eager there; not speed results)")
     p.add_argument("--out", default=None,

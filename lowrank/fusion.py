@@ -25,9 +25,11 @@ e2e_h100_compiled_smollm2_shape_*_20261207.json): fused, decode gains 1.19–1.2
 but a 4096-token prefill loses 5% and 15% in two runs, while the 50% low-rank model's fused first
 factor gains 1.15× at that prefill, so low-rank groups always fuse. With this bound a third run
 still lost at prefill (0.88×; e2e_h100_compiled_smollm2_shape_dense_fused_bound128_20261207.json),
-so the loss is not the fused GEMM's strided outputs, as first guessed. That prefill is timed eagerly,
-so this module's Python and weight slicing per call are in it; where the time goes is not profiled
-yet. The bound itself lies between the measured 8 and 4096 rows and is not tuned.
+so the loss is not the fused GEMM's strided outputs, as first guessed. A profile (bench/results/
+e2e_profile_h100_smollm2_shape_{unfused,fused}_20261207.md) shows why: that eager prefill is host-bound
+(8.8 ms of kernels in a 23-27 ms prefill, the same 1202 kernels fused or not), so its ratio measures
+Python and varies by ±15% between runs; the member views used above the bound are made once, not per
+call. The bound itself lies between the measured 8 and 4096 rows and is not tuned.
 
 A serving transform: the fused modules replace the originals in the module tree, so the state dict
 changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither

@@ -118,7 +118,8 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         _acip_job("acip-mix-r8", "lora_rank=8", "mix", {"lora_rank": 8}, tier="extra", scale=s),
         # Post-tuning fits the one LoRA every size shares to the stop-ratio model: none at all, or 200 steps
         # each under the masks of a size drawn between the stop ratio and 1 (post_tune_size=any).
-        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, tier="extra", scale=s),
+        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, per_step=1 / 8, tier="extra",
+                  scale=s),
         _acip_job("acip-mix-any", "post_tune_size=any (200 steps)", "mix",
                   {"post_tune_steps": 200, "post_tune_size": "any"}, 200, tier="extra", scale=s),
         _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
@@ -307,11 +308,13 @@ def run_svd(ctx: Context, job: Job) -> dict[str, Any]:
 
 
 def _acip_base(ctx: Context) -> dict[str, Any]:
-    # The grid's jobs run the paper's 1000 post-tuning steps unless they set their own (acip-mix-short: 200,
-    # ACIP's default since that job's result), so every key keeps the meaning its published rows had.
+    # The grid's jobs run the paper's post-tuning (1000 steps at the stop ratio) unless they set their own
+    # (acip-mix-short: 200 steps, acip-mix-any: sizes drawn per step; both ACIP's defaults since those jobs'
+    # results), so every key keeps the meaning its published rows had.
     scale = ctx.args.acip_time_scale
     base: dict[str, Any] = {"progress": False, "seed": 0, "cuda_graphs": ctx.device == "cuda",
-                            "post_tune_steps": max(1, round(PAPER_POST_TUNE_STEPS / scale))}
+                            "post_tune_steps": max(1, round(PAPER_POST_TUNE_STEPS / scale)),
+                            "post_tune_size": "stop"}  # the paper's, as every key before acip-mix-any measured
     if scale != 1.0:  # the paper's schedule `scale` times faster, as bench.quality.acip_quality --time-scale
         base.update(lr=5e-5 * scale, reg_update_every=max(1, round(4 / scale)),
                     reg_update_factor=1.01 ** max(1.0, scale / 4))

@@ -9,6 +9,7 @@ where the method came from and how the two dense scores compared.
 
     python -m bench.tools.merge_family bench/results/family_quality_gemma3_text_h200.json \\
         /tmp/out/family_quality_gemma3_text_h100.json --methods acip,surgeon
+    ... --methods acip --rename acip=acip-any    a variant, beside the method's row under its own name
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def _dense_perplexities(results: dict[str, Any]) -> dict[str, float]:
 
 
 def merge_family(target: dict[str, Any], source: dict[str, Any], *, methods: list[str] | None = None,
-                 dense_tolerance: float = 0.005, replace: bool = False, label: str = "source") -> list[str]:
-    """Copy `methods` (default: all) of `source` into `target` in place; returns the names merged.
+                 dense_tolerance: float = 0.005, replace: bool = False, label: str = "source",
+                 rename: dict[str, str] | None = None) -> list[str]:
+    """Copy `methods` (default: all) of `source` into `target` in place; returns the names merged (as renamed).
+
+    `rename` maps a source method to the name it takes in the target (a variant run of a method the
+    target already has, e.g. ``{"acip": "acip-any"}``).
 
     Raises MergeError when the two runs differ in model, protocol or dense perplexity (relative difference
     above `dense_tolerance` on any text), or when a method is already in `target` and `replace` is False.
@@ -64,7 +69,16 @@ def merge_family(target: dict[str, Any], source: dict[str, Any], *, methods: lis
     missing = [m for m in wanted if m not in available]
     if missing:
         raise MergeError(f"{label} has no result for {', '.join(missing)} (it has: {', '.join(available) or 'none'})")
-    clash = [m for m in wanted if m in (target.get("methods") or {}) or m in (target.get("refused") or {})]
+    rename = dict(rename or {})
+    unknown = [m for m in rename if m not in wanted]
+    if unknown:
+        raise MergeError(f"--rename names {', '.join(unknown)}, which is not among the methods merged "
+                         f"({', '.join(wanted)})")
+    names = {m: rename.get(m, m) for m in wanted}
+    if len(set(names.values())) != len(names):
+        raise MergeError(f"two methods would merge under one name: {names}")
+    clash = [names[m] for m in wanted
+             if names[m] in (target.get("methods") or {}) or names[m] in (target.get("refused") or {})]
     if clash and not replace:
         raise MergeError(f"the target already has {', '.join(clash)}; pass --replace to overwrite")
     target.setdefault("methods", {})
@@ -72,21 +86,23 @@ def merge_family(target: dict[str, Any], source: dict[str, Any], *, methods: lis
     target.setdefault("notes", [])
     dense_pairs = ", ".join(f"{n} {dense_s[n]:.3f} (target {dense_t[n]:.3f})" for n in dense_t)
     for method in wanted:
-        target["methods"].pop(method, None)
-        target["refused"].pop(method, None)
+        name = names[method]
+        target["methods"].pop(name, None)
+        target["refused"].pop(name, None)
         if method in (source.get("methods") or {}):
             entry = source["methods"][method]
-            target["methods"][method] = entry
+            target["methods"][name] = entry
             env = entry.get("env") or source.get("env") or {}
         else:
-            target["refused"][method] = source["refused"][method]
+            target["refused"][name] = source["refused"][method]
             env = source.get("env") or {}
+        origin = f" (the source's {method})" if name != method else ""
         target["notes"].append(
-            f"{method}: measured on {env.get('gpu', 'an unrecorded device')} on "
+            f"{name}{origin}: measured on {env.get('gpu', 'an unrecorded device')} on "
             f"{str(env.get('timestamp_utc', '?'))[:10]} (commit {str(env.get('git_commit', '?'))[:12]}) in a "
             f"separate run with the same protocol, merged by bench.tools.merge_family; that run's dense "
             f"perplexity: {dense_pairs}")
-    return wanted
+    return [names[m] for m in wanted]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-tolerance", type=float, default=0.005,
                    help="largest relative difference of dense perplexity per text (default 0.005)")
     p.add_argument("--replace", action="store_true", help="overwrite methods the target already has")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="merge the source's method OLD under the name NEW (repeatable)")
     args = p.parse_args(argv)
     if args.target.suffix != ".json":
         print(f"merge_family: error: the target must be a family_quality .json file, got {args.target}",
@@ -105,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = json.loads(args.target.read_text())
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        rename = {}
+        for item in args.rename:
+            old, sep, new = item.partition("=")
+            if not sep or not old.strip() or not new.strip():
+                raise MergeError(f"--rename takes OLD=NEW, got {item!r}")
+            rename[old.strip()] = new.strip()
         for source_path in args.sources:
             source = json.loads(source_path.read_text())
             merged = merge_family(target, source, methods=methods, dense_tolerance=args.dense_tolerance,
-                                  replace=args.replace, label=str(source_path))
+                                  replace=args.replace, label=str(source_path), rename=rename)
             print(f"{source_path}: merged {', '.join(merged)}")
     except (OSError, json.JSONDecodeError, MergeError) as exc:
         print(f"merge_family: error: {exc}", file=sys.stderr)

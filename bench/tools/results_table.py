@@ -359,7 +359,8 @@ def build_rows(results: Path) -> tuple[list[Row], dict[str, dict | None]]:
 # ----------------------------------------------------------------------------- second family
 
 FAMILY_METHOD_NAMES = {"svd": "svd (whitened SVD, uniform ranks)", "svd-llm": "SVD-LLM", "asvd": "ASVD",
-                       "acip": "ACIP (defaults)", "minify": "minify (Taylor + ridge)", "surgeon": "surgeon (defaults)"}
+                       "acip": "ACIP (defaults)", "acip-stop": "ACIP, post-tuned at the stop ratio (the paper's)",
+                       "minify": "minify (Taylor + ridge)", "surgeon": "surgeon (defaults)"}
 
 
 def family_files(results: Path) -> list[tuple[str, dict]]:

@@ -79,3 +79,25 @@ def test_cli_writes_atomically_and_errors_in_one_line(tmp_path, capsys):
     assert mf.main([str(tpath), str(spath), "--methods", "acip"]) == 0
     assert set(json.loads(tpath.read_text())["methods"]) == {"svd", "acip"}
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_rename_merges_a_variant_beside_the_method(tmp_path, capsys):
+    target = _run("NVIDIA H200", {"acip": random.uniform(50, 90)})
+    source = _run("NVIDIA H100", {"acip": random.uniform(40, 60)})
+    source["dense"] = json.loads(json.dumps(target["dense"]))
+    kept, variant = json.loads(json.dumps(target["methods"]["acip"])), json.loads(json.dumps(source["methods"]["acip"]))
+    with pytest.raises(mf.MergeError, match="already has acip"):
+        mf.merge_family(json.loads(json.dumps(target)), source)
+    with pytest.raises(mf.MergeError, match="not among the methods merged"):
+        mf.merge_family(json.loads(json.dumps(target)), source, rename={"svd": "svd-x"})
+    assert mf.merge_family(target, source, rename={"acip": "acip-any"}) == ["acip-any"]
+    assert target["methods"]["acip"] == kept and target["methods"]["acip-any"] == variant
+    assert target["notes"][-1].startswith("acip-any (the source's acip): measured on NVIDIA H100")
+    tpath, spath = tmp_path / "t.json", tmp_path / "s.json"
+    tpath.write_text(json.dumps(target))
+    spath.write_text(json.dumps(source))
+    assert mf.main([str(tpath), str(spath), "--rename", "acip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "merge_family: error: --rename takes OLD=NEW, got 'acip'"
+    assert mf.main([str(tpath), str(spath), "--rename", "acip=acip-b"]) == 0
+    assert set(json.loads(tpath.read_text())["methods"]) == {"acip", "acip-any", "acip-b"}

@@ -26,12 +26,12 @@ VOCAB = 128
 def fast_config(**overrides) -> ACIPConfig:
     """Settings that prune a tiny model to the stop ratio in ~15 steps (the paper's would take thousands).
 
-    The plain basis and NLL loss (the paper's parametrization) unless overridden; the whitened and
-    distillation tests ask for theirs.
+    The plain basis, NLL loss and post-tuning at the stop ratio (the paper's parametrization) unless
+    overridden; the whitened, distillation and any-size tests ask for theirs.
     """
-    base = dict(basis="plain", distill=0.0, stop_ratio=0.6, lr=2e-2, reg_start=1e-2, reg_update_every=1,
-                reg_update_factor=1.2, lora_rank=4, post_tune_steps=4, max_steps=80, checkpoint_every=3,
-                progress=False)
+    base = dict(basis="plain", distill=0.0, post_tune_size="stop", stop_ratio=0.6, lr=2e-2, reg_start=1e-2,
+                reg_update_every=1, reg_update_factor=1.2, lora_rank=4, post_tune_steps=4, max_steps=80,
+                checkpoint_every=3, progress=False)
     base.update(overrides)
     return ACIPConfig(**base)
 
@@ -645,6 +645,10 @@ def test_any_size_post_tuning_resumes_to_the_uninterrupted_result(calib, tmp_pat
         other = resumed.layers[name]
         assert torch.equal(lf.scores, other.scores), name
         assert torch.equal(lf.lora_A, other.lora_A) and torch.equal(lf.lora_B, other.lora_B), name
+
+
+def test_post_tuning_across_sizes_is_the_default():
+    assert ACIPConfig().post_tune_size == "any"
 
 
 def test_post_tune_size_options_are_checked():

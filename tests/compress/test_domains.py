@@ -321,6 +321,7 @@ def test_domain_quality_acip_jobs_keep_the_paper_post_tuning():
         ctx = SimpleNamespace(device="cpu", args=SimpleNamespace(acip_time_scale=scale, smoke=False))
         base = dq._acip_base(ctx)
         assert base["post_tune_steps"] == round(dq.PAPER_POST_TUNE_STEPS / scale)
+        assert base["post_tune_size"] == "stop"  # the paper's, unlike ACIPConfig's default since acip-mix-any
         by_key = {j.key: j for j in dq.grid(scale)}
         assert {**base, **by_key["acip-mix-kl"].options}["post_tune_steps"] == round(1000 / scale)
         assert {**base, **by_key["acip-mix-short"].options}["post_tune_steps"] == round(200 / scale)

@@ -278,7 +278,7 @@ def test_early_stopping_restores_the_best_lora_by_held_out_loss():
     calib = torch.randint(0, VOCAB, (10, 16), generator=torch.Generator().manual_seed(12))
     # A large post-tuning learning rate over many steps overfits the 8 training chunks of random tokens;
     # the held-out NLL is tracked every 2 steps and the best LoRA must be the one returned.
-    config = fast(holdout=2, holdout_every=2, holdout_patience=0, post_tune_steps=12, lr=5e-2)
+    config = fast(holdout=2, holdout_every=2, holdout_patience=0, post_tune_steps=12, lr=5e-2, post_tune_size="stop")
     model = make_tiny_llama()
     score_map = run_acip(model, calib, config)
     info = score_map.metadata["holdout"]
@@ -315,7 +315,7 @@ def _held_out_nll_of(model, score_map, config, held) -> float:
 
 def test_patience_stops_post_tuning_early():
     calib = torch.randint(0, VOCAB, (10, 16), generator=torch.Generator().manual_seed(13))
-    config = fast(holdout=2, holdout_every=1, holdout_patience=1, post_tune_steps=40, lr=5e-2)
+    config = fast(holdout=2, holdout_every=1, holdout_patience=1, post_tune_steps=40, lr=5e-2, post_tune_size="stop")
     score_map = run_acip(make_tiny_llama(), calib, config)
     info = score_map.metadata["holdout"]
     assert info["post_steps_run"] < 40  # random tokens: the held-out loss stops improving quickly

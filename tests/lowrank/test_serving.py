@@ -170,6 +170,41 @@ def test_e2e_smoke_sweep_and_profile(tmp_path):
     assert "tiny_0.5_prefill.json" in names and names & {"tiny_0.5_decode_eager.json", "tiny_0.5_decode_graphed.json"}
 
 
+def test_e2e_graph_prefill_is_recorded_and_falls_back_without_cuda(tmp_path):
+    from compress.speed import main
+
+    assert main(["--smoke", "--models", "tiny", "--sizes", "0.5", "--batches", "1", "--graph-prefill",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("e2e_*_graphprefill_smoke.json")).read_text())
+    assert result["settings"]["graph_prefill"] is True
+    prefill = result["models"]["tiny"]["0.5"]["prefill"]
+    assert prefill["ms"] > 0
+    if not torch.cuda.is_available():
+        assert prefill["mode"] == "eager (no CUDA device)"
+    assert main(["--smoke", "--models", "tiny", "--sizes", "0.5", "--batches", "1", "--out",
+                 str(tmp_path / "eager")]) == 0
+    eager = json.loads(next((tmp_path / "eager").glob("e2e_*_smoke.json")).read_text())
+    assert eager["models"]["tiny"]["0.5"]["prefill"]["mode"] == "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_prefill_replays_the_eager_logits():
+    from compress.speed import _prefill_call, graphed_prefill
+
+    model = make_tiny_llama(layers=2).cuda().to(torch.bfloat16)
+    factorize_(model, lambda name, lin: 8)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 24), device="cuda")
+    replay, mode = graphed_prefill(model, 24, vocab, ids)
+    assert mode == "cuda_graph"
+    with torch.no_grad():
+        want = _prefill_call(model, 24, vocab, ids)().logits
+        got = replay().logits
+        torch.testing.assert_close(got, want)
+        ids.copy_(torch.randint(0, vocab, (1, 24), device="cuda"))  # the graph reads the same ids tensor
+        torch.testing.assert_close(replay().logits, _prefill_call(model, 24, vocab, ids)().logits)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A compressed tiny Llama saved like `python -m compress` saves it, with a word-level tokenizer."""
