@@ -930,13 +930,13 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
         if any_size is None:
             if singular is None:
                 raise ValueError("post_tune_size='any' needs the singular values")
-            position, counts, _ = post_tune_masks(state.scores, singular, segments, state.ratio,
-                                                  extra_rank=config.lora_rank)
-            any_size = (position.to(bank.p.device), counts)
-        position, counts = any_size
+            rank_of_entry, counts, _ = post_tune_masks(state.scores, singular, segments, state.ratio,
+                                                       extra_rank=config.lora_rank)
+            any_size = (rank_of_entry.to(bank.p.device), counts)
+        rank_of_entry, counts = any_size
         pick = torch.Generator().manual_seed(config.seed * 1_000_003 + state.post_steps)
         keep = int(counts[int(torch.randint(counts.numel(), (1,), generator=pick))])
-        bank.p.copy_(torch.where(position < keep, bank.scale, -bank.scale))
+        bank.p.copy_(torch.where(rank_of_entry < keep, bank.scale, -bank.scale))
 
     @torch.no_grad()
     def restore_stop_mask() -> None:
