@@ -77,12 +77,15 @@ def _svd_job(calib: str, shrink: float, sizes: tuple[float, ...], tier: str = "c
 
 
 PRUNE_STEPS = 1145  # ACIP's pruning phase on SmolLM2 with the paper's schedule (bench/results, whitened)
+# Seconds per ACIP step on SmolLM2 (bf16, CUDA graphs, distill=1, the default): 1374 steps took 207 s alone on an
+# H100 (acip-mix-short, 2026-12-07). A run is cut at twice its estimate; at 1/16 s two runs that shared the GPU
+# were cut before post-tuning and published an early stop (docs/domains.md).
+ACIP_STEP_SECONDS = 1 / 6
 PAPER_POST_TUNE_STEPS = 1000  # the paper's LoRA post-tuning steps; ACIPConfig's default is 200 (docs/domains.md)
 
 
 def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_tune: int = PAPER_POST_TUNE_STEPS, *,
-              sizes=ACIP_VARIANT_SIZES, magnitude: bool = False, per_step: float = 1 / 16, tier: str = "core",
-              scale: float = 1.0) -> Job:
+              sizes=ACIP_VARIANT_SIZES, magnitude: bool = False, tier: str = "core", scale: float = 1.0) -> Job:
     """An ACIP job; `scale` > 1 runs the paper's schedule that much faster (as bench.quality.acip_quality
     --time-scale)."""
     evals = len(sizes) * (2 if magnitude else 1)
@@ -90,7 +93,7 @@ def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_
     options = dict(options)
     if options.get("post_tune_steps"):  # 0 (no post-tuning) stays 0
         options["post_tune_steps"] = max(1, round(options["post_tune_steps"] / scale))
-    return Job(key, tier, 12 + steps * per_step + EVAL_SECONDS * evals, "acip", calib, sizes, options, variant,
+    return Job(key, tier, 12 + steps * ACIP_STEP_SECONDS + EVAL_SECONDS * evals, "acip", calib, sizes, options, variant,
                {"magnitude": magnitude, "time_scale": scale})
 
 
@@ -105,7 +108,7 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         # against the paper's NLL-only loss (docs/domains.md); both are kept under their old keys.
         _acip_job("acip-mix", "distill=0 (NLL only, the paper's loss)", "mix", {"distill": 0.0}, sizes=ACIP_SIZES,
                   magnitude=True, scale=s),
-        _acip_job("acip-mix-kl", "distill=1 (KL to dense)", "mix", {"distill": 1.0}, per_step=1 / 12, scale=s),
+        _acip_job("acip-mix-kl", "distill=1 (KL to dense)", "mix", {"distill": 1.0}, scale=s),
         _acip_job("acip-mix-es", "early stop (16 held out)", "mix", es, scale=s),
         _acip_job("acip-mix-short", "post_tune_steps=200", "mix", {"post_tune_steps": 200}, 200, scale=s),
         _svd_job("mix", 0.05, (0.9, 0.8)),
@@ -118,12 +121,11 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         _acip_job("acip-mix-r8", "lora_rank=8", "mix", {"lora_rank": 8}, tier="extra", scale=s),
         # Post-tuning fits the one LoRA every size shares to the stop-ratio model: none at all, or 200 steps
         # each under the masks of a size drawn between the stop ratio and 1 (post_tune_size=any).
-        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, per_step=1 / 8, tier="extra",
-                  scale=s),
+        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, tier="extra", scale=s),
         _acip_job("acip-mix-any", "post_tune_size=any (200 steps)", "mix",
                   {"post_tune_steps": 200, "post_tune_size": "any"}, 200, tier="extra", scale=s),
         _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
-        _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es}, per_step=1 / 12,
+        _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es},
                   tier="extra", scale=s),
         _svd_job("wiki", 0.05, (0.9, 0.8), tier="extra"),
         _svd_job("wiki", 0.3, (0.9, 0.8), tier="extra"),

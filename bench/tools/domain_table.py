@@ -27,18 +27,34 @@ def domain_files(results: Path) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def cut_note(job: dict[str, Any]) -> str | None:
+    """Why a job's rows are not a result of their variant, or None: an ACIP run cut before its schedule ended
+    (domain_quality cuts a run at twice its estimate) scores a score map that stops early and a LoRA that
+    never post-tuned, whatever its label says."""
+    if not job.get("cut_short"):
+        return None
+    where = f", covering sizes from {job['covered_from']:.3f}" if job.get("covered_from") is not None else ""
+    post = job.get("post_tune_steps")
+    return (f"cut short at {job['cut_short']}{where}"
+            + (f", {post} post-tuning steps" if post is not None else "") + ": not a result of this variant")
+
+
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for part in parts:
+        jobs = part.get("jobs") or {}
         for row in part.get("rows", []):
-            rows[row["label"]] = row
+            note = cut_note(jobs.get(row.get("job"), {}))
+            rows[row["label"]] = {**row, "cut": note} if note else row
+    cut_labels = {label for label, row in rows.items() if row.get("cut")}
     first = parts[0]
     return {"dense": first["dense"], "texts": first["texts"], "rows": list(rows.values()),
             "files": [p["_file"] for p in parts], "device": first.get("device"),
             "selection": first.get("selection_text"), "report": first.get("report_texts", []),
             "ood": first.get("ood_texts", []), "calibrations": first.get("calibrations", {}),
             "skipped": sorted({k for p in parts for k in p.get("skipped", [])} - {r["job"] for r in rows.values()}),
-            "targets": [t for p in parts for t in p.get("targets", []) if not t["target"].startswith("no artifacts")]}
+            "targets": [t for p in parts for t in p.get("targets", [])
+                        if not t["target"].startswith("no artifacts") and t.get("row") not in cut_labels]}
 
 
 def _cell(x: float | None) -> str:
@@ -59,7 +75,8 @@ def domain_section(slug: str, run: dict[str, Any]) -> list[str]:
              str(dense["sanity"]["artifacts"]["total"]), f"{dense['sanity']['repetition']:.1f}"]]
     for row in run["rows"]:
         ratio = row["ratio"]
-        body.append([row["label"], *[_cell(ratio.get(t)) for t in texts], _cell(row.get("worst_ood")),
+        label = f"{row['label']} (**{row['cut']}**)" if row.get("cut") else row["label"]
+        body.append([label, *[_cell(ratio.get(t)) for t in texts], _cell(row.get("worst_ood")),
                      str(row["sanity"]["artifacts"]["total"]), f"{row['sanity']['repetition']:.1f}"])
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in body]

@@ -307,6 +307,22 @@ def test_domain_quality_smoke_end_to_end(tmp_path, monkeypatch):
     assert "| model | wiki | docs | legal | code | worst OOD | artifacts | rep % |" in md
     assert all(f"| {row['label']} |" in md for row in result["rows"])
 
+    # An ACIP run cut before its schedule ended is flagged, and its rows count toward no target
+    cut = json.loads(json.dumps(result))
+    cut["jobs"]["acip-mix"].update(cut_short="step 9 (acip)", covered_from=0.71, post_tune_steps=0)
+    (results / "domain_quality_h200_part1of2.json").write_text(json.dumps(cut))
+    md = "\n".join(domain_sections(results))
+    acip_rows = [row for row in cut["rows"] if row["job"] == "acip-mix"]
+    assert acip_rows and all(
+        f"| {row['label']} (**cut short at step 9 (acip), covering sizes from 0.710, 0 post-tuning steps: not a "
+        f"result of this variant**) |" in md for row in acip_rows)
+    other = [row for row in cut["rows"] if row["job"] != "acip-mix"]
+    assert all(f"| {row['label']} |" in md for row in other)
+    from bench.tools.domain_table import domain_files, merge
+
+    merged = merge(domain_files(results)["h200"])
+    assert merged["targets"] and not {t["row"] for t in merged["targets"]} & {r["label"] for r in acip_rows}
+
 
 def test_domain_quality_acip_jobs_keep_the_paper_post_tuning():
     """ACIPConfig's default post-tuning (200 steps) differs from the paper's 1000; the grid's ACIP jobs pin the

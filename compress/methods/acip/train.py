@@ -105,8 +105,9 @@ class ACIPConfig:
     # Which masks the post-tuning trains the LoRA under. stop: the stop-ratio model's (the paper), though
     # the same LoRA then serves every larger size. any: each step draws one of 16 sizes evenly spaced from
     # where pruning stopped to 1 and keeps the entries materializing at that size would keep. any is the
-    # default: on SmolLM2 it beat stop at 90, 80 and 60% on every text (off domain by 5-9%), on Gemma 3
-    # 270M at 90 and 80% by 18-60% (docs/domains.md); stop left Gemma's curve non-monotone in size.
+    # default: on Gemma 3 270M it beat stop at 90 and 80% on every text by 18-60%, and stop left Gemma's
+    # curve non-monotone in size; on SmolLM2 no post-tuning at all beat stop at every size and text
+    # (docs/domains.md). SmolLM2 with any is not measured yet (its first run was cut before post-tuning).
     post_tune_size: str = "any"
     batch_size: int = 4
     max_steps: int = 20_000  # safety cap on the pruning phase
