@@ -149,8 +149,7 @@ class SiblingGroup(nn.Module):
 
     def member_forward(self, x: Tensor, index: int) -> Tensor:
         if self.dense_max_rows is not None and x.numel() > self.dense_max_rows * self.in_features:
-            weight, bias = self._dense_member(index)  # a long dense input: the unfused model's GEMM
-            return F.linear(x, weight, bias)
+            return self.compute_one(x, index)  # a long dense input: the unfused model's GEMM
         last = len(self.out_features) - 1
         if index == 0:
             parts = self.compute_all(x)

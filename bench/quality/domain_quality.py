@@ -84,15 +84,21 @@ ACIP_STEP_SECONDS = 1 / 6
 PAPER_POST_TUNE_STEPS = 1000  # the paper's LoRA post-tuning steps; ACIPConfig's default is 200 (docs/domains.md)
 
 
-def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], post_tune: int = PAPER_POST_TUNE_STEPS, *,
-              sizes=ACIP_VARIANT_SIZES, magnitude: bool = False, tier: str = "core", scale: float = 1.0) -> Job:
+def _scaled_steps(steps: int, scale: float) -> int:
+    """A step count of the paper's schedule run `scale` times faster; 0 (no post-tuning) stays 0."""
+    return max(1, round(steps / scale)) if steps else 0
+
+
+def _acip_job(key: str, variant: str, calib: str, options: dict[str, Any], *, sizes=ACIP_VARIANT_SIZES,
+              magnitude: bool = False, tier: str = "core", scale: float = 1.0) -> Job:
     """An ACIP job; `scale` > 1 runs the paper's schedule that much faster (as bench.quality.acip_quality
-    --time-scale)."""
+    --time-scale). Post-tuning runs the paper's 1000 steps unless `options` sets `post_tune_steps`."""
     evals = len(sizes) * (2 if magnitude else 1)
+    post_tune = options.get("post_tune_steps", PAPER_POST_TUNE_STEPS)
     steps = (PRUNE_STEPS + post_tune) / scale
     options = dict(options)
-    if options.get("post_tune_steps"):  # 0 (no post-tuning) stays 0
-        options["post_tune_steps"] = max(1, round(options["post_tune_steps"] / scale))
+    if "post_tune_steps" in options:
+        options["post_tune_steps"] = _scaled_steps(post_tune, scale)
     return Job(key, tier, 12 + steps * ACIP_STEP_SECONDS + EVAL_SECONDS * evals, "acip", calib, sizes, options, variant,
                {"magnitude": magnitude, "time_scale": scale})
 
@@ -110,7 +116,7 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
                   magnitude=True, scale=s),
         _acip_job("acip-mix-kl", "distill=1 (KL to dense)", "mix", {"distill": 1.0}, scale=s),
         _acip_job("acip-mix-es", "early stop (16 held out)", "mix", es, scale=s),
-        _acip_job("acip-mix-short", "post_tune_steps=200", "mix", {"post_tune_steps": 200}, 200, scale=s),
+        _acip_job("acip-mix-short", "post_tune_steps=200", "mix", {"post_tune_steps": 200}, scale=s),
         _svd_job("mix", 0.05, (0.9, 0.8)),
         _svd_job("mix", 0.3, (0.9, 0.8)),
         Job("minify-mix", "core", 8 + 3 * EVAL_SECONDS, "minify", "mix", (0.9,), {},
@@ -121,9 +127,9 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         _acip_job("acip-mix-r8", "lora_rank=8", "mix", {"lora_rank": 8}, tier="extra", scale=s),
         # Post-tuning fits the one LoRA every size shares to the stop-ratio model: none at all, or 200 steps
         # each under the masks of a size drawn between the stop ratio and 1 (post_tune_size=any).
-        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, 0, tier="extra", scale=s),
+        _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, tier="extra", scale=s),
         _acip_job("acip-mix-any", "post_tune_size=any (200 steps)", "mix",
-                  {"post_tune_steps": 200, "post_tune_size": "any"}, 200, tier="extra", scale=s),
+                  {"post_tune_steps": 200, "post_tune_size": "any"}, tier="extra", scale=s),
         _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
         _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es},
                   tier="extra", scale=s),
@@ -315,7 +321,7 @@ def _acip_base(ctx: Context) -> dict[str, Any]:
     # results), so every key keeps the meaning its published rows had.
     scale = ctx.args.acip_time_scale
     base: dict[str, Any] = {"progress": False, "seed": 0, "cuda_graphs": ctx.device == "cuda",
-                            "post_tune_steps": max(1, round(PAPER_POST_TUNE_STEPS / scale)),
+                            "post_tune_steps": _scaled_steps(PAPER_POST_TUNE_STEPS, scale),
                             "post_tune_size": "stop"}  # the paper's, as every key before acip-mix-any measured
     if scale != 1.0:  # the paper's schedule `scale` times faster, as bench.quality.acip_quality --time-scale
         base.update(lr=5e-5 * scale, reg_update_every=max(1, round(4 / scale)),

@@ -942,7 +942,8 @@ def _train(model: nn.Module, bank: MaskBank, layers: dict[str, MaskedSVDLinear],
     @torch.no_grad()
     def restore_stop_mask() -> None:
         # Back to the masks pruning ended with (alive entries score their p), as post_tune_size="stop" leaves them.
-        bank.p.copy_(torch.where(state.scores.to(bank.p.device) > 0, state.scores.to(bank.p.device), -bank.scale))
+        scores = state.scores.to(bank.p.device)
+        bank.p.copy_(torch.where(scores > 0, scores, -bank.scale))
 
     def check_holdout() -> None:
         # Early stopping: held-out NLL of the current LoRA; keep the best, count evaluations without a gain.
