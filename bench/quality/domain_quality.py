@@ -130,6 +130,10 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         _acip_job("acip-mix-post0", "post_tune_steps=0", "mix", {"post_tune_steps": 0}, tier="extra", scale=s),
         _acip_job("acip-mix-any", "post_tune_size=any (200 steps)", "mix",
                   {"post_tune_steps": 200, "post_tune_size": "any"}, tier="extra", scale=s),
+        # Runs cut during pruning scored better at 90/80 % the earlier they stopped: prune only down to the
+        # smallest size reported (60 %), then post-tune across sizes as the default does.
+        _acip_job("acip-mix-any-s60", "post_tune_size=any, stop_ratio=0.6", "mix",
+                  {"post_tune_steps": 200, "post_tune_size": "any", "stop_ratio": 0.6}, tier="extra", scale=s),
         _acip_job("acip-mix-g0.05", "gram_shrink=0.05", "mix", {"gram_shrink": 0.05}, tier="extra", scale=s),
         _acip_job("acip-mix-kl-es", "distill=1 + early stop", "mix", {"distill": 1.0, **es},
                   tier="extra", scale=s),
