@@ -44,6 +44,10 @@ step is compared with the HBM floor: (weight bytes + KV bytes read per token) / 
 ``prefill.mode`` says ``cuda_graph``, or why it fell back to eager). SmolLM2's eager prefill is host-bound
 (kernels fill about a third of it on an H100), so without this its ratios measure Python, not kernels.
 
+``--decode-attention``: every model measured attends at decode through ``lowrank.attention`` (one Triton
+kernel per layer that skips the unfilled static cache and reads grouped key/value heads in place) instead of
+transformers' SDPA; prefill is unchanged. The JSON's ``attention`` field names the implementation used.
+
 ``--smoke``: small settings (batches 1,2; prompt 16; 8 new tokens; prefill 32; one repeat) that
 also run on the CPU, where decoding is eager and the numbers are not speed results.
 """
@@ -76,6 +80,7 @@ from compress.timing import (
     write_result,
 )
 from lowrank import LowRankLinear, target_linears
+from lowrank.attention import use_decode_attention
 from lowrank.fusion import DENSE_FUSE_MAX_ROWS, fuse_sibling_projections
 from lowrank.linear import balanced_factors
 from lowrank.serving import COMPILE_MODES, GraphedDecoder, enable_dense_fallback
@@ -536,6 +541,7 @@ def _settings(args: argparse.Namespace) -> dict:
                dense_fallback=bool(getattr(args, "dense_fallback", False)),
                fuse_siblings=bool(getattr(args, "fuse_siblings", False)),
                graph_prefill=bool(getattr(args, "graph_prefill", False)),
+               decode_attention=bool(getattr(args, "decode_attention", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
                save=not getattr(args, "no_save", False),
                rank_multiple=getattr(args, "rank_multiple", None) or DEFAULT_RANK_MULTIPLE)
@@ -598,6 +604,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         stem += "_fused"
     if cfg["graph_prefill"] and not cfg["profile"]:
         stem += "_graphprefill"
+    if cfg["decode_attention"]:
+        stem += "_decattn"
     if cfg["smoke"]:
         stem += "_smoke"
     settings = {k: v for k, v in cfg.items() if k not in ("save",)}
@@ -622,6 +630,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             fallback = enable_dense_fallback(model, [*cfg["batches"], cfg["prefill"]]) if cfg["dense_fallback"] else {}
             # Both sides alike (the dense twin too): one GEMM per q/k/v and per gate/up group.
             fused = fuse_sibling_projections(model) if cfg["fuse_siblings"] else []
+            if cfg["decode_attention"]:  # both sides alike, as the fusion
+                use_decode_attention(model)
             try:
                 if cfg["profile"]:
                     row = profile_model(model, prompt=cfg["prompt"], new_tokens=cfg["new_tokens"],
@@ -639,6 +649,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                         "dense_fallback_layers": sum(fallback.values()), "fused_groups": len(fused),
                         # dense groups fuse inputs of up to this many rows (lowrank.fusion); absent before
                         "dense_fuse_max_rows": DENSE_FUSE_MAX_ROWS if fused else None,
+                        "attention": getattr(model.config, "_attn_implementation", None),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                         "build_seconds": round(build_s, 1)})
             results["models"].setdefault(name, {})[key] = row
@@ -743,6 +754,9 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--graph-prefill", action="store_true",
                    help="time the prefill as a replayed CUDA graph (both sides), not eagerly: a small model's eager "
                         "prefill measures Python launch overhead (--profile stays eager, for its kernel table)")
+    p.add_argument("--decode-attention", action="store_true",
+                   help="attend at decode with lowrank_kernels.decode_attention (lowrank.attention), on every model "
+                        "measured: one kernel per layer over the filled cache, grouped heads read in place")
     p.add_argument("--smoke", action="store_true",
                    help="small settings that also run on the CPU (eager there; not speed results)")
     p.add_argument("--out", default=None,
