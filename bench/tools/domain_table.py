@@ -40,21 +40,30 @@ def cut_note(job: dict[str, Any]) -> str | None:
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's parts as one table: a later part's row replaces an earlier row of the same label, and the
+    targets follow the rows shown (a row's targets come from the part it is shown from; none for a cut row)."""
     rows: dict[str, dict[str, Any]] = {}
+    targets: dict[tuple[str, str], dict[str, Any]] = {}
     for part in parts:
         jobs = part.get("jobs") or {}
+        part_labels, cut_labels = set(), set()
         for row in part.get("rows", []):
             note = cut_note(jobs.get(row.get("job"), {}))
             rows[row["label"]] = {**row, "cut": note} if note else row
-    cut_labels = {label for label, row in rows.items() if row.get("cut")}
+            part_labels.add(row["label"])
+            if note:
+                cut_labels.add(row["label"])
+        targets = {key: t for key, t in targets.items() if key[1] not in part_labels}  # superseded rows
+        for t in part.get("targets", []):
+            if t.get("row") not in cut_labels and not t["target"].startswith("no artifacts"):
+                targets[(t["target"], t.get("row"))] = t
     first = parts[0]
     return {"dense": first["dense"], "texts": first["texts"], "rows": list(rows.values()),
             "files": [p["_file"] for p in parts], "device": first.get("device"),
             "selection": first.get("selection_text"), "report": first.get("report_texts", []),
             "ood": first.get("ood_texts", []), "calibrations": first.get("calibrations", {}),
             "skipped": sorted({k for p in parts for k in p.get("skipped", [])} - {r["job"] for r in rows.values()}),
-            "targets": [t for p in parts for t in p.get("targets", [])
-                        if not t["target"].startswith("no artifacts") and t.get("row") not in cut_labels]}
+            "targets": list(targets.values())}
 
 
 def _cell(x: float | None) -> str:

@@ -323,6 +323,16 @@ def test_domain_quality_smoke_end_to_end(tmp_path, monkeypatch):
     merged = merge(domain_files(results)["h200"])
     assert merged["targets"] and not {t["row"] for t in merged["targets"]} & {r["label"] for r in acip_rows}
 
+    # A later complete run of the same label replaces the cut rows, and only its own targets count
+    (results / "domain_quality_h200_part2of2.json").write_text(json.dumps(result))
+    merged = merge(domain_files(results)["h200"])
+    acip_labels = {r["label"] for r in acip_rows}
+    shown = [t for t in merged["targets"] if t["row"] in acip_labels]
+    want = [t for t in result["targets"] if t["row"] in acip_labels and not t["target"].startswith("no artifacts")]
+    assert want and sorted(map(json.dumps, shown)) == sorted(map(json.dumps, want))
+    assert len(merged["targets"]) == len({(t["target"], t["row"]) for t in merged["targets"]})
+    assert "cut short" not in "\n".join(domain_sections(results))
+
 
 def test_domain_quality_acip_jobs_keep_the_paper_post_tuning():
     """ACIPConfig's default post-tuning (200 steps) differs from the paper's 1000; the grid's ACIP jobs pin the
