@@ -631,7 +631,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             # Both sides alike (the dense twin too): one GEMM per q/k/v and per gate/up group.
             fused = fuse_sibling_projections(model) if cfg["fuse_siblings"] else []
             if cfg["decode_attention"]:  # both sides alike, as the fusion
-                use_decode_attention(model)
+                try:
+                    use_decode_attention(model)
+                except ValueError as exc:  # a model on another attention (e.g. Gemma 2's eager): one line
+                    raise UserError(f"--decode-attention: {exc}") from None
             try:
                 if cfg["profile"]:
                     row = profile_model(model, prompt=cfg["prompt"], new_tokens=cfg["new_tokens"],

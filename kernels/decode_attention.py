@@ -23,7 +23,7 @@ writes the output itself. The split count depends on the cache length and the de
 optional. A sequence with no attended position gets zeros. Backends: Triton on CUDA (or the CPU
 under ``TRITON_INTERPRET=1``), and ``decode_attention_ref`` (torch, fp32 inside) elsewhere. The op
 is ``torch.ops.lowrank.decode_attention`` with a fake implementation, so ``torch.compile`` keeps it
-whole; ``lowrank.serving.use_decode_attention`` plugs it into Hugging Face models.
+whole; ``lowrank.attention.use_decode_attention`` plugs it into Hugging Face models.
 
 Importing this module never initialises CUDA, and it imports without Triton installed.
 """

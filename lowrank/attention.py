@@ -8,9 +8,10 @@ soft-capped variants, attention sinks, dropout while training) goes to transform
 implementation, and the masks are SDPA's, so the model computes the same function.
 
 Why: on an H100 the compiled, graphed SmolLM2-135M decode step spent about 360 of its 1090 µs of
-kernels in attention: cuDNN's SDPA and its reduction, plus the copies that repeat grouped key/value
-heads and the mask arithmetic, five to six kernels per layer over all 768 allocated positions
-(bench/results/e2e_profile_h100_smollm2_shape_fused_20261207.md).
+kernels in attention: cuDNN's SDPA and its reduction, and three fused kernels that prepare their
+inputs, six kernels per layer over all 768 allocated positions
+(bench/results/e2e_profile_h100_smollm2_shape_fused_20261207.md). With this kernel the attention and
+the kernels feeding it took 246 µs (e2e_profile_h100_smollm2_shape_fused_decattn_20261207d.md).
 """
 
 from __future__ import annotations

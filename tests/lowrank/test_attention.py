@@ -145,3 +145,14 @@ def test_e2e_records_the_attention(tmp_path):
     for row in result["models"]["tiny"].values():
         assert "error" not in row, row.get("error")
         assert row["attention"] == ATTENTION_NAME
+
+
+def test_bench_refuses_a_model_off_sdpa_in_one_line(tmp_path, capsys):
+    from compress.cli import main
+    from tests.tiny_families import save_family
+
+    path = save_family("gemma2", tmp_path / "gemma2", "The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["bench", "--model", str(path), "--smoke", "--batches", "1", "--decode-attention",
+                 "--out", str(tmp_path / "res")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bars
+    assert last.startswith("error: --decode-attention: ") and "soft-caps" in last
