@@ -16,15 +16,9 @@ from lowrank_kernels.decode_attention import (
     decode_attention_ref,
     num_splits,
 )
-from lowrank_kernels.utils import HAS_TRITON, interpreting
 
-INTERPRET = interpreting()
-CUDA = torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_triton = pytest.mark.skipif(
-    not (HAS_TRITON and (INTERPRET or CUDA)),
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (CI: TRITON_INTERPRET=1 python -m pytest)",
-)
+from tests.kernels.triton_env import CUDA, INTERPRET, needs_triton
+from tests.kernels.triton_env import TRITON_DEVICE as DEVICE
 
 # (dtype, atol, rtol): atol covers outputs near zero, where a relative bound says nothing
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 1e-3)]

@@ -16,18 +16,9 @@ from lowrank_kernels.gram import (
     gram_accumulate_batched,
     gram_accumulate_ref,
 )
-from lowrank_kernels.utils import HAS_TRITON, interpreting
+from lowrank_kernels.utils import HAS_TRITON
 
-INTERPRET = interpreting()
-CUDA = torch.cuda.is_available()
-# The Triton path runs on CUDA, or on the CPU through the interpreter.
-TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
-needs_triton = pytest.mark.skipif(
-    not (HAS_TRITON and (INTERPRET or CUDA)),
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (CI: TRITON_INTERPRET=1 python -m pytest)",
-)
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+from tests.kernels.triton_env import CUDA, INTERPRET, TRITON_DEVICE, gpu, needs_cuda, needs_triton
 
 # (dtype, atol, rtol) for comparing against the fp64 reference.
 DTYPES = [(torch.float32, 1e-4, 1e-5), (torch.float16, 1e-3, 1e-4)]
