@@ -83,7 +83,7 @@ from lowrank import LowRankLinear, target_linears
 from lowrank.attention import use_decode_attention
 from lowrank.fusion import DENSE_FUSE_MAX_ROWS, fuse_sibling_projections
 from lowrank.linear import balanced_factors
-from lowrank.serving import COMPILE_MODES, GraphedDecoder, enable_dense_fallback
+from lowrank.serving import COMPILE_MODES, GraphedDecoder, capture_cuda_graph, enable_dense_fallback
 from lowrank.surgery import DEFAULT_RANK_MULTIPLE, aligned_rank, decoder_layers, replace_module_, size_report
 
 SHAPES = {
@@ -294,16 +294,8 @@ def graphed_prefill(model: nn.Module, tokens: int, vocab: int,
     eager = _prefill_call(model, tokens, vocab, ids)
     if not _cuda(model):
         return eager, "eager (no CUDA device)"
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, Triton compilation
-        for _ in range(2):
-            eager()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            static_out = eager()
+    try:  # two warm-up calls off the capture (cuBLAS workspaces, Triton compilation), then the capture
+        graph, static_out = capture_cuda_graph(eager, warmup=[eager, eager])
     except Exception as exc:  # noqa: BLE001 - any capture failure: time eagerly, and say so
         torch.cuda.synchronize()
         return eager, f"eager (CUDA graph capture failed: {type(exc).__name__}: {exc})"[:300]

@@ -246,9 +246,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     Attends the positions ``l`` with ``mask[b, l]`` (bool ``[B or 1, L]``) and ``l < lengths[b]``
     (int ``[B or 1]``), each optional; ``scale`` defaults to ``D ** -0.5``. Inference only (no
     autograd). Triton on CUDA or under ``TRITON_INTERPRET=1``, the torch reference elsewhere;
-    traceable by ``torch.compile(fullgraph=True)``. Raises ``ValueError`` on bad shapes or dtypes.
+    traceable by ``torch.compile(fullgraph=True)``. Raises ``ValueError`` on bad shapes or dtypes (the op's
+    every implementation checks its inputs).
     """
-    _check(q, k, v, mask, lengths)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.lowrank.decode_attention(q, k, v, mask, lengths, scale)
 
