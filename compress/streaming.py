@@ -251,7 +251,8 @@ def _is_block_call_checkpointable(kwargs: dict) -> bool:
     # A KV cache is updated inside the block: re-running the block for the backward would
     # append the same keys twice. Blocks called with a cache run without checkpointing
     # (correct, but their weights then stay alive until the backward).
-    return kwargs.get("past_key_values") is None and kwargs.get("past_key_value") is None
+    # (transformers ≥ 5.24 passes it as `cache`; older releases as `past_key_values` / `past_key_value`.)
+    return all(kwargs.get(key) is None for key in ("cache", "past_key_values", "past_key_value"))
 
 
 def _install_forward(module: nn.Module, hook: StreamHook, *, checkpointed: bool) -> None:

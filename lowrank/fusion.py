@@ -135,8 +135,13 @@ class SiblingGroup(nn.Module):
         if not self.low_rank:
             y = F.linear(x, self.weight, self.bias)
             return [y[..., lo:hi] for lo, hi in self.out_bounds]
-        t = F.linear(x, self.V)
-        return [F.linear(t[..., lo:hi], U, self._bias_of(i))
+        # In 2D: each member's slice of t is then a plain strided matrix, which mm reads in place. Sliced
+        # in 3D ([batch, 1, Σ rank] at decode), the slice cannot be flattened by a view under
+        # torch.compile, and `linear` lowers to a bmm that reads the member's U once per batch row
+        # (8× the second factor's bytes at batch 8; the LLaMA-7B-shape b8 regression of issue #17).
+        lead = x.shape[:-1]
+        t = F.linear(x.reshape(-1, self.in_features), self.V)
+        return [F.linear(t[:, lo:hi], U, self._bias_of(i)).view(*lead, U.shape[0])
                 for i, ((lo, hi), U) in enumerate(zip(self.rank_bounds, self.factors, strict=True))]
 
     def compute_one(self, x: Tensor, index: int) -> Tensor:

@@ -25,9 +25,25 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COMPILE_MODES", "GraphedDecoder", "DecodeStats", "capture_cuda_graph", "enable_dense_fallback"]
+__all__ = ["COMPILE_MODES", "DecodeStats", "GraphedDecoder", "cache_keyword", "capture_cuda_graph",
+           "enable_dense_fallback"]
 
 T = TypeVar("T")
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword `model`'s forward takes its KV cache by: "cache" (transformers ≥ 5.24) or "past_key_values".
+
+    transformers renamed the argument and warns on the old name (to be removed in 5.40); older releases
+    take only the old one, so the name is read from the forward's signature.
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature: the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def enable_dense_fallback(model: nn.Module, tokens: Sequence[int] | None = None) -> dict[str, bool]:
@@ -100,6 +116,7 @@ class GraphedDecoder:
         if compile_mode is not None and not compile:
             raise ValueError("compile_mode needs compile=True (or a backend)")
         self.model = model.eval()
+        self._cache_kwarg = cache_keyword(model)
         self._step_forward = self._forward
         if compile:
             backend = "inductor" if compile is True else compile if callable(compile) else str(compile)
@@ -125,7 +142,7 @@ class GraphedDecoder:
         return cache
 
     def _forward(self, tokens: Tensor, positions: Tensor, cache) -> Tensor:
-        out = self.model(input_ids=tokens, past_key_values=cache, cache_position=positions,
+        out = self.model(input_ids=tokens, **{self._cache_kwarg: cache}, cache_position=positions,
                          position_ids=positions.unsqueeze(0).expand(tokens.shape[0], -1), use_cache=True)
         return out.logits[:, -1, :]
 

@@ -207,6 +207,28 @@ def test_backward_runs_through_checkpointed_blocks(random_tokens, monkeypatch):
     _assert_restored(model)
 
 
+def test_blocks_called_with_a_kv_cache_are_not_checkpointed(random_tokens, monkeypatch):
+    """A block updates its KV cache in place; re-running it for the backward would append its keys twice.
+    transformers ≥ 5.24 hands the cache to each block as `cache`, older releases as `past_key_values`."""
+    model = make_tiny_llama(layers=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    calls = []
+    real = streaming.checkpoint
+    monkeypatch.setattr(streaming, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_tokens(1, 8)
+    with offloaded(model, "cpu"):
+        cached = model(input_ids=ids, use_cache=True).logits
+        assert calls == []
+        plain = model(input_ids=ids, use_cache=False).logits
+        assert len(calls) == 2  # without a cache every block is checkpointed
+    torch.testing.assert_close(cached, plain)
+    for key in ("cache", "past_key_values", "past_key_value"):
+        assert not streaming._is_block_call_checkpointable({key: object()})
+    assert streaming._is_block_call_checkpointable({"cache": None, "use_cache": False})
+    _assert_restored(model)
+
+
 def test_streamed_forward_refuses_trainable_parameters(random_tokens):
     model = make_tiny_llama(layers=2)
     with offloaded(model, "cpu"):

@@ -204,6 +204,36 @@ def test_the_compiled_step_keeps_the_fusion():
     assert fused == 2 * 4 + 1  # qkv, o, gate/up, down per block
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_low_rank_group_reads_each_factor_once_per_step(bias):
+    """Batch-8 decode rows, lowered by AOT autograd: every GEMM is one mm, no bmm over a broadcast U.
+
+    A member's slice of the shared first-factor output sliced in 3D ([8, 1, rank]) lowers to a bmm with
+    the member's U expanded over the 8 rows, reading U 8 times per step; the group must stay in 2D.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    members = [LowRankLinear(40, out, rank, bias=bias) for out, rank in ((40, 12), (16, 6), (16, 5))]
+    group = SiblingGroup(members)
+    lowered: list[str] = []
+
+    def record(gm, example_inputs):
+        lowered.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    step = torch.compile(lambda x: group.compute_all(x), backend=aot_autograd(fw_compiler=record), fullgraph=True)
+    x = torch.randn(8, 1, 40)
+    with torch.no_grad():
+        parts = step(x)
+        expected = [m(x) for m in members]
+    assert not any("bmm" in op or "expand" in op for op in lowered), lowered
+    assert sum(op.endswith(("aten.mm.default", "aten.addmm.default")) for op in lowered) == 1 + len(members)
+    for got, want in zip(parts, expected, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compressed", [False, True])

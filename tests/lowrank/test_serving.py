@@ -53,6 +53,36 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(compressed, random_
     assert torch.equal(decoder.generate(prompt, max_new_tokens=12), reference)
 
 
+def test_decoder_passes_the_cache_by_the_model_s_own_keyword(random_tokens):
+    """transformers ≥ 5.24 takes the KV cache as `cache` and warns on `past_key_values`; older ones take only
+    the old name. The decoder reads the keyword off the forward's signature and decodes without the warning."""
+    import warnings
+
+    from lowrank.serving import cache_keyword
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, cache_position=None, **kwargs):
+            return input_ids
+
+    class NewStyle(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(OldStyle()) == "past_key_values"
+    assert cache_keyword(NewStyle()) == "cache"
+    model = make_tiny_llama(layers=1)
+    import inspect
+
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert cache_keyword(model) == expected
+    prompt = random_tokens(batch=1, seq=5)
+    reference = _eager_greedy(model, prompt, 4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated")
+        got = GraphedDecoder(model, max_cache_len=5 + 4).generate(prompt, max_new_tokens=4)
+    assert torch.equal(got, reference)
+
+
 def test_compile_mode_is_checked_up_front():
     """Modes that record CUDA graphs of their own cannot run inside the decoder's capture: refused by name."""
     with pytest.raises(ValueError, match="reduce-overhead"):
