@@ -91,12 +91,13 @@ if HAS_TRITON:
             if tl.max(valid.to(tl.int32), axis=0) > 0:
                 kv_ok = valid[:, None] & d_ok[None, :]
                 k = tl.load(k_row + offs_n[:, None] * s_kl + offs_d[None, :] * s_kd, mask=kv_ok, other=0.0)
+                # V is issued beside K, before the scores need K: one memory round trip per block, not two
+                v = tl.load(v_row + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
                 s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
                 s = tl.where(valid, s, -float("inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=0))
                 p = tl.exp2(s - m_new)
                 alpha = tl.exp2(m_i - m_new)
-                v = tl.load(v_row + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd, mask=kv_ok, other=0.0)
                 acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
                 l_i = l_i * alpha + tl.sum(p, axis=0)
                 m_i = m_new
