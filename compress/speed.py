@@ -48,6 +48,9 @@ step is compared with the HBM floor: (weight bytes + KV bytes read per token) / 
 kernel per layer that skips the unfilled static cache and reads grouped key/value heads in place) instead of
 transformers' SDPA; prefill is unchanged. The JSON's ``attention`` field names the implementation used.
 
+``--group-kernel segmented`` (with ``--fuse-siblings``): low-rank groups compute their members' second
+factors in one launch at decode (``lowrank_kernels.segmented_linear``) instead of one cuBLAS GEMM each.
+
 ``--smoke``: small settings (batches 1,2; prompt 16; 8 new tokens; prefill 32; one repeat) that
 also run on the CPU, where decoding is eager and the numbers are not speed results.
 """
@@ -81,7 +84,7 @@ from compress.timing import (
 )
 from lowrank import LowRankLinear, target_linears
 from lowrank.attention import use_decode_attention
-from lowrank.fusion import DENSE_FUSE_MAX_ROWS, fuse_sibling_projections
+from lowrank.fusion import DENSE_FUSE_MAX_ROWS, LOW_RANK_KERNELS, fuse_sibling_projections
 from lowrank.linear import balanced_factors
 from lowrank.serving import COMPILE_MODES, GraphedDecoder, capture_cuda_graph, enable_dense_fallback
 from lowrank.surgery import DEFAULT_RANK_MULTIPLE, aligned_rank, decoder_layers, replace_module_, size_report
@@ -532,11 +535,14 @@ def _settings(args: argparse.Namespace) -> dict:
                compile_mode=getattr(args, "compile_mode", None),
                dense_fallback=bool(getattr(args, "dense_fallback", False)),
                fuse_siblings=bool(getattr(args, "fuse_siblings", False)),
+               group_kernel=getattr(args, "group_kernel", None) or "cublas",
                graph_prefill=bool(getattr(args, "graph_prefill", False)),
                decode_attention=bool(getattr(args, "decode_attention", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
                save=not getattr(args, "no_save", False),
                rank_multiple=getattr(args, "rank_multiple", None) or DEFAULT_RANK_MULTIPLE)
+    if getattr(args, "group_kernel", None) is not None and not out["fuse_siblings"]:
+        raise UserError("--group-kernel picks how fused groups compute; it needs --fuse-siblings")
     return out
 
 
@@ -594,6 +600,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         stem += "_fallback"
     if cfg["fuse_siblings"]:
         stem += "_fused"
+        if cfg["group_kernel"] != "cublas":
+            stem += "_" + cfg["group_kernel"]
     if cfg["graph_prefill"] and not cfg["profile"]:
         stem += "_graphprefill"
     if cfg["decode_attention"]:
@@ -621,7 +629,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             report = size_report(model)  # before fusing: the fused modules are no longer targeted linears
             fallback = enable_dense_fallback(model, [*cfg["batches"], cfg["prefill"]]) if cfg["dense_fallback"] else {}
             # Both sides alike (the dense twin too): one GEMM per q/k/v and per gate/up group.
-            fused = fuse_sibling_projections(model) if cfg["fuse_siblings"] else []
+            fused = (fuse_sibling_projections(model, low_rank_kernel=cfg["group_kernel"]) if cfg["fuse_siblings"]
+                     else [])
             if cfg["decode_attention"]:  # both sides alike, as the fusion
                 try:
                     use_decode_attention(model)
@@ -644,6 +653,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                         "dense_fallback_layers": sum(fallback.values()), "fused_groups": len(fused),
                         # dense groups fuse inputs of up to this many rows (lowrank.fusion); absent before
                         "dense_fuse_max_rows": DENSE_FUSE_MAX_ROWS if fused else None,
+                        "group_kernel": cfg["group_kernel"] if fused else None,
                         "attention": getattr(model.config, "_attn_implementation", None),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                         "build_seconds": round(build_s, 1)})
@@ -746,6 +756,10 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
     p.add_argument("--fuse-siblings", action="store_true",
                    help="compute q/k/v and gate/up with one GEMM per group (lowrank.fusion), on every model "
                         "measured, the dense twin included; low-rank layers with a dense copy stay unfused")
+    p.add_argument("--group-kernel", default=None, choices=LOW_RANK_KERNELS,
+                   help="with --fuse-siblings: how low-rank groups compute their members' second factors, cuBLAS "
+                        "one GEMM each (default) or 'segmented', one launch for all members at decode "
+                        "(lowrank_kernels.segmented_linear)")
     p.add_argument("--graph-prefill", action="store_true",
                    help="time the prefill as a replayed CUDA graph (both sides), not eagerly: a small model's eager "
                         "prefill measures Python launch overhead (--profile stays eager, for its kernel table)")

@@ -31,6 +31,11 @@ e2e_profile_h100_smollm2_shape_{unfused,fused}_20261207.md) shows why: that eage
 Python and varies by ±15% between runs; the member views used above the bound are made once, not per
 call. The bound itself lies between the measured 8 and 4096 rows and is not tuned.
 
+Low-rank groups compute their second factors with cuBLAS, one GEMM per member, by default. With
+``low_rank_kernel="segmented"`` inputs of up to `SEGMENTED_MAX_ROWS` rows (decode) compute them in one
+launch instead (`lowrank_kernels.segmented_linear`): a q/k/v group then costs two launches, not four.
+Not yet the default: it has not been timed against cuBLAS on a GPU (`bench.kernels.segmented_linear`).
+
 A serving transform: the fused modules replace the originals in the module tree, so the state dict
 changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither
 all `nn.Linear` nor all `LowRankLinear` (without a dense fallback copy), or that differ in dtype or
@@ -43,19 +48,25 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from lowrank_kernels.segmented_linear import MAX_MEMBERS, segmented_linear
 from torch import Tensor, nn
 
 from lowrank.linear import LowRankLinear
 from lowrank.surgery import replace_module_
 
-__all__ = ["DENSE_FUSE_MAX_ROWS", "SIBLING_SETS", "FusedSibling", "SiblingGroup", "fuse_sibling_projections",
-           "unfuse_sibling_projections"]
+__all__ = ["DENSE_FUSE_MAX_ROWS", "LOW_RANK_KERNELS", "SEGMENTED_MAX_ROWS", "SIBLING_SETS", "FusedSibling",
+           "SiblingGroup", "fuse_sibling_projections", "unfuse_sibling_projections"]
 
 # Child names under one parent module that read the parent's input (Llama, Mistral, Qwen2/3, Gemma 2/3, ...),
 # in the order the parent's forward calls them.
 SIBLING_SETS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Dense groups: inputs with more rows than this run one GEMM per member (see the module docstring).
 DENSE_FUSE_MAX_ROWS = 128
+# How low-rank groups compute their members' second factors: "cublas" (one GEMM per member) or
+# "segmented" (one launch for all members, up to SEGMENTED_MAX_ROWS rows; cuBLAS above).
+LOW_RANK_KERNELS = ("cublas", "segmented")
+# Rows up to which "segmented" runs its kernel: decode batches; a prefill's GEMMs are cuBLAS' job.
+SEGMENTED_MAX_ROWS = 16
 
 
 def _weight_of(module: nn.Module) -> Tensor:
@@ -77,11 +88,14 @@ class SiblingGroup(nn.Module):
     [out_i, rank_i] per member, in `factors`) and the biases.
     """
 
-    def __init__(self, members: Sequence[nn.Module], *, dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS) -> None:
+    def __init__(self, members: Sequence[nn.Module], *, dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS,
+                 low_rank_kernel: str = "cublas") -> None:
         super().__init__()
         if dense_max_rows is not None and (isinstance(dense_max_rows, bool) or not isinstance(dense_max_rows, int)
                                            or dense_max_rows < 1):
             raise ValueError(f"dense_max_rows must be a positive integer or None, got {dense_max_rows!r}")
+        if low_rank_kernel not in LOW_RANK_KERNELS:
+            raise ValueError(f"low_rank_kernel must be one of {LOW_RANK_KERNELS}, got {low_rank_kernel!r}")
         first = members[0]
         self.low_rank = isinstance(first, LowRankLinear)
         self.in_features = first.in_features
@@ -89,10 +103,13 @@ class SiblingGroup(nn.Module):
         self.out_bounds = _split_sizes(self.out_features)
         # Longest input (in rows) that a dense group computes in one GEMM; None: every input.
         self.dense_max_rows = None if self.low_rank else dense_max_rows
+        # Low-rank second factors in one launch ("segmented"), for groups the kernel takes.
+        self.segmented = self.low_rank and low_rank_kernel == "segmented" and len(members) <= MAX_MEMBERS
         with torch.no_grad():
             if self.low_rank:
                 self.ranks = [m.rank for m in members]
                 self.rank_bounds = _split_sizes(self.ranks)
+                self.rank_offsets = [lo for lo, _ in self.rank_bounds]
                 self.V = nn.Parameter(torch.cat([m.V for m in members]), requires_grad=False)
                 # U is shared with the member it came from, which the fused module then replaces
                 self.factors = nn.ParameterList([nn.Parameter(m.U.detach(), requires_grad=False) for m in members])
@@ -141,6 +158,9 @@ class SiblingGroup(nn.Module):
         # (8× the second factor's bytes at batch 8; the LLaMA-7B-shape b8 regression of issue #17).
         lead = x.shape[:-1]
         t = F.linear(x.reshape(-1, self.in_features), self.V)
+        if self.segmented and t.shape[0] <= SEGMENTED_MAX_ROWS:
+            y = segmented_linear(t, list(self.factors), self.bias, self.rank_offsets)
+            return [y[:, lo:hi].view(*lead, hi - lo) for lo, hi in self.out_bounds]
         return [F.linear(t[:, lo:hi], U, self._bias_of(i)).view(*lead, U.shape[0])
                 for i, ((lo, hi), U) in enumerate(zip(self.rank_bounds, self.factors, strict=True))]
 
@@ -223,20 +243,25 @@ def _fusable(members: Sequence[nn.Module]) -> bool:
 
 @torch.no_grad()
 def fuse_sibling_projections(model: nn.Module, sets: Sequence[Sequence[str]] = SIBLING_SETS, *,
-                             dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS) -> list[str]:
+                             dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS,
+                             low_rank_kernel: str = "cublas") -> list[str]:
     """Fuse every group of sibling projections of `model` in place; returns the fused groups' names.
 
     A name is ``parent.{q_proj,k_proj,v_proj}``. A group whose members are not all `nn.Linear` or all
     `LowRankLinear` without a dense copy, or that differ in input width, dtype or device, is skipped.
     Dense groups compute inputs of more than `dense_max_rows` rows member by member (None: always fused).
+    `low_rank_kernel` ("cublas" or "segmented", `LOW_RANK_KERNELS`) picks how low-rank groups compute their
+    second factors (module docstring).
     """
+    if low_rank_kernel not in LOW_RANK_KERNELS:
+        raise ValueError(f"low_rank_kernel must be one of {LOW_RANK_KERNELS}, got {low_rank_kernel!r}")
     fused = []
     for parent_name, parent in list(model.named_modules()):
         for names in sets:
             members = [getattr(parent, n, None) for n in names]
             if any(m is None for m in members) or not _fusable(members):
                 continue
-            group = SiblingGroup(members, dense_max_rows=dense_max_rows)
+            group = SiblingGroup(members, dense_max_rows=dense_max_rows, low_rank_kernel=low_rank_kernel)
             for index, name in enumerate(names):
                 replace_module_(model, f"{parent_name}.{name}" if parent_name else name, FusedSibling(group, index))
             prefix = f"{parent_name}." if parent_name else ""

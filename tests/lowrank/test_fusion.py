@@ -234,10 +234,58 @@ def test_compiled_low_rank_group_reads_each_factor_once_per_step(bias):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_segmented_second_factors_compute_the_same_logits(family, monkeypatch):
+    """low_rank_kernel="segmented": decode-sized inputs run every member's U in one segmented_linear call
+    (qwen2's q/k/v carry biases, packed in the group), longer ones the per-member GEMMs; same logits."""
+    import lowrank_kernels.segmented_linear as seg
+
+    from lowrank.fusion import SEGMENTED_MAX_ROWS
+
+    model = make_model(family, vocab=96, seed=int(torch.randint(0, 2**31, ())))
+    factorize_(model, lambda name, lin: 9)
+    short, long = _fresh_ids(96, batch=2, seq=5), _fresh_ids(96, batch=2, seq=SEGMENTED_MAX_ROWS)
+    want_short, want_long = _logits(model, short), _logits(model, long)
+    calls = []
+    real = seg._segmented_linear_op
+    monkeypatch.setattr(torch.ops.lowrank, "segmented_linear",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a), raising=False)
+    groups = fuse_sibling_projections(model, low_rank_kernel="segmented")
+    torch.testing.assert_close(_logits(model, short), want_short, rtol=1e-5, atol=1e-5)
+    assert calls == [10] * len(groups)  # 2 x 5 rows, once per group
+    calls.clear()
+    torch.testing.assert_close(_logits(model, long), want_long, rtol=1e-5, atol=1e-5)
+    assert calls == []  # 32 rows: above SEGMENTED_MAX_ROWS, cuBLAS per member
+
+
+def test_segmented_group_compiles_into_one_op_per_group():
+    """In the traced decode step each low-rank group holds one segmented_linear and one linear (its V)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    model = make_tiny_llama(layers=2)
+    factorize_(model, lambda name, lin: 12)
+    fuse_sibling_projections(model, low_rank_kernel="segmented")
+    ops: list[str] = []
+
+    def record(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    decoder = GraphedDecoder(model, max_cache_len=12, compile=aot_autograd(fw_compiler=record))
+    decoder.generate(torch.randint(0, 128, (2, 5)), max_new_tokens=3)
+    assert ops.count("lowrank.segmented_linear.default") == 2 * 2  # q/k/v and gate/up in each block
+
+
+def test_unknown_low_rank_kernel_is_refused():
+    with pytest.raises(ValueError, match="low_rank_kernel must be one of"):
+        fuse_sibling_projections(make_tiny_llama(layers=1), low_rank_kernel="cutlass")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compressed", [False, True])
-def test_fused_decode_on_the_gpu_graphed_and_compiled(compressed):
+@pytest.mark.parametrize("compressed,low_rank_kernel", [(False, "cublas"), (True, "cublas"), (True, "segmented")])
+def test_fused_decode_on_the_gpu_graphed_and_compiled(compressed, low_rank_kernel):
     """bf16, inductor and a CUDA-graph replay per token: the fused model decodes what the plain one does."""
     torch._dynamo.reset()
     model = make_tiny_llama(layers=2).cuda().to(torch.bfloat16)
@@ -245,7 +293,7 @@ def test_fused_decode_on_the_gpu_graphed_and_compiled(compressed):
         factorize_(model, lambda name, lin: 16)
     prompt = torch.randint(0, 128, (2, 7), device="cuda")
     reference = GraphedDecoder(model, max_cache_len=7 + 16, compile=True).generate(prompt, max_new_tokens=16)
-    fuse_sibling_projections(model)
+    fuse_sibling_projections(model, low_rank_kernel=low_rank_kernel)
     torch._dynamo.reset()
     got = GraphedDecoder(model, max_cache_len=7 + 16, compile=True).generate(prompt, max_new_tokens=16)
     # bf16: one GEMM over the concatenated weights may round differently from three; most tokens agree

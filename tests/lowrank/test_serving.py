@@ -280,6 +280,22 @@ def test_compress_bench_cli(tiny_checkpoint, tmp_path, capsys):
         assert frows["checkpoint"][key] == rows["checkpoint"][key] and frows["dense"][key] == rows["dense"][key]
 
 
+def test_e2e_group_kernel_is_recorded_and_needs_fusion(tmp_path, capsys):
+    from compress.speed import main
+
+    assert main(["--smoke", "--models", "tiny", "--sizes", "0.5", "--batches", "1", "--group-kernel", "segmented",
+                 "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --group-kernel picks how fused groups compute; it needs "
+                                               "--fuse-siblings")
+    assert main(["--smoke", "--models", "tiny", "--sizes", "1.0,0.5", "--batches", "1", "--fuse-siblings",
+                 "--group-kernel", "segmented", "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("e2e_*_fused_segmented_smoke.json")).read_text())
+    assert result["settings"]["group_kernel"] == "segmented"
+    for row in result["models"]["tiny"].values():
+        assert "error" not in row, row.get("error")
+        assert row["group_kernel"] == "segmented" and row["fused_groups"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compressed", [False, True])
