@@ -30,11 +30,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.kernels.report import plot_panels, table
 from compress.timing import cuda_graph_median, device_peaks, env_info, gpu_slug, results_path, write_result
 
 # name: (query heads, key/value heads, head size)
 LAYOUTS = {"smollm2": (9, 3, 64), "qwen2_1.5b": (12, 2, 128), "llama7b": (32, 32, 128)}
 BURST = 32  # calls per captured graph
+CONTENDERS = ("decode_attention", "sdpa_gqa", "sdpa_repeat")
 
 
 def _contenders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -83,32 +85,9 @@ def bench_case(layout: str, batch: int, cache: int, filled: int, tbps: float) ->
 
 def plot(payload: dict[str, Any], path: Path) -> None:
     """µs per call against the filled length, one panel per (layout, batch), one line per contender."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the JSON is the result; the plot is a convenience
-        return
-    rows = [r for r in payload["rows"] if "us" in r]
-    panels = sorted({(r["layout"], r["batch"]) for r in rows})
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, (layout, batch) in zip(axes[0], panels, strict=True):
-        for name in sorted({r["contender"] for r in rows}):
-            pts = sorted((r["filled"], r["us"]) for r in rows
-                         if r["layout"] == layout and r["batch"] == batch and r["contender"] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_title(f"{layout}, batch {batch}", fontsize=9)
-        ax.set_xlabel("filled positions")
-        ax.set_ylabel("µs per call")
-        ax.set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"decode attention, cache {payload['cache']} positions, {payload['env'].get('gpu', '')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(payload["rows"], path, panel_keys=("layout", "batch"), x_key="filled", contenders=CONTENDERS,
+                title=lambda p: f"{p[0]}, batch {p[1]}", xlabel="filled positions", ylabel="µs per call",
+                suptitle=f"decode attention, cache {payload['cache']} positions, {payload['env'].get('gpu', '')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,17 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(f"decode_attention_{gpu_slug()}", payload, args.out)
     plot(payload, results_path(args.out) / f"decode_attention_{gpu_slug()}.png")
     print(f"wrote {path}")
-    print(f"{'layout':>11} {'batch':>5} {'filled':>6} " + " ".join(f"{c:>17}" for c in ("decode_attention", "sdpa_gqa",
-                                                                                       "sdpa_repeat")))
-    for layout in layouts:
-        for batch in batches:
-            for length in filled:
-                cells = []
-                for name in ("decode_attention", "sdpa_gqa", "sdpa_repeat"):
-                    hit = [r for r in rows if (r["layout"], r["batch"], r["filled"], r["contender"]) ==
-                           (layout, batch, length, name)]
-                    cells.append(f"{hit[0]['us']:>14.2f} µs" if hit and "us" in hit[0] else f"{'error':>17}")
-                print(f"{layout:>11} {batch:>5} {length:>6} " + " ".join(cells))
+    cases = [(layout, batch, length) for layout in layouts for batch in batches for length in filled]
+    print("\n".join(table(rows, cases, case_keys=("layout", "batch", "filled"), contenders=CONTENDERS)))
     return 0
 
 

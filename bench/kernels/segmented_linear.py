@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.kernels.report import plot_panels, table
 from compress.timing import cuda_graph_median, device_peaks, env_info, gpu_slug, results_path, write_result
 
 # model: (hidden, [(group name, [member out features])]); every member reads `hidden` inputs
@@ -117,34 +118,10 @@ def bench_group(model: str, group: str, hidden: int, outs: list[int], size: floa
 
 def plot(payload: dict[str, Any], path: Path) -> None:
     """µs per group call against the rows, one panel per (model, group), one line per contender."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the JSON is the result; the plot is a convenience
-        return
-    rows = [r for r in payload["rows"] if "us" in r]
-    panels = sorted({(r["model"], r["group"]) for r in rows})
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, (model, group) in zip(axes[0], panels, strict=True):
-        for name in CONTENDERS:
-            pts = sorted((r["rows"], r["us"]) for r in rows
-                         if r["model"] == model and r["group"] == group and r["contender"] == name)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_title(f"{model} {group}, size {payload['size']}", fontsize=9)
-        ax.set_xlabel("rows (batch)")
-        ax.set_ylabel("µs per group")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"fused low-rank groups at decode, {payload['env'].get('gpu', '')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(payload["rows"], path, panel_keys=("model", "group"), x_key="rows", contenders=CONTENDERS,
+                title=lambda p: f"{p[0]} {p[1]}, size {payload['size']}", xlabel="rows (batch)",
+                ylabel="µs per group", suptitle=f"fused low-rank groups at decode, {payload['env'].get('gpu', '')}",
+                log2_x=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,16 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(f"segmented_linear_{gpu_slug()}", payload, args.out)
     plot(payload, results_path(args.out) / f"segmented_linear_{gpu_slug()}.png")
     print(f"wrote {path}")
-    print(f"{'model':>8} {'group':>8} {'rows':>4} " + " ".join(f"{c:>15}" for c in CONTENDERS))
-    for model in models:
-        for group, _ in MODELS[model][1]:
-            for n in rows:
-                cells = []
-                for name in CONTENDERS:
-                    hit = [r for r in results if (r["model"], r["group"], r["rows"], r["contender"]) ==
-                           (model, group, n, name)]
-                    cells.append(f"{hit[0]['us']:>12.2f} µs" if hit and "us" in hit[0] else f"{'error':>15}")
-                print(f"{model:>8} {group:>8} {n:>4} " + " ".join(cells))
+    cases = [(model, group, n) for model in models for group, _ in MODELS[model][1] for n in rows]
+    print("\n".join(table(results, cases, case_keys=("model", "group", "rows"), contenders=CONTENDERS)))
     return 0
 
 

@@ -17,24 +17,15 @@ from lowrank_kernels.decode_attention import (
     num_splits,
 )
 
-from tests.kernels.triton_env import CUDA, INTERPRET, needs_triton
+from tests.kernels.triton_env import INTERPRET, KERNEL_DTYPES, fresh_generator, needs_triton
 from tests.kernels.triton_env import TRITON_DEVICE as DEVICE
 
-# (dtype, atol, rtol): atol covers outputs near zero, where a relative bound says nothing
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 1e-3)]
-if CUDA and not INTERPRET:
-    DTYPES.append((torch.bfloat16, 1e-2, 1e-2))
+DTYPES = KERNEL_DTYPES
 # (batch, query heads, key/value heads, cache length, head size): odd lengths and head sizes, grouped
 # and plain heads, a cache shorter than one block and one that is not a multiple of it
 SHAPES = [(1, 9, 3, 200, 64), (3, 4, 4, 77, 48), (2, 6, 2, 1, 32), (2, 8, 1, 130, 80), (1, 2, 2, 3 * BLOCK_N, 16)]
 
-_seed = [0]
-
-
-def _gen() -> torch.Generator:
-    """A generator with a new seed for every draw, so no two checks share inputs."""
-    _seed[0] += 1
-    return torch.Generator().manual_seed(1000 + _seed[0])
+_gen = fresh_generator
 
 
 def _inputs(B: int, Hq: int, Hkv: int, L: int, D: int, dtype: torch.dtype):

@@ -17,24 +17,15 @@ from lowrank_kernels.segmented_linear import (
     segmented_linear_ref,
 )
 
-from tests.kernels.triton_env import CUDA, INTERPRET, needs_cuda, needs_triton
+from tests.kernels.triton_env import INTERPRET, KERNEL_DTYPES, fresh_generator, needs_cuda, needs_triton
 from tests.kernels.triton_env import TRITON_DEVICE as DEVICE
 
-# (dtype, atol, rtol): atol covers outputs near zero, where a relative bound says nothing
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 1e-3)]
-if CUDA and not INTERPRET:
-    DTYPES.append((torch.bfloat16, 1e-2, 1e-2))
+DTYPES = KERNEL_DTYPES
 # members' (out, rank): odd sizes, a rank above one K block, a member narrower than one tile
 MEMBERS = [[(37, 5)], [(19, 11), (8, 3)], [(70, 130), (9, 1), (33, 17)], [(5, 2), (64, 64), (31, 7), (3, 40)]]
 ROWS = [1, 3, FMA_MAX_ROWS + 1, 17, 70]
 
-_seed = [0]
-
-
-def _gen() -> torch.Generator:
-    """A generator with a new seed for every draw, so no two checks share inputs."""
-    _seed[0] += 1
-    return torch.Generator().manual_seed(2000 + _seed[0])
+_gen = fresh_generator
 
 
 def _inputs(T: int, members: list[tuple[int, int]], dtype: torch.dtype, *, bias: bool, gap: int = 3):

@@ -6,6 +6,8 @@ without it they need CUDA. ``@pytest.mark.gpu`` tests need CUDA either way.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from lowrank_kernels.utils import HAS_TRITON, interpreting
@@ -20,3 +22,16 @@ needs_triton = pytest.mark.skipif(
 )
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# (dtype, atol, rtol) of the kernels' accuracy tests: fp32 and fp16 everywhere, bf16 on a GPU only (the
+# interpreter has none). atol covers outputs near zero, where a relative bound says nothing.
+KERNEL_DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 1e-3)]
+if CUDA and not INTERPRET:
+    KERNEL_DTYPES.append((torch.bfloat16, 1e-2, 1e-2))
+
+_draws = itertools.count(1000)
+
+
+def fresh_generator() -> torch.Generator:
+    """A CPU generator with a new seed at every call, so no two checks share inputs."""
+    return torch.Generator().manual_seed(next(_draws))
