@@ -17,7 +17,7 @@ from lowrank_kernels.decode_attention import (
     num_splits,
 )
 
-from tests.kernels.triton_env import INTERPRET, KERNEL_DTYPES, fresh_generator, needs_triton
+from tests.kernels.triton_env import INTERPRET, KERNEL_DTYPES, assert_within_torch_error, fresh_generator, needs_triton
 from tests.kernels.triton_env import TRITON_DEVICE as DEVICE
 
 DTYPES = KERNEL_DTYPES
@@ -66,11 +66,7 @@ def _check_close(out, q, k, v, mask=None, lengths=None, scale=None, atol=0.0, rt
     """Error against the fp64 reference within 2x torch's own error in the same dtype (plus atol/rtol)."""
     ref = decode_attention_ref(q.double(), k.double(), v.double(), mask, lengths, scale=scale)
     own = _torch_own(q, k, v, mask, lengths, scale if scale is not None else q.shape[-1] ** -0.5)
-    assert not out.isnan().any(), "an output element was not written"
-    err = (out.double() - ref).abs()
-    own_err = (own.double() - ref).abs().max().item()
-    bound = 2 * own_err + atol + rtol * ref.abs()
-    assert (err <= bound).all(), f"max error {err.max().item():.3g} > 2x torch's {own_err:.3g} (+ tolerances)"
+    assert_within_torch_error(out, ref, own, atol, rtol)
 
 
 @needs_triton

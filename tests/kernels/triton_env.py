@@ -35,3 +35,15 @@ _draws = itertools.count(1000)
 def fresh_generator() -> torch.Generator:
     """A CPU generator with a new seed at every call, so no two checks share inputs."""
     return torch.Generator().manual_seed(next(_draws))
+
+
+def assert_within_torch_error(out: torch.Tensor, ref: torch.Tensor, own: torch.Tensor, atol: float,
+                              rtol: float) -> None:
+    """The house bound: every element of `out` written (no NaN from a NaN-filled buffer), and its error
+    against the fp64 reference `ref` within 2x torch's own error (`own`, the same math in the same dtype)
+    plus atol + rtol·|ref|."""
+    assert not out.isnan().any(), "an output element was not written"
+    err = (out.double() - ref).abs()
+    own_err = (own.double() - ref).abs().max().item()
+    bound = 2 * own_err + atol + rtol * ref.abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g} > 2x torch's {own_err:.3g} (+ tolerances)"
