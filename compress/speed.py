@@ -49,7 +49,8 @@ kernel per layer that skips the unfilled static cache and reads grouped key/valu
 transformers' SDPA; prefill is unchanged. The JSON's ``attention`` field names the implementation used.
 
 ``--group-kernel segmented`` (with ``--fuse-siblings``): low-rank groups compute their members' second
-factors in one launch at decode (``lowrank_kernels.segmented_linear``) instead of one cuBLAS GEMM each.
+factors in one launch at decode (``lowrank_kernels.segmented_linear``) instead of one cuBLAS GEMM each;
+``cublas`` forces the GEMMs; the default ``auto`` follows this GPU's tuned table (``compress tune``).
 
 ``--smoke``: small settings (batches 1,2; prompt 16; 8 new tokens; prefill 32; one repeat) that
 also run on the CPU, where decoding is eager and the numbers are not speed results.
@@ -535,7 +536,7 @@ def _settings(args: argparse.Namespace) -> dict:
                compile_mode=getattr(args, "compile_mode", None),
                dense_fallback=bool(getattr(args, "dense_fallback", False)),
                fuse_siblings=bool(getattr(args, "fuse_siblings", False)),
-               group_kernel=getattr(args, "group_kernel", None) or "cublas",
+               group_kernel=getattr(args, "group_kernel", None) or "auto",
                graph_prefill=bool(getattr(args, "graph_prefill", False)),
                decode_attention=bool(getattr(args, "decode_attention", False)),
                dense=not getattr(args, "no_dense", False), out=getattr(args, "out", None),
@@ -600,7 +601,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         stem += "_fallback"
     if cfg["fuse_siblings"]:
         stem += "_fused"
-        if cfg["group_kernel"] != "cublas":
+        if cfg["group_kernel"] != "auto":
             stem += "_" + cfg["group_kernel"]
     if cfg["graph_prefill"] and not cfg["profile"]:
         stem += "_graphprefill"
@@ -757,9 +758,10 @@ def add_arguments(p: argparse.ArgumentParser, *, checkpoint: bool = False) -> No
                    help="compute q/k/v and gate/up with one GEMM per group (lowrank.fusion), on every model "
                         "measured, the dense twin included; low-rank layers with a dense copy stay unfused")
     p.add_argument("--group-kernel", default=None, choices=LOW_RANK_KERNELS,
-                   help="with --fuse-siblings: how low-rank groups compute their members' second factors, cuBLAS "
-                        "one GEMM each (default) or 'segmented', one launch for all members at decode "
-                        "(lowrank_kernels.segmented_linear)")
+                   help="with --fuse-siblings: how low-rank groups compute their members' second factors: 'auto' "
+                        "(default: this GPU's tuned choice per group, cuBLAS where `compress tune` measured none), "
+                        "'cublas' (one GEMM each) or 'segmented' (one launch for all members at decode, "
+                        "lowrank_kernels.segmented_linear)")
     p.add_argument("--graph-prefill", action="store_true",
                    help="time the prefill as a replayed CUDA graph (both sides), not eagerly: a small model's eager "
                         "prefill measures Python launch overhead (--profile stays eager, for its kernel table)")

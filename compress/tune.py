@@ -18,6 +18,11 @@ tuning cache (``lowrank_kernels.tuning``: ``~/.cache/lowrank-kit/tuning/<device 
 ``lowrank.serving`` read from then on. Shapes are measured in an order that covers every
 (in, out) pair before a second rank of it, and no new point starts after ``--budget-s``; ranks
 left out borrow the nearest measured aligned rank of the same (in, out), or run torch's two GEMMs.
+
+With ``--model``, the budget left then times the checkpoint's fused sibling groups (q/k/v, gate/up whose
+members are all factorized; ``lowrank.fusion``) at the decode row counts of ``--tokens``: one
+``segmented_linear`` launch for the members' second factors against cuBLAS' GEMM per member. The
+table's ``groups`` section is what ``fuse_sibling_projections(low_rank_kernel="auto")`` follows.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from typing import Any
 
 from compress.errors import UserError, report_or_exit_code
 
-__all__ = ["DEFAULT_TOKENS", "add_arguments", "candidates", "checkpoint_shapes", "main", "parse_shapes", "run",
-           "tune_shapes"]
+__all__ = ["DEFAULT_TOKENS", "add_arguments", "candidates", "checkpoint_groups", "checkpoint_shapes", "main",
+           "parse_shapes", "run", "tune_groups", "tune_shapes"]
 
 DEFAULT_TOKENS = (1, 4, 8, 16, 64, 256, 1024, 4096)
 DEFAULT_BUDGET_S = 120.0
@@ -48,6 +53,7 @@ _MAX_COPIES = 256
 BARRIER_OK = True
 
 Shape = tuple[int, int, int]  # (in_features n, out_features m, rank r)
+Group = tuple[int, tuple[tuple[int, int], ...]]  # fused sibling group: (in_features n, ((out m, rank r), ...))
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -85,6 +91,26 @@ def _parse_tokens(spec: str | None) -> list[int]:
 
 def checkpoint_shapes(source: str | None) -> Counter:
     """Counter of (in, out, rank) over a compressed checkpoint's factorized layers, from its config alone."""
+    return Counter(_factorized_layers(source).values())
+
+
+def checkpoint_groups(source: str | None) -> Counter:
+    """Counter of the fused sibling groups (q/k/v, gate/up; `lowrank.fusion.SIBLING_SETS`) whose members are
+    all factorized and read one input width, as (in, ((out, rank), ...)) in the members' order."""
+    from lowrank.fusion import SIBLING_SETS
+
+    layers = _factorized_layers(source)
+    counts: Counter = Counter()
+    for parent in sorted({name.rsplit(".", 1)[0] for name in layers if "." in name}):
+        for names in SIBLING_SETS:
+            shapes = [layers.get(f"{parent}.{n}") for n in names]
+            if all(shapes) and len({sh[0] for sh in shapes}) == 1:
+                counts[(shapes[0][0], tuple((m, r) for _, m, r in shapes))] += 1
+    return counts
+
+
+def _factorized_layers(source: str | None) -> dict[str, Shape]:
+    """{layer name: (in, out, rank)} of a compressed checkpoint's factorized layers, from its config alone."""
     from compress.model import _resolve_source
 
     name, _extra = _resolve_source(source)
@@ -102,17 +128,17 @@ def checkpoint_shapes(source: str | None) -> Counter:
         except (OSError, ValueError) as exc:
             raise UserError(f"could not load the config of {source!r}: {str(exc).splitlines()[0]}") from exc
     quant = config.get("quantization_config") or {}
-    counts: Counter = Counter()
+    layers: dict[str, Shape] = {}
     if quant.get("quant_method") != "lowrank":
-        return counts
+        return layers
     widths, dense = quant.get("widths") or {}, quant.get("dense_shapes") or {}
     for layer, rank in (quant.get("ranks") or {}).items():
         shape = widths.get(layer) or dense.get(layer)
         if shape is None:
             raise UserError(f"the checkpoint's quantization_config gives {layer!r} a rank but no shape")
         out_f, in_f = shape
-        counts[(int(in_f), int(out_f), int(rank))] += 1
-    return counts
+        layers[layer] = (int(in_f), int(out_f), int(rank))
+    return layers
 
 
 def order_shapes(counts: Counter) -> list[Shape]:
@@ -285,6 +311,92 @@ def tune_shapes(shapes: Iterable[Shape], tokens: Iterable[int], *, budget_s: flo
     }
 
 
+# ---------------------------------------------------------------------------- fused sibling groups
+class _GroupWeights:
+    """Rotating copies of one fused low-rank group: the concatenated first factors and each member's U."""
+
+    def __init__(self, n: int, members: tuple[tuple[int, int], ...], dtype: Any, l2_bytes: int, seed: int) -> None:
+        import torch
+
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        total_r = sum(r for _, r in members)
+        k = _copies(dtype.itemsize * sum(r * (m + n) for m, r in members), l2_bytes)
+        self.V = [torch.randn(total_r, n, device="cuda", dtype=dtype, generator=g) / math.sqrt(n) for _ in range(k)]
+        self.U = [[torch.randn(m, r, device="cuda", dtype=dtype, generator=g) / math.sqrt(r) for m, r in members]
+                  for _ in range(k)]
+        self.offsets = [sum(r for _, r in members[:i]) for i in range(len(members))]
+
+
+def _time_group(w: _GroupWeights, x: Any, kernel: str) -> float:
+    """Median time of one group call with `kernel` ("cublas" or "segmented"); a segmented output is checked
+    against an fp32 reference first, so a kernel that computes a wrong answer can never win."""
+    import torch
+    import torch.nn.functional as F
+    from lowrank_kernels.segmented_linear import segmented_linear
+
+    from compress.timing import time_rotating
+
+    def call(V: Any, Us: list) -> Any:
+        t = F.linear(x, V)
+        if kernel == "segmented":
+            return segmented_linear(t, Us, None, w.offsets)
+        return [F.linear(t[:, o:o + U.shape[1]], U) for U, o in zip(Us, w.offsets, strict=True)]
+
+    if kernel == "segmented":
+        t = F.linear(x.float(), w.V[0].float())
+        ref = torch.cat([F.linear(t[:, o:o + U.shape[1]], U.float()) for U, o in zip(w.U[0], w.offsets, strict=True)],
+                        dim=1)
+        err = ((call(w.V[0], w.U[0]).float() - ref).norm() / ref.norm()).item()
+        if not err < 3e-2:
+            raise RuntimeError(f"wrong result (relative error {err:.3e})")
+    return time_rotating([lambda V=V, Us=Us: call(V, Us) for V, Us in zip(w.V, w.U, strict=True)])
+
+
+def tune_groups(groups: Iterable[Group], tokens: Iterable[int], *, budget_s: float, dtype: Any = None,
+                log: Callable[[str], None] = print) -> tuple[dict, list[str]]:
+    """Time each fused low-rank group's second factors, one segmented launch against cuBLAS per member, at the
+    decode row counts of `tokens` (up to `lowrank.fusion.SEGMENTED_MAX_ROWS`) within `budget_s`.
+
+    Returns ({group key: {T: {"kernel", "segmented_ms", "cublas_ms"}}}, points left out), the table's
+    ``groups`` section that `lowrank_kernels.dispatch.group_kernel` reads.
+    """
+    import torch
+    from lowrank_kernels.dispatch import group_key
+
+    from lowrank.fusion import SEGMENTED_MAX_ROWS
+
+    dtype = dtype or torch.bfloat16
+    deadline = time.time() + budget_s
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    rows = [T for T in tokens if T <= SEGMENTED_MAX_ROWS]
+    entries: dict[str, dict] = {}
+    skipped: list[str] = []
+    for n, members in groups:
+        key = group_key(n, members)
+        if time.time() > deadline:
+            skipped.append(key)
+            continue
+        w = _GroupWeights(n, members, dtype, l2, seed=n + sum(m * 3 + r for m, r in members))
+        for T in rows:
+            if time.time() > deadline:
+                skipped.append(f"{key}@T{T}")
+                continue
+            x = torch.randn(T, n, device="cuda", dtype=dtype)
+            cublas = _time_group(w, x, "cublas")
+            try:
+                segmented = _time_group(w, x, "segmented")
+            except Exception as exc:  # noqa: BLE001 - a kernel that fails or computes wrong loses the point
+                log(f"  [tune] group {key} T={T} segmented skipped: {exc!r}"[:300])
+                segmented = float("inf")
+            kernel = "segmented" if segmented < cublas else "cublas"
+            entries.setdefault(key, {})[str(T)] = {"kernel": kernel, "segmented_ms": segmented, "cublas_ms": cublas}
+            log(f"  group {key:40s} T={T:3d} segmented {segmented * 1e3:8.1f}us  cublas {cublas * 1e3:8.1f}us")
+        del w
+        torch.cuda.empty_cache()
+    return entries, skipped
+
+
 # ---------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -315,10 +427,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
 
     if not torch.cuda.is_available():
         raise UserError("compress tune times kernels on a CUDA GPU and none is visible")
+    groups: Counter = Counter()
     if args.shapes:
         counts = Counter(parse_shapes(args.shapes))
     else:
         counts = checkpoint_shapes(args.model)
+        groups = checkpoint_groups(args.model)
         if not counts:
             raise UserError(f"{args.model or 'the default model'} has no factorized layers (not a compressed "
                             "checkpoint): nothing to tune")
@@ -330,6 +444,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         f"budget {args.budget_s:.0f} s")
     table = tune_shapes(shapes, tokens, budget_s=args.budget_s, dtype=getattr(torch, args.dtype), log=log)
     table["layers"] = {f"{n}x{m}r{r}": c for (n, m, r), c in counts.items()}
+    if groups:  # fused sibling groups (q/k/v, gate/up) in the budget left
+        log(f"[tune] {len(groups)} distinct fused sibling groups")
+        table["groups"], left_out = tune_groups(sorted(groups, key=lambda g: -groups[g]), tokens,
+                                                budget_s=max(0.0, args.budget_s - table["seconds"]),
+                                                dtype=getattr(torch, args.dtype), log=log)
+        table["skipped"] += left_out
     result: dict = {"table": table, "cache": None, "out": None}
     if not args.no_cache:
         try:
@@ -355,6 +475,10 @@ def summary(result: dict) -> str:
     points = sum(len(e) for e in table["entries"].values())
     lines.append(f"{points} points: fused kernel fastest at {fused}, dense faster than every factorized path at "
                  f"{dense_wins} (used where a dense copy is held: --dense-fallback)")
+    if table.get("groups"):
+        seg = sum(p["kernel"] == "segmented" for e in table["groups"].values() for p in e.values())
+        lines.append(f"{len(table['groups'])} fused sibling groups: one segmented launch faster than cuBLAS per "
+                     f"member at {seg} of {sum(len(e) for e in table['groups'].values())} points")
     if result.get("cache"):
         lines.append(f"wrote {result['cache']}")
     if result.get("out"):

@@ -39,6 +39,8 @@ __all__ = [
     "ext_gemv",
     "fused_candidates",
     "gemm_candidates",
+    "group_key",
+    "group_kernel",
     "predicted_ms",
     "reload_tables",
     "select_backend",
@@ -52,6 +54,7 @@ Runner = Callable[[str, Any, Tensor, Tensor, Tensor, "Tensor | None", Tensor], N
 _TABLES: dict[int, tuple[dict, str | None]] = {}
 _CHOICE_CACHE: dict[tuple, Choice] = {}
 _DENSE_CACHE: dict[tuple, bool] = {}
+_GROUP_CACHE: dict[tuple, str] = {}
 
 
 def config_key(n: int, m: int, r: int) -> str:
@@ -96,6 +99,7 @@ def reload_tables() -> None:
     _TABLES.clear()
     _CHOICE_CACHE.clear()
     _DENSE_CACHE.clear()
+    _GROUP_CACHE.clear()
 
 
 def _bucket(T: int, available: list[int]) -> int:
@@ -318,4 +322,36 @@ def dense_is_faster(T: int, N: int, M: int, R: int, device: torch.device) -> boo
             factored = predicted_ms(T, N, M, R, model) if model else None
             answer = dense is not None and factored is not None and dense < margin * factored
     _DENSE_CACHE[key] = answer
+    return answer
+
+
+# ---------------------------------------------------------------------------- fused sibling groups
+def group_key(n: int, members: tuple[tuple[int, int], ...]) -> str:
+    """Key of a fused low-rank group in the tuned table: its in_features, then each member's out and rank."""
+    return f"{n}:" + "+".join(f"{m}r{r}" for m, r in members)
+
+
+@torch.compiler.assume_constant_result
+def group_kernel(T: int, n: int, members: tuple[tuple[int, int], ...], device: torch.device) -> str:
+    """How a fused low-rank group computes its members' second factors at ``T`` rows on ``device``.
+
+    ``"segmented"`` (one ``segmented_linear`` launch for every member) where this device's exact table
+    (``python -m compress tune`` on a checkpoint) timed it faster than cuBLAS' one GEMM per member at
+    a tuned T within a factor 2 of ``T``; else ``"cublas"``, torch's own path, so a device or group
+    nobody measured runs what it ran before the segmented kernel existed. Constant for given
+    arguments, so ``torch.compile`` evaluates it once at trace time.
+    """
+    key = (T if T <= 16 else _bucket(T, list(T_BUCKETS)), n, members, device.type, device.index)
+    hit = _GROUP_CACHE.get(key)
+    if hit is not None:
+        return hit
+    answer = "cublas"
+    table, trust = _table_for(device)
+    entry = (table.get("groups", {}) if trust == "exact" else {}).get(group_key(n, members)) or {}
+    measured = {int(t): v for t, v in entry.items() if "kernel" in v}
+    if measured:
+        b = _bucket(T, list(measured))
+        if abs(math.log2(b) - math.log2(max(T, 1))) <= 1.0 and measured[b]["kernel"] == "segmented":
+            answer = "segmented"
+    _GROUP_CACHE[key] = answer
     return answer

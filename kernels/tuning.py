@@ -150,13 +150,15 @@ def load_cache(dev: dict[str, Any]) -> dict | None:
 
 
 def merge_tables(base: dict | None, over: dict | None) -> dict:
-    """``base`` overlaid by ``over``: per layer shape and T bucket, ``over`` wins; its latency model too."""
+    """``base`` overlaid by ``over``: per layer shape (or sibling group) and T bucket, ``over`` wins; its latency
+    model too."""
     out = copy.deepcopy(base) if base else {}
     if not over:
         return out
-    entries = out.setdefault("entries", {})
-    for key, per_t in over.get("entries", {}).items():
-        entries.setdefault(key, {}).update(copy.deepcopy(per_t))
+    for section in ("entries", "groups"):  # layer shapes; fused sibling groups (dispatch.group_kernel)
+        merged = out.setdefault(section, {})
+        for key, per_t in over.get(section, {}).items():
+            merged.setdefault(key, {}).update(copy.deepcopy(per_t))
     for field in ("latency_model", "device", "env", "ceilings"):
         if over.get(field):
             out[field] = copy.deepcopy(over[field])

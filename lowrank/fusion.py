@@ -31,10 +31,13 @@ e2e_profile_h100_smollm2_shape_{unfused,fused}_20261207.md) shows why: that eage
 Python and varies by ±15% between runs; the member views used above the bound are made once, not per
 call. The bound itself lies between the measured 8 and 4096 rows and is not tuned.
 
-Low-rank groups compute their second factors with cuBLAS, one GEMM per member, by default. With
-``low_rank_kernel="segmented"`` inputs of up to `SEGMENTED_MAX_ROWS` rows (decode) compute them in one
-launch instead (`lowrank_kernels.segmented_linear`): a q/k/v group then costs two launches, not four.
-Not yet the default: it has not been timed against cuBLAS on a GPU (`bench.kernels.segmented_linear`).
+Low-rank groups compute their second factors with cuBLAS, one GEMM per member, or, for inputs of up to
+`SEGMENTED_MAX_ROWS` rows (decode), in one launch (`lowrank_kernels.segmented_linear`): a q/k/v group
+then costs two launches, not four. ``low_rank_kernel="auto"`` (the default) takes the segmented launch
+where this GPU's tuned table says it is faster for the group's shapes (``python -m compress tune``
+times both; `lowrank_kernels.dispatch.group_kernel`) and cuBLAS everywhere else, so without a tune run
+nothing changes; "segmented" and "cublas" force one. The segmented kernel has not been timed on a GPU
+yet (`bench.kernels.segmented_linear`), and no shipped table holds group timings.
 
 A serving transform: the fused modules replace the originals in the module tree, so the state dict
 changes. Save before fusing, or call `unfuse_sibling_projections` first. Members that are neither
@@ -48,6 +51,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from lowrank_kernels.dispatch import group_kernel
 from lowrank_kernels.segmented_linear import MAX_MEMBERS, segmented_linear
 from torch import Tensor, nn
 
@@ -62,9 +66,10 @@ __all__ = ["DENSE_FUSE_MAX_ROWS", "LOW_RANK_KERNELS", "SEGMENTED_MAX_ROWS", "SIB
 SIBLING_SETS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Dense groups: inputs with more rows than this run one GEMM per member (see the module docstring).
 DENSE_FUSE_MAX_ROWS = 128
-# How low-rank groups compute their members' second factors: "cublas" (one GEMM per member) or
-# "segmented" (one launch for all members, up to SEGMENTED_MAX_ROWS rows; cuBLAS above).
-LOW_RANK_KERNELS = ("cublas", "segmented")
+# How low-rank groups compute their members' second factors: "auto" (the device's tuned choice per group
+# and row count, cuBLAS where nothing was tuned), "cublas" (one GEMM per member) or "segmented" (one launch
+# for all members, up to SEGMENTED_MAX_ROWS rows; cuBLAS above).
+LOW_RANK_KERNELS = ("auto", "cublas", "segmented")
 # Rows up to which "segmented" runs its kernel: decode batches; a prefill's GEMMs are cuBLAS' job.
 SEGMENTED_MAX_ROWS = 16
 
@@ -89,7 +94,7 @@ class SiblingGroup(nn.Module):
     """
 
     def __init__(self, members: Sequence[nn.Module], *, dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS,
-                 low_rank_kernel: str = "cublas") -> None:
+                 low_rank_kernel: str = "auto") -> None:
         super().__init__()
         if dense_max_rows is not None and (isinstance(dense_max_rows, bool) or not isinstance(dense_max_rows, int)
                                            or dense_max_rows < 1):
@@ -103,8 +108,9 @@ class SiblingGroup(nn.Module):
         self.out_bounds = _split_sizes(self.out_features)
         # Longest input (in rows) that a dense group computes in one GEMM; None: every input.
         self.dense_max_rows = None if self.low_rank else dense_max_rows
-        # Low-rank second factors in one launch ("segmented"), for groups the kernel takes.
-        self.segmented = self.low_rank and low_rank_kernel == "segmented" and len(members) <= MAX_MEMBERS
+        # Low-rank second factors in one launch: always ("segmented"), where tuned faster ("auto") or never;
+        # only for groups the kernel takes.
+        self.low_rank_kernel = low_rank_kernel if self.low_rank and len(members) <= MAX_MEMBERS else "cublas"
         with torch.no_grad():
             if self.low_rank:
                 self.ranks = [m.rank for m in members]
@@ -158,11 +164,21 @@ class SiblingGroup(nn.Module):
         # (8× the second factor's bytes at batch 8; the LLaMA-7B-shape b8 regression of issue #17).
         lead = x.shape[:-1]
         t = F.linear(x.reshape(-1, self.in_features), self.V)
-        if self.segmented and t.shape[0] <= SEGMENTED_MAX_ROWS:
+        if self._segmented_at(t):
             y = segmented_linear(t, list(self.factors), self.bias, self.rank_offsets)
             return [y[:, lo:hi].view(*lead, hi - lo) for lo, hi in self.out_bounds]
         return [F.linear(t[:, lo:hi], U, self._bias_of(i)).view(*lead, U.shape[0])
                 for i, ((lo, hi), U) in enumerate(zip(self.rank_bounds, self.factors, strict=True))]
+
+    def _segmented_at(self, t: Tensor) -> bool:
+        """Whether the second factors of first-factor output `t` run as one segmented launch."""
+        rows = t.shape[0]
+        if self.low_rank_kernel == "cublas" or rows > SEGMENTED_MAX_ROWS:
+            return False
+        if self.low_rank_kernel == "segmented":
+            return True
+        members = tuple(zip(self.out_features, self.ranks, strict=True))
+        return group_kernel(rows, self.in_features, members, t.device) == "segmented"
 
     def compute_one(self, x: Tensor, index: int) -> Tensor:
         """Member `index`'s output alone (its slice of the fused weights)."""
@@ -244,14 +260,14 @@ def _fusable(members: Sequence[nn.Module]) -> bool:
 @torch.no_grad()
 def fuse_sibling_projections(model: nn.Module, sets: Sequence[Sequence[str]] = SIBLING_SETS, *,
                              dense_max_rows: int | None = DENSE_FUSE_MAX_ROWS,
-                             low_rank_kernel: str = "cublas") -> list[str]:
+                             low_rank_kernel: str = "auto") -> list[str]:
     """Fuse every group of sibling projections of `model` in place; returns the fused groups' names.
 
     A name is ``parent.{q_proj,k_proj,v_proj}``. A group whose members are not all `nn.Linear` or all
     `LowRankLinear` without a dense copy, or that differ in input width, dtype or device, is skipped.
     Dense groups compute inputs of more than `dense_max_rows` rows member by member (None: always fused).
-    `low_rank_kernel` ("cublas" or "segmented", `LOW_RANK_KERNELS`) picks how low-rank groups compute their
-    second factors (module docstring).
+    `low_rank_kernel` ("auto", "cublas" or "segmented", `LOW_RANK_KERNELS`) picks how low-rank groups compute
+    their second factors (module docstring).
     """
     if low_rank_kernel not in LOW_RANK_KERNELS:
         raise ValueError(f"low_rank_kernel must be one of {LOW_RANK_KERNELS}, got {low_rank_kernel!r}")

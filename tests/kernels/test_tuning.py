@@ -188,3 +188,89 @@ def test_tune_shapes_table_drives_the_dispatch(monkeypatch, tmp_path):
     none = ct.tune_shapes(shapes, [1], budget_s=1e-9, log=lambda s: None)
     assert none["entries"] == {} and len(none["skipped"]) == 2
     dispatch.reload_tables()
+
+
+def test_tune_reads_fused_groups_from_a_checkpoint_config(tmp_path):
+    """q/k/v and gate/up whose members are all factorized, with one input width; partial groups are left out."""
+    ranks = {"model.layers.0.self_attn.q_proj": 96, "model.layers.0.self_attn.k_proj": 32,
+             "model.layers.0.self_attn.v_proj": 32, "model.layers.0.mlp.gate_proj": 128,
+             "model.layers.0.mlp.up_proj": 128, "model.layers.1.self_attn.q_proj": 96,
+             "model.layers.1.mlp.gate_proj": 128, "model.layers.1.mlp.up_proj": 128}
+    shapes = {"q_proj": [256, 256], "k_proj": [64, 256], "v_proj": [64, 256], "gate_proj": [704, 256],
+              "up_proj": [704, 256]}
+    quant = {"quant_method": "lowrank", "ranks": ranks,
+             "dense_shapes": {name: shapes[name.rsplit(".", 1)[1]] for name in ranks}}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quant}))
+    assert tune.checkpoint_groups(str(tmp_path)) == Counter({
+        (256, ((256, 96), (64, 32), (64, 32))): 1,
+        (256, ((704, 128), (704, 128))): 2,
+    })
+
+
+def _group_table(dev, groups) -> dict:
+    return {"device": tuning.device_properties(dev), "entries": {}, "groups": groups}
+
+
+def test_group_kernel_follows_the_exact_table_near_its_rows(monkeypatch):
+    members = ((256, 96), (64, 32), (64, 32))
+    key = dispatch.group_key(256, members)
+    assert key == "256:256r96+64r32+64r32"
+    table = _group_table(H100, {key: {"1": {"kernel": "segmented"}, "8": {"kernel": "cublas"}}})
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(dispatch, "_table_for", lambda device: (table, "exact"))
+    dispatch.reload_tables()
+    assert dispatch.group_kernel(1, 256, members, gpu) == "segmented"
+    assert dispatch.group_kernel(2, 256, members, gpu) == "segmented"  # nearest tuned row count, within 2x
+    assert dispatch.group_kernel(8, 256, members, gpu) == "cublas"
+    assert dispatch.group_kernel(64, 256, members, gpu) == "cublas"  # far from every tuned row count
+    assert dispatch.group_kernel(1, 256, ((256, 64),), gpu) == "cublas"  # another group: nothing measured
+    monkeypatch.setattr(dispatch, "_table_for", lambda device: (table, "sibling"))
+    dispatch.reload_tables()
+    assert dispatch.group_kernel(1, 256, members, gpu) == "cublas"  # another memory system: not trusted
+    dispatch.reload_tables()
+
+
+def test_cached_groups_overlay_shipped_ones():
+    base = {"groups": {"g": {"1": {"kernel": "cublas"}, "4": {"kernel": "cublas"}}}}
+    over = {"groups": {"g": {"1": {"kernel": "segmented"}}}}
+    assert tuning.merge_tables(base, over)["groups"]["g"] == {"1": {"kernel": "segmented"}, "4": {"kernel": "cublas"}}
+
+
+def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
+    """tune_groups with stand-in timings (no GPU): entries, decode rows only, budget; then 'auto' fusion follows."""
+    import compress.tune as ct
+    import lowrank.fusion as fusion
+    from lowrank import factorize_
+    from lowrank.fusion import fuse_sibling_projections
+    from tests.conftest import make_tiny_llama
+
+    class FakeGroupWeights:
+        def __init__(self, n, members, dtype, l2, seed):
+            self.members = members
+
+    def fake_time(w, x, kernel):  # the segmented launch wins at one row only
+        return 1e-3 * (2.0 if kernel == "cublas" else 1.0 + x.shape[0] / 2)
+
+    members = ((64, 12), (32, 12), (32, 12))
+    key = dispatch.group_key(64, members)
+    with monkeypatch.context() as m:
+        m.setattr(ct, "_GroupWeights", FakeGroupWeights)
+        m.setattr(ct, "_time_group", fake_time)
+        m.setattr(torch, "randn", lambda *shape, **kw: torch.empty(*shape))  # no CUDA tensors here
+        m.setattr(torch.cuda, "current_device", lambda: 0)
+        m.setattr(torch.cuda, "get_device_properties", lambda i: H100)
+        m.setattr(torch.cuda, "empty_cache", lambda: None)
+        entries, skipped = ct.tune_groups([(64, members)], [1, 4, 64], budget_s=60, log=lambda s: None)
+        assert not skipped and set(entries) == {key} and set(entries[key]) == {"1", "4"}  # 64 rows: not decode
+        assert entries[key]["1"]["kernel"] == "segmented" and entries[key]["4"]["kernel"] == "cublas"
+        assert ct.tune_groups([(64, members)], [1], budget_s=1e-9, log=lambda s: None) == ({}, [key])
+
+    calls = []
+    monkeypatch.setattr(fusion, "group_kernel", lambda T, n, m, device: calls.append((T, n, m)) or "segmented")
+    model = make_tiny_llama(layers=1)
+    factorize_(model, lambda name, lin: 12)
+    fuse_sibling_projections(model)  # low_rank_kernel="auto"
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 3)))
+    mlp = model.config.intermediate_size
+    assert {m for _, _, m in calls} == {members, ((mlp, 12), (mlp, 12))}  # each group asks for its shapes
