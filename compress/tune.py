@@ -2,6 +2,7 @@
 
     python -m compress tune --model CKPT [--tokens 1,4,8,16,64,256,1024,4096] [--budget-s 120]
     python -m compress tune --shapes 4096x4096r1024,4096x11008r1472 [--out FILE]
+    python -m compress tune --groups 4096:4096r1024+4096r1024+4096r1024 [--out FILE]
 
 For every distinct (in_features, out_features, rank) of the checkpoint's `LowRankLinear` layers
 (read from its config's ``quantization_config``; no weights are loaded) and every T bucket in
@@ -74,6 +75,27 @@ def parse_shapes(spec: str) -> list[Shape]:
         out.append(shape)
     if not out:
         raise UserError("--shapes is empty")
+    return out
+
+
+def parse_groups(spec: str) -> list[Group]:
+    """``"4096:4096r1024+4096r1024,576:1536r192+1536r192"`` (in: member out x rank, ...) -> [Group, ...]."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        try:
+            n, rest = item.lower().split(":")
+            members = tuple((int(m), int(r)) for m, r in (part.split("r") for part in rest.split("+")))
+            group = (int(n), members)
+        except ValueError as exc:
+            raise UserError(f"--groups takes IN:OUTrRANK+OUTrRANK... items, e.g. 4096:11008r1504+11008r1504; "
+                            f"got {item!r}") from exc
+        if group[0] <= 0 or any(m <= 0 or not 0 < r <= min(m, group[0]) for m, r in members):
+            raise UserError(f"--groups: {item!r} needs positive sizes and ranks <= min(in, out)")
+        out.append(group)
+    if not out:
+        raise UserError("--groups is empty")
     return out
 
 
@@ -404,6 +426,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: bundled SmolLM2-135M-Instruct, which is dense: nothing to tune)")
     p.add_argument("--shapes", default=None,
                    help="instead of --model: comma list of INxOUTrRANK layer shapes, e.g. 4096x11008r1472")
+    p.add_argument("--groups", default=None,
+                   help="also (or, without --model/--shapes, only) time these fused sibling groups: comma list of "
+                        "IN:OUTrRANK+OUTrRANK..., e.g. 4096:11008r1504+11008r1504 (--model finds its own)")
     p.add_argument("--tokens", default=None,
                    help=f"row counts (decode batch sizes, prefill lengths) to tune (default "
                         f"{','.join(map(str, DEFAULT_TOKENS))})")
@@ -423,16 +448,18 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         raise UserError(f"--budget-s must be positive, got {args.budget_s}")
     if args.shapes and args.model:
         raise UserError("pass --model or --shapes, not both")
+    groups: Counter = Counter(parse_groups(args.groups)) if getattr(args, "groups", None) else Counter()
     import torch
 
     if not torch.cuda.is_available():
         raise UserError("compress tune times kernels on a CUDA GPU and none is visible")
-    groups: Counter = Counter()
     if args.shapes:
         counts = Counter(parse_shapes(args.shapes))
+    elif groups and not args.model:
+        counts = Counter()
     else:
         counts = checkpoint_shapes(args.model)
-        groups = checkpoint_groups(args.model)
+        groups += checkpoint_groups(args.model)
         if not counts:
             raise UserError(f"{args.model or 'the default model'} has no factorized layers (not a compressed "
                             "checkpoint): nothing to tune")

@@ -122,7 +122,8 @@ def test_tune_refuses_without_cuda(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "4096x4096"], ["--shapes", "64x64r65"], ["--tokens", "0,1"],
-                                  ["--budget-s", "0"], ["--shapes", "8x8r4", "--model", "x"]])
+                                  ["--budget-s", "0"], ["--shapes", "8x8r4", "--model", "x"],
+                                  ["--groups", "64:64r8+x"], ["--groups", "64:32r40"], ["--groups", ","]])
 def test_tune_bad_arguments_are_user_errors(argv, capsys):
     assert cli.main(["tune", *argv]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -274,3 +275,18 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         model(torch.randint(0, 128, (1, 3)))
     mlp = model.config.intermediate_size
     assert {m for _, _, m in calls} == {members, ((mlp, 12), (mlp, 12))}  # each group asks for its shapes
+
+
+def test_groups_spec_round_trips_the_table_key():
+    groups = tune.parse_groups("4096:4096r1024+4096r1024+4096r1024, 576:1536r192+1536r192")
+    assert groups == [(4096, ((4096, 1024),) * 3), (576, ((1536, 192), (1536, 192)))]
+    assert [dispatch.group_key(n, m) for n, m in groups] == ["4096:4096r1024+4096r1024+4096r1024",
+                                                             "576:1536r192+1536r192"]
+
+
+@pytest.mark.parametrize("spec,message", [("64:64r8+x", "--groups takes IN:OUTrRANK"),
+                                          ("64:32r40", "ranks <= min(in, out)"), (",", "--groups is empty")])
+def test_bad_groups_are_named_before_any_gpu_work(spec, message, capsys):
+    assert cli.main(["tune", "--groups", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
