@@ -290,3 +290,23 @@ def test_bad_groups_are_named_before_any_gpu_work(spec, message, capsys):
     assert cli.main(["tune", "--groups", spec]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_groups_times_both_kernels_on_the_gpu(tmp_path, monkeypatch):
+    """compress tune --groups on the GPU at hand: every decode row count gets both timings and a choice, and
+    the written table reaches dispatch.group_kernel."""
+    monkeypatch.setenv("LOWRANK_TUNING_DIR", str(tmp_path / "cache"))
+    spec = "256:256r64+64r32+64r32"
+    assert tune.main(["--groups", spec, "--tokens", "1,8,64", "--budget-s", "60",
+                      "--out", str(tmp_path / "t.json")]) == 0
+    table = json.loads((tmp_path / "t.json").read_text())
+    points = table["groups"][spec]
+    assert set(points) == {"1", "8"}  # 64 rows is no decode batch
+    for p in points.values():
+        assert p["kernel"] in ("segmented", "cublas") and 0 < p["cublas_ms"] < 1 and 0 < p["segmented_ms"] < 1
+    dispatch.reload_tables()
+    members = ((256, 64), (64, 32), (64, 32))
+    assert dispatch.group_kernel(1, 256, members, torch.device("cuda")) == points["1"]["kernel"]
+    dispatch.reload_tables()
