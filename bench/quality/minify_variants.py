@@ -32,6 +32,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "activation": {"score": "activation"},
     "sequential": {"target": "sequential"},
     "ridge=1e-6": {"ridge": 1e-6},
+    # the ridge pulls the refit toward the kept channels' own columns: from least squares (λ → 0) to slicing
+    "prior=original, ridge=1e-2": {"heal_prior": "original", "ridge": 1e-2},
+    "prior=original, ridge=1e-1": {"heal_prior": "original", "ridge": 1e-1},
+    "prior=original, ridge=1": {"heal_prior": "original", "ridge": 1.0},
+    "no heal (sliced)": {"heal": False},
 }
 
 
@@ -42,7 +47,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--windows", type=int, default=12, help="evaluation windows per text")
     p.add_argument("--size", type=float, default=0.9, help="kept fraction of the MLP")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", default="all",
+                   help="comma list of variant names to run (the default is always run first), or 'all'")
+    p.add_argument("--tag", default="",
+                   help="inserted in the result file name, e.g. 'prior' -> minify_variants_prior_cpu.json")
     args = p.parse_args(argv)
+    if args.variants == "all":
+        chosen = list(VARIANTS)
+    else:
+        chosen = [name.strip() for name in args.variants.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in VARIANTS]
+        if unknown:
+            p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        default = next(iter(VARIANTS))
+        chosen = [default] + [name for name in chosen if name != default]
     torch.manual_seed(0)
     model, tok = load_model(None, dtype=torch.float32, device=args.device)
     eval_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -61,8 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bench": "minify_variants", "size": args.size, "calibration": info, "calib_samples": args.samples,
         "eval_windows": args.windows, "eval_dtype": str(eval_dtype),
         "scoring_seconds": round(time.perf_counter() - t0, 1), "dense": dense, "rows": {}, "env": env_info()}
-    stem = f"minify_variants_{gpu_slug() if args.device.startswith('cuda') else 'cpu'}"
-    for name, options in VARIANTS.items():
+    tag = f"{args.tag}_" if args.tag else ""
+    stem = f"minify_variants_{tag}{gpu_slug() if args.device.startswith('cuda') else 'cpu'}"
+    for name in chosen:
+        options = VARIANTS[name]
         m = copy.deepcopy(model)
         plan.with_options(**options).materialize_(m, args.size)
         ppl = perplexities(m)

@@ -78,6 +78,7 @@ from lowrank.surgery import (
 __all__ = [
     "AGGREGATIONS",
     "SCORES",
+    "HEAL_PRIORS",
     "TARGETS",
     "MinifyConfig",
     "MinifyLayer",
@@ -95,6 +96,9 @@ __all__ = [
 SCORES = ("taylor", "taylor-act", "activation")
 AGGREGATIONS = ("sq-sum", "sum-abs", "abs-sum")
 TARGETS = ("local", "sequential")
+# What the healing ridge shrinks down_proj's refit toward: "zero" (plain ridge) or "original" (the kept
+# channels' own columns, so a larger ridge trusts the calibration tokens less).
+HEAL_PRIORS = ("zero", "original")
 # Widths are rounded to this multiple by default: bf16 tensor-core GEMMs want the reduction
 # and output dimensions in multiples of 8 (16-byte rows) and our kernels tile by 32 or more
 # (lowrank.surgery.DEFAULT_RANK_MULTIPLE, docs/ranks.md). A later `svd` pass on a narrowed
@@ -210,8 +214,12 @@ def select_channels(
 
 
 def ridge_solve(gram: Tensor, cross: Tensor, alpha: float, *, name: str = "layer",
-                max_alpha: float = 1.0) -> tuple[Tensor, float]:
-    """W [out, k] minimising ‖T − W·H‖² + λ‖W‖² from G = H·Hᵀ [k, k] and C = H·Tᵀ [k, out].
+                max_alpha: float = 1.0, prior: Tensor | None = None) -> tuple[Tensor, float]:
+    """W [out, k] minimising ‖T − W·H‖² + λ‖W − W₀‖² from G = H·Hᵀ [k, k] and C = H·Tᵀ [k, out].
+
+    W₀ is `prior` ([out, k]; None: zeros, the plain ridge). With W₀ the original columns of the kept
+    channels, λ moves the fit between least squares on the calibration tokens (λ → 0) and no refit
+    at all (λ → ∞).
 
     λ = alpha·mean(diag G), so `alpha` is scale-free. Solved by Cholesky in float64. If the
     system is not positive definite, or its Cholesky pivots show it is ill-conditioned
@@ -232,6 +240,11 @@ def ridge_solve(gram: Tensor, cross: Tensor, alpha: float, *, name: str = "layer
                         "try float32)")
     if not torch.isfinite(c).all():
         raise UserError(f"{name}: the ridge right-hand side has NaN/Inf entries (overflowing activations?)")
+    p = None
+    if prior is not None:
+        p = prior.to(device=c.device, dtype=torch.float64).T  # [k, out], as C
+        if p.shape != c.shape:
+            raise ValueError(f"{name}: the ridge prior must be [out, k] = {tuple(c.T.shape)}, got {tuple(prior.shape)}")
     g = 0.5 * (g + g.T)
     scale = float(g.diagonal().mean())
     if not scale > 0.0:
@@ -245,7 +258,7 @@ def ridge_solve(gram: Tensor, cross: Tensor, alpha: float, *, name: str = "layer
             pivots = chol.diagonal()
             ratio_sq = float((pivots.max() / pivots.min()) ** 2)
             if ratio_sq <= _MAX_PIVOT_RATIO_SQ:
-                w = torch.cholesky_solve(c, chol)
+                w = torch.cholesky_solve(c if p is None else c + (a * scale) * p, chol)
                 if torch.isfinite(w).all():
                     return w.T, a
         a = 1e-8 if a == 0.0 else a * 10.0
@@ -268,6 +281,7 @@ class MinifyOptions:
     aggregation: str = "sq-sum"  # per-sequence Taylor contributions → channel score: one of AGGREGATIONS
     heal: bool = True  # ridge-refit down_proj (False: just slice its columns)
     ridge: float = 1e-4  # λ / mean(diag G_KK)
+    heal_prior: str = "zero"  # what the ridge pulls the refit toward: one of HEAL_PRIORS
     target: str = "local"  # "local": match each dense MLP on dense inputs; "sequential": see docs
     min_keep: float = 0.1  # per-layer floor, as a fraction of the layer's channels
     width_multiple: int = DEFAULT_WIDTH_MULTIPLE
@@ -280,6 +294,8 @@ class MinifyOptions:
             raise UserError(f"unknown minify aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
         if self.target not in TARGETS:
             raise UserError(f"unknown minify target {self.target!r}; choose one of {TARGETS}")
+        if self.heal_prior not in HEAL_PRIORS:
+            raise UserError(f"unknown minify heal_prior {self.heal_prior!r}; choose one of {HEAL_PRIORS}")
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise UserError(f"minify ridge must be a finite number ≥ 0, got {self.ridge!r}")
         if not 0.0 <= self.min_keep <= 1.0:
@@ -456,8 +472,9 @@ class MinifyPlan(PlanBase):
         gram = layer.gram if device is None else layer.gram.to(device)
         k_dev = keep.to(gram.device)
         gram_kk = gram[k_dev][:, k_dev]
+        prior = down_weight.index_select(1, idx) if self.options.heal_prior == "original" else None
         weight, alpha = ridge_solve(gram_kk, local_cross(gram, down_weight, k_dev), self.options.ridge,
-                                    name=name)
+                                    name=name, prior=prior)
         if alpha != self.options.ridge:
             damped[name] = alpha
         if device is not None:
@@ -809,7 +826,9 @@ def _sequential_heal_(model: nn.Module, plan: MinifyPlan, keep: Mapping[str, Ten
                 tap.remove()
             k_dev = idx.to(aug.device)
             rows = aug[k_dev]
-            weight, alpha = ridge_solve(rows[:, k_dev], rows[:, width:], plan.options.ridge, name=name)
+            prior = down.weight.index_select(1, idx.to(down.weight.device)) \
+                if plan.options.heal_prior == "original" else None
+            weight, alpha = ridge_solve(rows[:, k_dev], rows[:, width:], plan.options.ridge, name=name, prior=prior)
             if alpha != plan.options.ridge:
                 damped[name] = alpha
             del aug

@@ -186,6 +186,36 @@ def test_ridge_solve_damping_and_errors():
         ridge_solve(torch.zeros(8, 8), torch.zeros(8, 5), 1e-3, name="L7")
 
 
+def test_ridge_toward_the_original_columns_spans_refit_and_slicing(tiny_and_plan):
+    """heal_prior="original": λ → 0 is least squares, λ large is the sliced original, and a prior that
+    already solves the system is returned for any λ; through the plan, a large ridge equals heal=False."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(80, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(80, 4, generator=g, dtype=torch.float64)
+    gram, cross = x.T @ x, x.T @ t
+    least_squares = torch.linalg.lstsq(x, t).solution.T  # [out, k]
+    prior = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    w0, _ = ridge_solve(gram, cross, 0.0, prior=prior)
+    torch.testing.assert_close(w0, least_squares)
+    w_big, _ = ridge_solve(gram, cross, 1e9, max_alpha=1e9, prior=prior)
+    torch.testing.assert_close(w_big, prior, rtol=0, atol=1e-6)
+    w_fixed, _ = ridge_solve(gram, cross, 0.3, prior=least_squares)
+    torch.testing.assert_close(w_fixed, least_squares)
+    with pytest.raises(ValueError, match="prior must be"):
+        ridge_solve(gram, cross, 0.1, prior=prior.T)
+
+    model, plan = tiny_and_plan
+    ids = _tokens(2, 32, seed=int(torch.randint(0, 2**31, ())))
+    trusting, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    plan.with_options(heal_prior="original", ridge=1e9).materialize_(trusting, 0.6)
+    plan.with_options(heal=False).materialize_(sliced, 0.6)
+    with torch.no_grad():
+        torch.testing.assert_close(trusting(input_ids=ids).logits, sliced(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="heal_prior"):
+        plan.with_options(heal_prior="mean")
+
+
 def test_healing_beats_slicing_on_heldout_tokens(tiny_and_plan):
     model, plan = tiny_and_plan
     heldout = _mlp_inputs(model, _tokens(4, 64, seed=11))
