@@ -33,9 +33,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sequential": {"target": "sequential"},
     "ridge=1e-6": {"ridge": 1e-6},
     # the ridge pulls the refit toward the kept channels' own columns: from least squares (λ → 0) to slicing
-    "prior=original, ridge=1e-2": {"heal_prior": "original", "ridge": 1e-2},
-    "prior=original, ridge=1e-1": {"heal_prior": "original", "ridge": 1e-1},
-    "prior=original, ridge=1": {"heal_prior": "original", "ridge": 1.0},
+    "prior=original ridge=1e-2": {"heal_prior": "original", "ridge": 1e-2},
+    "prior=original ridge=1e-1": {"heal_prior": "original", "ridge": 1e-1},
+    "prior=original ridge=1": {"heal_prior": "original", "ridge": 1.0},
     "no heal (sliced)": {"heal": False},
 }
 
