@@ -406,14 +406,15 @@ def tune_groups(groups: Iterable[Group], tokens: Iterable[int], *, budget_s: flo
                 continue
             x = torch.randn(T, n, device="cuda", dtype=dtype)
             cublas = _time_group(w, x, "cublas")
+            segmented: float | None = None
             try:
                 segmented = _time_group(w, x, "segmented")
             except Exception as exc:  # noqa: BLE001 - a kernel that fails or computes wrong loses the point
                 log(f"  [tune] group {key} T={T} segmented skipped: {exc!r}"[:300])
-                segmented = float("inf")
-            kernel = "segmented" if segmented < cublas else "cublas"
+            kernel = "segmented" if segmented is not None and segmented < cublas else "cublas"
             entries.setdefault(key, {})[str(T)] = {"kernel": kernel, "segmented_ms": segmented, "cublas_ms": cublas}
-            log(f"  group {key:40s} T={T:3d} segmented {segmented * 1e3:8.1f}us  cublas {cublas * 1e3:8.1f}us")
+            seg_us = f"{segmented * 1e3:8.1f}us" if segmented is not None else "  failed"
+            log(f"  group {key:40s} T={T:3d} segmented {seg_us}  cublas {cublas * 1e3:8.1f}us")
         del w
         torch.cuda.empty_cache()
     return entries, skipped

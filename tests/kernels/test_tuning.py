@@ -266,6 +266,18 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         assert entries[key]["1"]["kernel"] == "segmented" and entries[key]["4"]["kernel"] == "cublas"
         assert ct.tune_groups([(64, members)], [1], budget_s=1e-9, log=lambda s: None) == ({}, [key])
 
+        def failing(w, x, kernel):
+            if kernel == "segmented":
+                raise RuntimeError("wrong result (relative error 1)")
+            return 1e-3
+
+        m.setattr(ct, "_time_group", failing)
+        logged = []
+        entries, _ = ct.tune_groups([(64, members)], [1], budget_s=60, log=logged.append)
+        assert entries[key]["1"] == {"kernel": "cublas", "segmented_ms": None, "cublas_ms": 1e-3}
+        assert any("segmented skipped" in line for line in logged)
+        json.dumps(entries, allow_nan=False)  # strict JSON: no Infinity for a failed kernel
+
     calls = []
     monkeypatch.setattr(fusion, "group_kernel", lambda T, n, m, device: calls.append((T, n, m)) or "segmented")
     model = make_tiny_llama(layers=1)
