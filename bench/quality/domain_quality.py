@@ -120,7 +120,9 @@ def grid(acip_time_scale: float = 1.0) -> list[Job]:
         _svd_job("mix", 0.05, (0.9, 0.8)),
         _svd_job("mix", 0.3, (0.9, 0.8)),
         Job("minify-mix", "core", 8 + 3 * EVAL_SECONDS, "minify", "mix", (0.9,), {},
-            extra={"variants": {"default": {}, "unhealed": {"heal": False}, "ridge=1e-2": {"ridge": 1e-2}}}),
+            extra={"variants": {"default": {}, "unhealed": {"heal": False}, "ridge=1e-2": {"ridge": 1e-2},
+                                # the ridge toward the kept columns (docs/minify.md), best on legal on the CPU
+                                "prior=original ridge=1e-1": {"heal_prior": "original", "ridge": 0.1}}}),
         Job("surgeon-mix", "core", 2 * (75 + EVAL_SECONDS), "surgeon", "mix", (0.9, 0.8), {}),
         # extra: the calibration domain's effect on ACIP, a smaller LoRA, a shrunk basis, surgeon variants
         _acip_job("acip-wiki", "default", "wiki", {}, magnitude=True, tier="extra", scale=s),
