@@ -349,9 +349,10 @@ class _GroupWeights:
         self.offsets = [sum(r for _, r in members[:i]) for i in range(len(members))]
 
 
-def _time_group(w: _GroupWeights, x: Any, kernel: str) -> float:
-    """Median time of one group call with `kernel` ("cublas" or "segmented"); a segmented output is checked
-    against an fp32 reference first, so a kernel that computes a wrong answer can never win."""
+def _time_group(w: _GroupWeights, x: Any, kernel: str, config: tuple[int, int, int] | None = None) -> float:
+    """Median time of one group call with `kernel` ("cublas" or "segmented", with its launch `config`); a
+    segmented output is checked against an fp32 reference first, so a config that computes a wrong answer
+    can never win."""
     import torch
     import torch.nn.functional as F
     from lowrank_kernels.segmented_linear import segmented_linear
@@ -361,7 +362,7 @@ def _time_group(w: _GroupWeights, x: Any, kernel: str) -> float:
     def call(V: Any, Us: list) -> Any:
         t = F.linear(x, V)
         if kernel == "segmented":
-            return segmented_linear(t, Us, None, w.offsets)
+            return segmented_linear(t, Us, None, w.offsets, config=config)
         return [F.linear(t[:, o:o + U.shape[1]], U) for U, o in zip(Us, w.offsets, strict=True)]
 
     if kernel == "segmented":
@@ -379,11 +380,13 @@ def tune_groups(groups: Iterable[Group], tokens: Iterable[int], *, budget_s: flo
     """Time each fused low-rank group's second factors, one segmented launch against cuBLAS per member, at the
     decode row counts of `tokens` (up to `lowrank.fusion.SEGMENTED_MAX_ROWS`) within `budget_s`.
 
-    Returns ({group key: {T: {"kernel", "segmented_ms", "cublas_ms"}}}, points left out), the table's
-    ``groups`` section that `lowrank_kernels.dispatch.group_kernel` reads.
+    Every launch config of `segmented_linear.config_candidates` is timed. Returns ({group key: {T: {"kernel",
+    "config" (the fastest segmented config), "segmented_ms", "cublas_ms", "candidates"}}}, points left out),
+    the table's ``groups`` section that `lowrank_kernels.dispatch.group_kernel` reads.
     """
     import torch
     from lowrank_kernels.dispatch import group_key
+    from lowrank_kernels.segmented_linear import config_candidates
 
     from lowrank.fusion import SEGMENTED_MAX_ROWS
 
@@ -406,13 +409,17 @@ def tune_groups(groups: Iterable[Group], tokens: Iterable[int], *, budget_s: flo
                 continue
             x = torch.randn(T, n, device="cuda", dtype=dtype)
             cublas = _time_group(w, x, "cublas")
-            segmented: float | None = None
-            try:
-                segmented = _time_group(w, x, "segmented")
-            except Exception as exc:  # noqa: BLE001 - a kernel that fails or computes wrong loses the point
-                log(f"  [tune] group {key} T={T} segmented skipped: {exc!r}"[:300])
+            timed: list[tuple[float, tuple[int, int, int]]] = []
+            for config in config_candidates(T):
+                try:
+                    timed.append((_time_group(w, x, "segmented", config), config))
+                except Exception as exc:  # noqa: BLE001 - a config that fails or computes wrong loses the point
+                    log(f"  [tune] group {key} T={T} segmented {config} skipped: {exc!r}"[:300])
+            segmented, best = min(timed) if timed else (None, None)
             kernel = "segmented" if segmented is not None and segmented < cublas else "cublas"
-            entries.setdefault(key, {})[str(T)] = {"kernel": kernel, "segmented_ms": segmented, "cublas_ms": cublas}
+            entries.setdefault(key, {})[str(T)] = {
+                "kernel": kernel, "config": list(best) if best is not None else None, "segmented_ms": segmented,
+                "cublas_ms": cublas, "candidates": [[list(c), ms] for ms, c in sorted(timed)]}
             seg_us = f"{segmented * 1e3:8.1f}us" if segmented is not None else "  failed"
             log(f"  group {key:40s} T={T:3d} segmented {seg_us}  cublas {cublas * 1e3:8.1f}us")
         del w

@@ -332,26 +332,31 @@ def group_key(n: int, members: tuple[tuple[int, int], ...]) -> str:
 
 
 @torch.compiler.assume_constant_result
-def group_kernel(T: int, n: int, members: tuple[tuple[int, int], ...], device: torch.device) -> str:
-    """How a fused low-rank group computes its members' second factors at ``T`` rows on ``device``.
+def group_kernel(T: int, n: int, members: tuple[tuple[int, int], ...],
+                 device: torch.device) -> tuple[str, tuple[int, int, int]]:
+    """How a fused low-rank group computes its members' second factors at ``T`` rows on ``device``:
+    (kernel, launch config).
 
-    ``"segmented"`` (one ``segmented_linear`` launch for every member) where this device's exact table
-    (``python -m compress tune`` on a checkpoint) timed it faster than cuBLAS' one GEMM per member at
-    a tuned T within a factor 2 of ``T``; else ``"cublas"``, torch's own path, so a device or group
-    nobody measured runs what it ran before the segmented kernel existed. Constant for given
-    arguments, so ``torch.compile`` evaluates it once at trace time.
+    ``("segmented", config)`` (one ``segmented_linear`` launch for every member, with the tuned
+    ``(BLOCK_M, BLOCK_K, num_warps)``) where this device's exact table (``python -m compress tune``)
+    timed it faster than cuBLAS' one GEMM per member at a tuned T within a factor 2 of ``T``; else
+    ``("cublas", (0, 0, 0))``, torch's own path, so a device or group nobody measured runs what it
+    ran before the segmented kernel existed. Constant for given arguments, so ``torch.compile``
+    evaluates it once at trace time.
     """
     key = (T if T <= 16 else _bucket(T, list(T_BUCKETS)), n, members, device.type, device.index)
     hit = _GROUP_CACHE.get(key)
     if hit is not None:
         return hit
-    answer = "cublas"
+    answer: tuple[str, tuple[int, int, int]] = ("cublas", (0, 0, 0))
     table, trust = _table_for(device)
     entry = (table.get("groups", {}) if trust == "exact" else {}).get(group_key(n, members)) or {}
     measured = {int(t): v for t, v in entry.items() if "kernel" in v}
     if measured:
         b = _bucket(T, list(measured))
-        if abs(math.log2(b) - math.log2(max(T, 1))) <= 1.0 and measured[b]["kernel"] == "segmented":
-            answer = "segmented"
+        point = measured[b]
+        if abs(math.log2(b) - math.log2(max(T, 1))) <= 1.0 and point["kernel"] == "segmented":
+            config = point.get("config") or (0, 0, 0)
+            answer = ("segmented", (int(config[0]), int(config[1]), int(config[2])))
     _GROUP_CACHE[key] = answer
     return answer

@@ -30,12 +30,17 @@ import torch.nn.functional as F
 from lowrank_kernels.utils import HAS_TRITON, dot_precision, interpreting, next_pow2, tl, triton
 from torch import Tensor
 
-__all__ = ["MAX_MEMBERS", "segmented_linear", "segmented_linear_launch", "segmented_linear_ref"]
+__all__ = ["DEFAULT_CONFIG", "MAX_MEMBERS", "SegmentedConfig", "config_candidates", "segmented_linear",
+           "segmented_linear_launch", "segmented_linear_ref"]
 
 MAX_MEMBERS = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Rows up to which a program reads its weight tile once for all rows with FMAs; more rows use tl.dot.
 FMA_MAX_ROWS = 4
+# A launch config: (BLOCK_M output features per program, BLOCK_K rank per step, num_warps); None or
+# DEFAULT_CONFIG picks by the row count (`_blocks`). `compress tune` times `config_candidates(T)`.
+SegmentedConfig = tuple[int, int, int]
+DEFAULT_CONFIG: SegmentedConfig = (0, 0, 0)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -129,18 +134,35 @@ def _check(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[
     return total
 
 
-def _blocks(T: int) -> tuple[bool, int, int, int]:
-    """(use tl.dot, BLOCK_T, BLOCK_M, BLOCK_K): FMAs over one weight tile for a few rows, dot tiles above."""
+def _blocks(T: int, config: SegmentedConfig | None = None) -> tuple[bool, int, int, int, int]:
+    """(use tl.dot, BLOCK_T, BLOCK_M, BLOCK_K, num_warps): FMAs over one weight tile for a few rows, dot tiles
+    above; `config` (BLOCK_M, BLOCK_K, num_warps) overrides the tile and warps, not the path."""
     if T <= FMA_MAX_ROWS:
         block_t = next_pow2(T)
-        return False, block_t, 32, 128 if block_t == 1 else 64
-    return True, 16 if T <= 16 else 64, 64, 64
+        use_dot, block_m, block_k = False, 32, 128 if block_t == 1 else 64
+    else:
+        use_dot, block_t, block_m, block_k = True, 16 if T <= 16 else 64, 64, 64
+    num_warps = 4
+    if config is not None and tuple(config) != DEFAULT_CONFIG:
+        block_m, block_k, num_warps = (int(v) for v in config)
+        if any(v < 1 or v & (v - 1) for v in (block_m, block_k, num_warps)) or (use_dot and min(block_m, block_k) < 16):
+            raise ValueError(f"segmented_linear config (BLOCK_M, BLOCK_K, num_warps) must be powers of two "
+                             f"(tiles >= 16 with tl.dot), got {tuple(config)}")
+    return use_dot, block_t, block_m, block_k, num_warps
+
+
+def config_candidates(T: int) -> list[SegmentedConfig]:
+    """Launch configs `compress tune` times at `T` rows, the default first: narrower and wider weight tiles,
+    fewer and more warps (more programs per SM or more loads in flight per program)."""
+    if T <= FMA_MAX_ROWS:
+        return [DEFAULT_CONFIG, (16, 256, 4), (64, 64, 4), (32, 128, 2), (16, 128, 2), (64, 128, 8)]
+    return [DEFAULT_CONFIG, (32, 64, 4), (128, 64, 8), (64, 128, 4)]
 
 
 def segmented_linear_launch(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int], *,
-                            out: Tensor | None = None) -> Tensor:
+                            out: Tensor | None = None, config: SegmentedConfig | None = None) -> Tensor:
     """Run the Triton kernel (CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``out`` ([T, Σ out_i],
-    t's dtype, any strides) receives the result."""
+    t's dtype, any strides) receives the result; ``config`` is a `SegmentedConfig` (None: by the rows)."""
     total = _check(t, weights, bias, offsets)
     if not (HAS_TRITON and (t.is_cuda or interpreting())):
         raise RuntimeError("segmented_linear's kernel needs Triton and CUDA tensors (or TRITON_INTERPRET=1)")
@@ -152,7 +174,7 @@ def segmented_linear_launch(t: Tensor, weights: list[Tensor], bias: Tensor | Non
                          f"{out.dtype} on {out.device}")
     if T == 0 or total == 0:
         return out
-    use_dot, block_t, block_m, block_k = _blocks(T)
+    use_dot, block_t, block_m, block_k, num_warps = _blocks(T, config)
     n = len(weights)
     pad = MAX_MEMBERS - n
     outs = [U.shape[0] for U in weights] + [0] * pad
@@ -170,34 +192,40 @@ def segmented_linear_launch(t: Tensor, weights: list[Tensor], bias: Tensor | Non
         *outs, *ranks, *(list(offsets) + [0] * pad), *strides, *starts,
         N_MEMBERS=n, HAS_BIAS=bias is not None, USE_DOT=use_dot,
         BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_K=block_k, INPUT_PRECISION=dot_precision(t.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
 
 
 # ----------------------------------------------------------------------------- custom op
 @torch.library.custom_op("lowrank::segmented_linear", mutates_args=())
-def _segmented_linear_op(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int]) -> Tensor:
+def _segmented_linear_op(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int],
+                         config: list[int]) -> Tensor:
     if HAS_TRITON and (t.is_cuda or interpreting()):
-        return segmented_linear_launch(t, weights, bias, offsets)
+        return segmented_linear_launch(t, weights, bias, offsets, config=tuple(config))
     return segmented_linear_ref(t, weights, bias, offsets)
 
 
 @_segmented_linear_op.register_fake
-def _segmented_linear_fake(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int]) -> Tensor:
+def _segmented_linear_fake(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int],
+                           config: list[int]) -> Tensor:
     total = _check(t, weights, bias, offsets)
     return t.new_empty((t.shape[0], total))
 
 
-def segmented_linear(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int]) -> Tensor:
+def segmented_linear(t: Tensor, weights: list[Tensor], bias: Tensor | None, offsets: list[int],
+                     config: SegmentedConfig | None = None) -> Tensor:
     """``[t[:, off_i : off_i + r_i] @ U_iᵀ for each member]`` side by side (+ ``bias``), as ``[T, Σ out_i]``.
 
     ``weights[i] = U_i [out_i, r_i]`` (1 to ``MAX_MEMBERS`` of them), ``offsets[i]`` where member ``i``'s
-    columns of ``t [T, K]`` start. Inference only (no autograd). Triton on CUDA or under
-    ``TRITON_INTERPRET=1``, one ``F.linear`` per member elsewhere; traceable by ``torch.compile``.
-    Raises ``ValueError`` on inputs that disagree.
+    columns of ``t [T, K]`` start; ``config`` a tuned `SegmentedConfig` (None: by the row count). Inference
+    only (no autograd). Triton on CUDA or under ``TRITON_INTERPRET=1``, one ``F.linear`` per member
+    elsewhere; traceable by ``torch.compile``. Raises ``ValueError`` on inputs that disagree.
     """
-    return torch.ops.lowrank.segmented_linear(t, list(weights), bias, [int(o) for o in offsets])
+    cfg = [int(v) for v in (config if config is not None else DEFAULT_CONFIG)]
+    if len(cfg) != 3:
+        raise ValueError(f"segmented_linear config is (BLOCK_M, BLOCK_K, num_warps), got {config!r}")
+    return torch.ops.lowrank.segmented_linear(t, list(weights), bias, [int(o) for o in offsets], cfg)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -164,21 +164,24 @@ class SiblingGroup(nn.Module):
         # (8× the second factor's bytes at batch 8; the LLaMA-7B-shape b8 regression of issue #17).
         lead = x.shape[:-1]
         t = F.linear(x.reshape(-1, self.in_features), self.V)
-        if self._segmented_at(t):
-            y = segmented_linear(t, list(self.factors), self.bias, self.rank_offsets)
+        config = self._segmented_config(t)
+        if config is not None:
+            y = segmented_linear(t, list(self.factors), self.bias, self.rank_offsets, config=config)
             return [y[:, lo:hi].view(*lead, hi - lo) for lo, hi in self.out_bounds]
         return [F.linear(t[:, lo:hi], U, self._bias_of(i)).view(*lead, U.shape[0])
                 for i, ((lo, hi), U) in enumerate(zip(self.rank_bounds, self.factors, strict=True))]
 
-    def _segmented_at(self, t: Tensor) -> bool:
-        """Whether the second factors of first-factor output `t` run as one segmented launch."""
+    def _segmented_config(self, t: Tensor) -> tuple[int, int, int] | None:
+        """The segmented launch's config if the second factors of first-factor output `t` run as one launch,
+        else None (cuBLAS per member)."""
         rows = t.shape[0]
         if self.low_rank_kernel == "cublas" or rows > SEGMENTED_MAX_ROWS:
-            return False
-        if self.low_rank_kernel == "segmented":
-            return True
+            return None
         members = tuple(zip(self.out_features, self.ranks, strict=True))
-        return group_kernel(rows, self.in_features, members, t.device) == "segmented"
+        kernel, config = group_kernel(rows, self.in_features, members, t.device)
+        if self.low_rank_kernel == "segmented":
+            return config  # forced: the tuned config where there is one, else the default (0, 0, 0)
+        return config if kernel == "segmented" else None
 
     def compute_one(self, x: Tensor, index: int) -> Tensor:
         """Member `index`'s output alone (its slice of the fused weights)."""

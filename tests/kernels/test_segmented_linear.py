@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lowrank_kernels.segmented_linear import (
     FMA_MAX_ROWS,
     MAX_MEMBERS,
+    config_candidates,
     segmented_linear,
     segmented_linear_launch,
     segmented_linear_ref,
@@ -73,6 +74,28 @@ def test_matches_reference(dtype, atol, rtol, members, T, bias):
 
 
 @needs_triton
+@pytest.mark.parametrize("T", [1, 3, 6, 20])
+def test_every_tuning_candidate_computes_the_same(T):
+    """The launch configs compress tune may pick change tiles and warps, never the result."""
+    members = MEMBERS[2]
+    t, weights, b, offsets = _inputs(T, members, torch.float32, bias=True)
+    for config in config_candidates(T):
+        out = torch.full((T, sum(o for o, _ in members)), float("nan"), device=DEVICE)
+        segmented_linear_launch(t, weights, b, offsets, out=out, config=config)
+        _check_close(out, t, weights, b, offsets, 1e-5, 1e-5)
+    torch.testing.assert_close(segmented_linear(t, weights, b, offsets, config=config_candidates(T)[-1]),
+                               segmented_linear(t, weights, b, offsets))
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [(24, 128, 4), (32, 128, 3), (8, 64, 4)])
+def test_bad_configs_are_refused(config):
+    t, weights, b, offsets = _inputs(6, MEMBERS[1], torch.float32, bias=False)
+    with pytest.raises(ValueError, match="powers of two"):
+        segmented_linear_launch(t, weights, b, offsets, config=config)  # (8, 64): tl.dot needs tiles >= 16
+
+
+@needs_triton
 def test_strided_output_and_overlapping_slices():
     """A transposed output view receives every element; two members may read the same columns of t."""
     T, members = 6, [(21, 9), (13, 9)]
@@ -93,7 +116,7 @@ def test_empty_rows_give_an_empty_output():
 @needs_triton
 def test_custom_op_traces_and_opchecks():
     t, weights, b, offsets = _inputs(3, MEMBERS[2], torch.float32, bias=True)
-    torch.library.opcheck(torch.ops.lowrank.segmented_linear.default, (t, weights, b, offsets),
+    torch.library.opcheck(torch.ops.lowrank.segmented_linear.default, (t, weights, b, offsets, [0, 0, 0]),
                           test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda t, b: segmented_linear(t, weights, b, offsets), backend="aot_eager",
                              fullgraph=True)

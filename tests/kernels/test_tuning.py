@@ -216,18 +216,20 @@ def test_group_kernel_follows_the_exact_table_near_its_rows(monkeypatch):
     members = ((256, 96), (64, 32), (64, 32))
     key = dispatch.group_key(256, members)
     assert key == "256:256r96+64r32+64r32"
-    table = _group_table(H100, {key: {"1": {"kernel": "segmented"}, "8": {"kernel": "cublas"}}})
+    table = _group_table(H100, {key: {"1": {"kernel": "segmented", "config": [16, 256, 2]},
+                                      "4": {"kernel": "segmented"}, "8": {"kernel": "cublas"}}})
     gpu = torch.device("cuda", 0)
+    cublas = ("cublas", (0, 0, 0))
     monkeypatch.setattr(dispatch, "_table_for", lambda device: (table, "exact"))
     dispatch.reload_tables()
-    assert dispatch.group_kernel(1, 256, members, gpu) == "segmented"
-    assert dispatch.group_kernel(2, 256, members, gpu) == "segmented"  # nearest tuned row count, within 2x
-    assert dispatch.group_kernel(8, 256, members, gpu) == "cublas"
-    assert dispatch.group_kernel(64, 256, members, gpu) == "cublas"  # far from every tuned row count
-    assert dispatch.group_kernel(1, 256, ((256, 64),), gpu) == "cublas"  # another group: nothing measured
+    assert dispatch.group_kernel(1, 256, members, gpu) == ("segmented", (16, 256, 2))
+    assert dispatch.group_kernel(3, 256, members, gpu) == ("segmented", (0, 0, 0))  # nearest: 4, default config
+    assert dispatch.group_kernel(8, 256, members, gpu) == cublas
+    assert dispatch.group_kernel(64, 256, members, gpu) == cublas  # far from every tuned row count
+    assert dispatch.group_kernel(1, 256, ((256, 64),), gpu) == cublas  # another group: nothing measured
     monkeypatch.setattr(dispatch, "_table_for", lambda device: (table, "sibling"))
     dispatch.reload_tables()
-    assert dispatch.group_kernel(1, 256, members, gpu) == "cublas"  # another memory system: not trusted
+    assert dispatch.group_kernel(1, 256, members, gpu) == cublas  # another memory system: not trusted
     dispatch.reload_tables()
 
 
@@ -239,6 +241,9 @@ def test_cached_groups_overlay_shipped_ones():
 
 def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
     """tune_groups with stand-in timings (no GPU): entries, decode rows only, budget; then 'auto' fusion follows."""
+    from lowrank_kernels.segmented_linear import config_candidates
+    from lowrank_kernels.segmented_linear import segmented_linear_ref as seg_ref
+
     import compress.tune as ct
     import lowrank.fusion as fusion
     from lowrank import factorize_
@@ -249,8 +254,10 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         def __init__(self, n, members, dtype, l2, seed):
             self.members = members
 
-    def fake_time(w, x, kernel):  # the segmented launch wins at one row only
-        return 1e-3 * (2.0 if kernel == "cublas" else 1.0 + x.shape[0] / 2)
+    def fake_time(w, x, kernel, config=None):  # the segmented launch wins at one row only, its last config best
+        if kernel == "cublas":
+            return 2e-3
+        return 1e-3 * (1.0 + x.shape[0] / 2) * (0.9 if config == config_candidates(x.shape[0])[-1] else 1.0)
 
     members = ((64, 12), (32, 12), (32, 12))
     key = dispatch.group_key(64, members)
@@ -264,9 +271,11 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         entries, skipped = ct.tune_groups([(64, members)], [1, 4, 64], budget_s=60, log=lambda s: None)
         assert not skipped and set(entries) == {key} and set(entries[key]) == {"1", "4"}  # 64 rows: not decode
         assert entries[key]["1"]["kernel"] == "segmented" and entries[key]["4"]["kernel"] == "cublas"
+        assert entries[key]["1"]["config"] == list(config_candidates(1)[-1])
+        assert len(entries[key]["1"]["candidates"]) == len(config_candidates(1))
         assert ct.tune_groups([(64, members)], [1], budget_s=1e-9, log=lambda s: None) == ({}, [key])
 
-        def failing(w, x, kernel):
+        def failing(w, x, kernel, config=None):
             if kernel == "segmented":
                 raise RuntimeError("wrong result (relative error 1)")
             return 1e-3
@@ -274,12 +283,17 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         m.setattr(ct, "_time_group", failing)
         logged = []
         entries, _ = ct.tune_groups([(64, members)], [1], budget_s=60, log=logged.append)
-        assert entries[key]["1"] == {"kernel": "cublas", "segmented_ms": None, "cublas_ms": 1e-3}
-        assert any("segmented skipped" in line for line in logged)
+        assert entries[key]["1"] == {"kernel": "cublas", "config": None, "segmented_ms": None, "cublas_ms": 1e-3,
+                                     "candidates": []}
+        assert sum("skipped" in line for line in logged) == len(config_candidates(1))
         json.dumps(entries, allow_nan=False)  # strict JSON: no Infinity for a failed kernel
 
     calls = []
-    monkeypatch.setattr(fusion, "group_kernel", lambda T, n, m, device: calls.append((T, n, m)) or "segmented")
+    monkeypatch.setattr(fusion, "group_kernel",
+                        lambda T, n, m, device: calls.append((T, n, m)) or ("segmented", (16, 128, 2)))
+    launched = []
+    monkeypatch.setattr(fusion, "segmented_linear",
+                        lambda t, w, b, o, config=None: launched.append(config) or seg_ref(t, w, b, o))
     model = make_tiny_llama(layers=1)
     factorize_(model, lambda name, lin: 12)
     fuse_sibling_projections(model)  # low_rank_kernel="auto"
@@ -287,6 +301,7 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         model(torch.randint(0, 128, (1, 3)))
     mlp = model.config.intermediate_size
     assert {m for _, _, m in calls} == {members, ((mlp, 12), (mlp, 12))}  # each group asks for its shapes
+    assert launched == [(16, 128, 2)] * 2  # the tuned config reaches the launch
 
 
 def test_groups_spec_round_trips_the_table_key():
@@ -320,5 +335,5 @@ def test_tune_groups_times_both_kernels_on_the_gpu(tmp_path, monkeypatch):
         assert p["kernel"] in ("segmented", "cublas") and 0 < p["cublas_ms"] < 1 and 0 < p["segmented_ms"] < 1
     dispatch.reload_tables()
     members = ((256, 64), (64, 32), (64, 32))
-    assert dispatch.group_kernel(1, 256, members, torch.device("cuda")) == points["1"]["kernel"]
+    assert dispatch.group_kernel(1, 256, members, torch.device("cuda"))[0] == points["1"]["kernel"]
     dispatch.reload_tables()
