@@ -22,8 +22,9 @@ left out borrow the nearest measured aligned rank of the same (in, out), or run 
 
 With ``--model``, the budget left then times the checkpoint's fused sibling groups (q/k/v, gate/up whose
 members are all factorized; ``lowrank.fusion``) at the decode row counts of ``--tokens``: one
-``segmented_linear`` launch for the members' second factors against cuBLAS' GEMM per member. The
-table's ``groups`` section is what ``fuse_sibling_projections(low_rank_kernel="auto")`` follows.
+``segmented_linear`` launch for the members' second factors (each of its launch configs) against cuBLAS'
+GEMM per member. The table's ``groups`` section, the winner and its config per group and row count, is
+what ``fuse_sibling_projections(low_rank_kernel="auto")`` follows.
 """
 
 from __future__ import annotations
