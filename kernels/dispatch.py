@@ -54,7 +54,7 @@ Runner = Callable[[str, Any, Tensor, Tensor, Tensor, "Tensor | None", Tensor], N
 _TABLES: dict[int, tuple[dict, str | None]] = {}
 _CHOICE_CACHE: dict[tuple, Choice] = {}
 _DENSE_CACHE: dict[tuple, bool] = {}
-_GROUP_CACHE: dict[tuple, str] = {}
+_GROUP_CACHE: dict[tuple, tuple[str, tuple[int, int, int]]] = {}
 
 
 def config_key(n: int, m: int, r: int) -> str:
