@@ -83,14 +83,16 @@ def _table_for(device: torch.device) -> tuple[dict, str | None]:
 
 
 def dispatch_info(device: torch.device) -> dict[str, Any]:
-    """Which table the dispatch uses on ``device``: key, trust, source files, tuned shapes (for result JSON)."""
-    info: dict[str, Any] = {"device_key": None, "trust": None, "sources": [], "tuned_shapes": 0}
+    """Which table the dispatch uses on ``device``: key, trust, source files, tuned layer shapes and fused
+    sibling groups (for result JSON)."""
+    info: dict[str, Any] = {"device_key": None, "trust": None, "sources": [], "tuned_shapes": 0, "tuned_groups": 0}
     if device.type == "cuda":
         idx = cuda_index(device)
         dev = tuning.device_properties(torch.cuda.get_device_properties(idx))
         table, trust = _table_for(torch.device("cuda", idx))
         info.update(device_key=tuning.device_key(dev), trust=trust, sources=list(table.get("sources", [])),
-                    tuned_shapes=len(table.get("entries", {})) if trust == "exact" else 0)
+                    tuned_shapes=len(table.get("entries", {})) if trust == "exact" else 0,
+                    tuned_groups=len(table.get("groups", {})) if trust == "exact" else 0)
     return info
 
 

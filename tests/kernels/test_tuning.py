@@ -337,3 +337,14 @@ def test_tune_groups_times_both_kernels_on_the_gpu(tmp_path, monkeypatch):
     members = ((256, 64), (64, 32), (64, 32))
     assert dispatch.group_kernel(1, 256, members, torch.device("cuda"))[0] == points["1"]["kernel"]
     dispatch.reload_tables()
+
+
+def test_dispatch_info_counts_tuned_shapes_and_groups(monkeypatch):
+    table = {"entries": {"a": {}, "b": {}}, "groups": {"g": {}}, "sources": ["x.json"]}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: H100)
+    for trust, shapes, groups in (("exact", 2, 1), ("sibling", 0, 0)):
+        monkeypatch.setattr(dispatch, "_table_for", lambda device, trust=trust: (table, trust))
+        info = dispatch.dispatch_info(torch.device("cuda", 0))
+        assert (info["trust"], info["tuned_shapes"], info["tuned_groups"]) == (trust, shapes, groups)
+        assert info["device_key"] == "cc90_sm132_mem80g_l2_50m" and info["sources"] == ["x.json"]
+    assert dispatch.dispatch_info(torch.device("cpu"))["tuned_groups"] == 0
