@@ -8,7 +8,10 @@ Groups: q/k/v and gate/up of the LLaMA-7B and SmolLM2-135M shapes, each member f
 Contenders, all computing the group's outputs from the same input rows:
 
 * ``segmented``: ``t = x·[V_i]ᵀ`` (cuBLAS), then every member's ``t_i·U_iᵀ`` in one launch
-  (``lowrank_kernels.segmented_linear``): ``lowrank.fusion`` with ``low_rank_kernel="segmented"``;
+  (``lowrank_kernels.segmented_linear``) with its default launch config: ``lowrank.fusion`` with
+  ``low_rank_kernel="segmented"`` where nothing was tuned;
+* ``segmented_tuned``: the same with the fastest of ``config_candidates`` (the row's ``config``), what
+  ``compress tune`` would pick;
 * ``cublas_members``: the same first GEMM, then one cuBLAS GEMM per member (the fusion's default);
 * ``unfused_tuned``: each member alone through ``lowrank_matmul`` (the tuned dispatch), as an unfused model;
 * ``dense``: one cuBLAS GEMM over the concatenated dense weight (a fused dense group), the speed to beat.
@@ -31,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lowrank_kernels.segmented_linear import config_candidates
 
 from bench.kernels.report import plot_panels, table
 from compress.timing import cuda_graph_median, device_peaks, env_info, gpu_slug, results_path, write_result
@@ -40,7 +44,7 @@ MODELS = {
     "llama7b": (4096, [("qkv", [4096, 4096, 4096]), ("gate_up", [11008, 11008])]),
     "smollm2": (576, [("qkv", [576, 192, 192]), ("gate_up", [1536, 1536])]),
 }
-CONTENDERS = ("segmented", "cublas_members", "unfused_tuned", "dense")
+CONTENDERS = ("segmented", "segmented_tuned", "cublas_members", "unfused_tuned", "dense")
 RANK_MULTIPLE = 32
 MAX_COPIES = 256
 
@@ -61,14 +65,14 @@ def _group_copy(hidden: int, outs: list[int], ranks: list[int], gen: torch.Gener
             "offsets": [sum(ranks[:i]) for i in range(len(ranks))]}
 
 
-def _contenders(x: torch.Tensor, w: dict[str, Any]) -> dict[str, Any]:
+def _contenders(x: torch.Tensor, w: dict[str, Any], config: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """name -> call computing the group's outputs: one [rows, Σ out] tensor, or one tensor per member (as the
-    fused modules hand them out: no concatenation is timed)."""
+    fused modules hand them out: no concatenation is timed). ``segmented_tuned`` launches with ``config``."""
     from lowrank_kernels.lowrank_matmul import lowrank_matmul
     from lowrank_kernels.segmented_linear import segmented_linear
 
-    def segmented():
-        return segmented_linear(F.linear(x, w["V_cat"]), w["U"], None, w["offsets"])
+    def segmented(cfg: tuple[int, int, int] | None = None):
+        return segmented_linear(F.linear(x, w["V_cat"]), w["U"], None, w["offsets"], config=cfg)
 
     def cublas_members():
         t = F.linear(x, w["V_cat"])
@@ -77,8 +81,8 @@ def _contenders(x: torch.Tensor, w: dict[str, Any]) -> dict[str, Any]:
     def unfused_tuned():
         return [lowrank_matmul(x, U, V, None) for U, V in zip(w["U"], w["V"], strict=True)]
 
-    return {"segmented": segmented, "cublas_members": cublas_members, "unfused_tuned": unfused_tuned,
-            "dense": lambda: F.linear(x, w["dense"])}
+    return {"segmented": segmented, "segmented_tuned": lambda: segmented(config),
+            "cublas_members": cublas_members, "unfused_tuned": unfused_tuned, "dense": lambda: F.linear(x, w["dense"])}
 
 
 def bench_group(model: str, group: str, hidden: int, outs: list[int], size: float, rows: int, tbps: float,
@@ -99,7 +103,11 @@ def bench_group(model: str, group: str, hidden: int, outs: list[int], size: floa
         row: dict[str, Any] = {"model": model, "group": group, "rows": rows, "contender": name, "ranks": ranks,
                                "outs": outs, "hidden": hidden, "bytes": nbytes, "weight_copies": copies}
         try:
-            calls = [_contenders(x, w)[name] for w in weights]
+            if name == "segmented_tuned":  # every candidate config, the fastest kept
+                timed = sorted((cuda_graph_median([_contenders(x, w, c)[name] for w in weights], reps=15), c)
+                               for c in config_candidates(rows))
+                row["config"], row["candidates"] = list(timed[0][1]), [[list(c), ms * 1e3] for ms, c in timed]
+            calls = [_contenders(x, w, tuple(row.get("config") or (0, 0, 0)))[name] for w in weights]
             if name != "dense":  # dense computes U·V rounded to bf16: another function, no error to report
                 y = calls[0]()
                 y = torch.cat(y, 1) if isinstance(y, list) else y
