@@ -212,6 +212,11 @@ def label(backend: str, cfg: dict | None) -> str:
     return backend
 
 
+def _l2_bytes(props: Any) -> int:
+    """L2 size of a device's properties (50 MiB where torch does not report it): what rotating weights must exceed."""
+    return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+
+
 def _copies(nbytes: int, l2_bytes: int) -> int:
     """Weight copies to rotate through so that one pass reads more than twice the L2 from HBM."""
     return int(min(_MAX_COPIES, max(2, math.ceil(2 * l2_bytes / max(nbytes, 1)))))
@@ -295,7 +300,7 @@ def tune_shapes(shapes: Iterable[Shape], tokens: Iterable[int], *, budget_s: flo
     deadline = t0 + budget_s
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     dev = device_properties(props)
-    l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    l2 = _l2_bytes(props)
     tokens = list(tokens)
     entries: dict[str, dict] = {}
     skipped: list[str] = []
@@ -393,8 +398,7 @@ def tune_groups(groups: Iterable[Group], tokens: Iterable[int], *, budget_s: flo
 
     dtype = dtype or torch.bfloat16
     deadline = time.time() + budget_s
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    l2 = _l2_bytes(torch.cuda.get_device_properties(torch.cuda.current_device()))
     rows = [T for T in tokens if T <= SEGMENTED_MAX_ROWS]
     entries: dict[str, dict] = {}
     skipped: list[str] = []

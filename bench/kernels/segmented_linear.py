@@ -50,9 +50,13 @@ MAX_COPIES = 256
 
 
 def member_rank(size: float, out_f: int, in_f: int) -> int:
-    from lowrank.surgery import aligned_rank
+    """The rank `bench.kernels.e2e` gives this member at `size` (`compress.speed.uniform_rank`)."""
+    from compress.speed import uniform_rank
 
-    return aligned_rank(max(1, int(size * out_f * in_f / (out_f + in_f))), RANK_MULTIPLE, min(out_f, in_f))
+    rank = uniform_rank(out_f, in_f, size, RANK_MULTIPLE)
+    if rank is None:
+        raise ValueError(f"at size {size} factorizing a {out_f}x{in_f} layer saves nothing")
+    return rank
 
 
 def _group_copy(hidden: int, outs: list[int], ranks: list[int], gen: torch.Generator, device: str = "cuda",
