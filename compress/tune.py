@@ -355,11 +355,21 @@ class _GroupWeights:
         self.offsets = [sum(r for _, r in members[:i]) for i in range(len(members))]
 
 
-def _time_group(w: _GroupWeights, x: Any, kernel: str, config: tuple[int, int, int] | None = None) -> float:
-    """Median time of one group call with `kernel` ("cublas" or "segmented", with its launch `config`); a
-    segmented output is checked against an fp32 reference first, so a config that computes a wrong answer
-    can never win."""
+def _group_reference(w: _GroupWeights, x: Any) -> Any:
+    """The group's output on `x` for the first weight copy, in fp32: what a segmented launch is checked against."""
     import torch
+    import torch.nn.functional as F
+
+    t = F.linear(x.float(), w.V[0].float())
+    return torch.cat([F.linear(t[:, o:o + U.shape[1]], U.float()) for U, o in zip(w.U[0], w.offsets, strict=True)],
+                     dim=1)
+
+
+def _time_group(w: _GroupWeights, x: Any, kernel: str, config: tuple[int, int, int] | None = None,
+                ref: Any = None) -> float:
+    """Median time of one group call with `kernel` ("cublas" or "segmented", with its launch `config`); a
+    segmented output is checked against the fp32 reference `ref` (`_group_reference`, computed here if not
+    given) first, so a config that computes a wrong answer can never win."""
     import torch.nn.functional as F
     from lowrank_kernels.segmented_linear import segmented_linear
 
@@ -372,9 +382,7 @@ def _time_group(w: _GroupWeights, x: Any, kernel: str, config: tuple[int, int, i
         return [F.linear(t[:, o:o + U.shape[1]], U) for U, o in zip(Us, w.offsets, strict=True)]
 
     if kernel == "segmented":
-        t = F.linear(x.float(), w.V[0].float())
-        ref = torch.cat([F.linear(t[:, o:o + U.shape[1]], U.float()) for U, o in zip(w.U[0], w.offsets, strict=True)],
-                        dim=1)
+        ref = _group_reference(w, x) if ref is None else ref
         err = ((call(w.V[0], w.U[0]).float() - ref).norm() / ref.norm()).item()
         if not err < 3e-2:
             raise RuntimeError(f"wrong result (relative error {err:.3e})")
@@ -414,10 +422,11 @@ def tune_groups(groups: Iterable[Group], tokens: Iterable[int], *, budget_s: flo
                 continue
             x = torch.randn(T, n, device="cuda", dtype=dtype)
             cublas = _time_group(w, x, "cublas")
+            ref = _group_reference(w, x)  # once per row count: every candidate config is checked against it
             timed: list[tuple[float, tuple[int, int, int]]] = []
             for config in config_candidates(T):
                 try:
-                    timed.append((_time_group(w, x, "segmented", config), config))
+                    timed.append((_time_group(w, x, "segmented", config, ref=ref), config))
                 except Exception as exc:  # noqa: BLE001 - a config that fails or computes wrong loses the point
                     log(f"  [tune] group {key} T={T} segmented {config} skipped: {exc!r}"[:300])
             segmented, best = min(timed) if timed else (None, None)

@@ -254,7 +254,8 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         def __init__(self, n, members, dtype, l2, seed):
             self.members = members
 
-    def fake_time(w, x, kernel, config=None):  # the segmented launch wins at one row only, its last config best
+    # the segmented launch wins at one row only, its last config best
+    def fake_time(w, x, kernel, config=None, ref=None):
         if kernel == "cublas":
             return 2e-3
         return 1e-3 * (1.0 + x.shape[0] / 2) * (0.9 if config == config_candidates(x.shape[0])[-1] else 1.0)
@@ -264,6 +265,8 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
     with monkeypatch.context() as m:
         m.setattr(ct, "_GroupWeights", FakeGroupWeights)
         m.setattr(ct, "_time_group", fake_time)
+        references = []
+        m.setattr(ct, "_group_reference", lambda w, x: references.append(x.shape[0]))
         m.setattr(torch, "randn", lambda *shape, **kw: torch.empty(*shape))  # no CUDA tensors here
         m.setattr(torch.cuda, "current_device", lambda: 0)
         m.setattr(torch.cuda, "get_device_properties", lambda i: H100)
@@ -273,9 +276,10 @@ def test_tune_groups_table_drives_the_fusion(monkeypatch, tmp_path):
         assert entries[key]["1"]["kernel"] == "segmented" and entries[key]["4"]["kernel"] == "cublas"
         assert entries[key]["1"]["config"] == list(config_candidates(1)[-1])
         assert len(entries[key]["1"]["candidates"]) == len(config_candidates(1))
+        assert references == [1, 4]  # one reference per row count, shared by its candidate configs
         assert ct.tune_groups([(64, members)], [1], budget_s=1e-9, log=lambda s: None) == ({}, [key])
 
-        def failing(w, x, kernel, config=None):
+        def failing(w, x, kernel, config=None, ref=None):
             if kernel == "segmented":
                 raise RuntimeError("wrong result (relative error 1)")
             return 1e-3
